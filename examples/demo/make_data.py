@@ -1,0 +1,63 @@
+"""Generate the demo task: answer "What is the first/last word?" about a list of words.
+
+The task is deterministic, needs no world knowledge and has a large space of inputs, so a
+tiny model trained from scratch must learn the rule (read the question, find the position,
+copy the word) to score on the held-out split: no test record appears in the training split.
+It is also small enough to be learnt in about a minute on 2 CPU cores. (Reversing the words
+was tried first: the copy-in-reverse circuit did not form within a few minutes' training.)
+
+    python examples/demo/make_data.py   # rewrites train.jsonl and test.jsonl (same bytes)
+"""
+
+import json
+import random
+from pathlib import Path
+
+WORDS = (
+    "red blue green black white pink gold gray "
+    "cat dog fox owl bee cow pig hen "
+    "apple pear plum lime fig kiwi melon grape "
+    "sun moon star rain snow wind sky sea"
+).split()
+QUESTIONS = {
+    "What is the first word?": lambda words: words[0],
+    "What is the last word?": lambda words: words[-1],
+}
+MIN_WORDS, MAX_WORDS = 3, 6
+N_TRAIN, N_TEST = 3000, 200
+SEED = 1234
+
+
+def sample_records(rng: random.Random, n: int, exclude: set[tuple[str, str]]) -> list[dict]:
+    """`n` distinct (question, words) records, none of them in `exclude`."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    while len(out) < n:
+        question = rng.choice(sorted(QUESTIONS))
+        words = rng.sample(WORDS, rng.randint(MIN_WORDS, MAX_WORDS))
+        key = (question, " ".join(words))
+        if key not in seen and key not in exclude:
+            seen.add(key)
+            # alpaca format: the demo goes through the same reader as users' alpaca data
+            out.append({"instruction": question, "input": key[1], "output": QUESTIONS[question](words)})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    here = Path(__file__).parent
+    test = sample_records(rng, N_TEST, exclude=set())
+    train = sample_records(rng, N_TRAIN, exclude={(r["instruction"], r["input"]) for r in test})
+    write_jsonl(here / "train.jsonl", train)
+    write_jsonl(here / "test.jsonl", test)
+    print(f"wrote {len(train)} train and {len(test)} test records to {here}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+rule normalize:
+    input:
+        raw=rules.download.output.raw,
+        manifest=rules.download.output.manifest,
+        code=code("normalize", "readers", "messages"),
+    output:
+        splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),
+        stats=f"{paths.NORMALIZE}/stats.json",
+    log:
+        f"{paths.LOGS}/normalize.log",
+    params:
+        cfg=params_of("normalize"),
+    conda:
+        "../envs/ftflow.yaml"
+    script:
+        "../scripts/normalize.py"

@@ -1,0 +1,17 @@
+rule pack:
+    input:
+        train=f"{paths.NORMALIZE}/train.parquet",
+        base=[] if SCRATCH else rules.download.output.models,
+        code=code("pack") + ["src/ftflow/templates/chatml.jinja"],
+    output:
+        packed=packed_dirs(),
+        tokenizer=directory(f"{paths.PACK}/tokenizer"),
+        stats=f"{paths.PACK}/stats.json",
+    log:
+        f"{paths.LOGS}/pack.log",
+    params:
+        cfg=params_of("pack"),
+    conda:
+        "../envs/ftflow.yaml"
+    script:
+        "../scripts/pack.py"

@@ -1,0 +1,23 @@
+# Checkpoints (results/train/checkpoints/<config fingerprint>/) are deliberately not outputs:
+# Snakemake deletes the outputs of a failed job, and a rerun must resume from them.
+rule train:
+    input:
+        packed=rules.pack.output.packed,
+        tokenizer=rules.pack.output.tokenizer,
+        base=[] if SCRATCH else rules.download.output.models,
+        code=code("train"),
+    output:
+        model=directory(f"{paths.TRAIN}/model"),
+        init=[directory(base_model())] if SCRATCH else [],
+        curve=f"{paths.TRAIN}/loss.csv",
+        summary=f"{paths.TRAIN}/summary.json",
+    log:
+        f"{paths.LOGS}/train.log",
+    params:
+        cfg=params_of("train"),
+    resources:
+        gpus=0 if PARAMS["launcher"]["cpu"] else PARAMS["launcher"]["num_processes"],
+    conda:
+        "../envs/ftflow.yaml"
+    script:
+        "../scripts/train.py"

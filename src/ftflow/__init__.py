@@ -1,0 +1,3 @@
+"""ftflow: reproducible LLM fine-tuning workflows (Snakemake + DVC + Hydra over TRL/PEFT)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from ftflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,301 @@
+"""The config schema, Hydra composition, and the per-stage projection of the composed tree.
+
+`conf/` is composed by Hydra, then validated here with pydantic models that forbid unknown
+keys, so a typo fails before any job runs, naming the key's dotted path:
+
+    ConfigError: invalid config: train.learnin_rate: unknown key
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONF_DIR = Path("conf")  # workflows run from the repository root
+PARAMS_FILE = "params.yaml"
+OVERRIDES_HEADER = "# ftflow compose overrides: "
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted path of the offending key in the message."""
+
+
+class Section(BaseModel):
+    # extra="forbid" is what turns a misspelt key into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", strict=False, protected_namespaces=())
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+class Source(Section):
+    name: str
+    path: str | None = None  # a local file or directory
+    hub: str | None = None  # a hub dataset repo id (org/name)
+    revision: str | None = None  # tag, branch or commit sha; pin it for reproducibility
+    files: list[str] | None = None  # glob patterns of files to take from the source
+    split: Literal["train", "validation", "test"] = "train"  # which split this source feeds
+    limit: int | None = Field(default=None, ge=1)  # first N records
+    reader: str = "alpaca"  # a built-in reader name, or "path/to/file.py:function"
+
+    @model_validator(mode="after")
+    def _one_location(self) -> Source:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError(f"source {self.name!r}: set exactly one of `path` or `hub`")
+        return self
+
+
+class Data(Section):
+    sources: list[Source] = Field(min_length=1)
+    on_error: Literal["raise", "skip"] = "raise"  # skip: drop bad records, count per reason
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Data:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source names {dupes}: each source needs its own name")
+        if "train" not in {s.split for s in self.sources}:
+            raise ValueError("no source feeds the train split")
+        return self
+
+
+# --- model / tokenizer / template ------------------------------------------------------
+
+
+class Model(Section):
+    name: str  # folder name under data/models/
+    source: Literal["hub", "local", "scratch"]
+    hub_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    architecture: dict[str, Any] | None = None  # scratch: transformers config kwargs
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Model:
+        needed = {"hub": "hub_id", "local": "path", "scratch": "architecture"}[self.source]
+        if getattr(self, needed) is None:
+            raise ValueError(f"model.source={self.source} needs model.{needed}")
+        return self
+
+
+class Tokenizer(Section):
+    source: Literal["model", "train"]  # take the base model's tokenizer, or train one (scratch)
+    vocab_size: int = Field(default=512, ge=64)
+    min_frequency: int = Field(default=2, ge=1)
+
+
+class Template(Section):
+    name: Literal["chatml", "model"]  # chatml: ship ours; model: the tokenizer's own template
+    eos_token: str | None = "<|im_end|>"  # ends each turn; the generation eos (None: tokenizer's)
+
+
+# --- pack / train / peft / launcher ----------------------------------------------------
+
+
+class Pack(Section):
+    max_length: int = Field(ge=16)
+    strategy: Literal["bfd", "wrapped"] = "bfd"
+    overflow: Literal["truncate", "drop"] = "truncate"  # conversations longer than max_length
+    num_proc: int = Field(default=1, ge=1)
+
+
+class Train(Section):
+    seed: int = 0
+    epochs: float = Field(gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    per_device_batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_steps: float = Field(default=0.0, ge=0)  # < 1: a fraction of all steps
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=10, ge=1)
+    save_steps: int = Field(default=500, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+
+
+class Peft(Section):
+    method: Literal["none", "lora"]
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class Launcher(Section):
+    name: Literal["accelerate"] = "accelerate"
+    num_processes: int = Field(default=1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = True  # force CPU even when an accelerator is visible
+
+
+class Consolidate(Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_shard_size: str = "5GB"
+
+
+class Eval(Section):
+    tasks: list[str] = Field(min_length=1)  # task YAML names under conf/eval/tasks/
+    limit: int | None = Field(default=None, ge=1)
+    num_fewshot: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    max_gen_toks: int = Field(default=32, ge=1)
+    apply_chat_template: bool = True
+    seed: int = 0
+
+
+class Config(Section):
+    data: Data
+    model: Model
+    tokenizer: Tokenizer
+    template: Template
+    pack: Pack
+    train: Train
+    peft: Peft
+    launcher: Launcher
+    consolidate: Consolidate
+    eval: Eval
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.source == "scratch" and self.tokenizer.source == "model":
+            raise ValueError("model.source=scratch has no tokenizer of its own: use tokenizer=train")
+        if self.template.name == "model" and self.tokenizer.source == "train":
+            raise ValueError("a trained tokenizer has no chat template of its own: use template=chatml")
+        return self
+
+
+# Which sections each stage reads. A rule gets exactly these through `params:`, so a change
+# elsewhere in the tree does not rerun it (Snakemake's params trigger, DVC's stage params).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "download": ("data", "model"),  # projected to locations only, see stage_params()
+    "normalize": ("data",),
+    "pack": ("model", "tokenizer", "template", "pack"),
+    "train": ("model", "train", "peft", "launcher"),
+    "consolidate": ("model", "peft", "template", "consolidate"),
+    "evaluate": ("model", "eval"),
+}
+
+# Keys that say *where* data comes from; the rest (limit, reader, split) is normalize's business
+# and must not trigger a re-download.
+_SOURCE_LOCATION_KEYS = ("name", "path", "hub", "revision", "files")
+_MODEL_LOCATION_KEYS = ("name", "source", "hub_id", "revision", "path")
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validate(tree: dict[str, Any]) -> Config:
+    """Validate a composed tree; every problem is reported with its dotted key path."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            what = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            if e["type"] == "missing":
+                what = "missing required value"
+            path = _dotted(e["loc"]) or "<root>"
+            got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e['input']!r})"
+            lines.append(f"  {path}: {what}{got}")
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_DIR) -> dict:
+    """Compose conf/ with Hydra overrides, resolve interpolations, and validate."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        what = "missing required value" if "Missing mandatory" in str(err) else str(err).splitlines()[0]
+        raise ConfigError(f"invalid config:\n  {key}: {what} (set it in conf/ or as an override)") from None
+    except HydraException as err:
+        msg = " ".join(str(err).split())
+        raise ConfigError(f"cannot compose conf/ with overrides {list(overrides)}: {msg}") from None
+    tree.pop("experiment", None)  # the experiment group only overrides other groups
+    validate(tree)
+    return tree
+
+
+def write_params(tree: dict, overrides: list[str], path: str | Path = PARAMS_FILE) -> None:
+    """Write the composed tree as params.yaml, recording the overrides in a header line."""
+    text = OVERRIDES_HEADER + json.dumps(list(overrides)) + "\n"
+    text += "# written by `ftflow compose`; edit conf/, not this file\n"
+    text += yaml.safe_dump(tree, sort_keys=False)
+    Path(path).write_text(text)
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> tuple[dict, list[str] | None]:
+    """Read params.yaml; returns the tree and the recorded overrides (None if not recorded)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: compose it first with `ftflow compose [overrides]`")
+    text = path.read_text()
+    first = text.splitlines()[0] if text else ""
+    overrides = json.loads(first[len(OVERRIDES_HEADER):]) if first.startswith(OVERRIDES_HEADER) else None
+    return yaml.safe_load(text), overrides
+
+
+def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> dict:
+    """Load params.yaml, validate it, and refuse it if conf/ has changed since it was composed."""
+    tree, overrides = read_params(path)
+    validate(tree)
+    fresh = compose(overrides or [], conf_dir)
+    if fresh != tree:
+        changed = sorted(_diff_keys(fresh, tree))
+        raise ConfigError(
+            f"stale {path}: conf/ no longer composes to it (differs at {', '.join(changed[:8])}). "
+            f"Recompose with `ftflow compose {' '.join(overrides or [])}`".rstrip() + "."
+        )
+    return tree
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return set().union(*(_diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k) for k in keys))
+    return set() if a == b else {prefix or "<root>"}
+
+
+def stage_params(tree: dict, stage: str) -> dict:
+    """The part of the config a stage may read; a rule's `params:` and nothing more."""
+    out = {name: tree[name] for name in STAGE_SECTIONS[stage]}
+    if stage == "download":
+        out["data"] = {"sources": [{k: s.get(k) for k in _SOURCE_LOCATION_KEYS} for s in tree["data"]["sources"]]}
+        out["model"] = {k: tree["model"].get(k) for k in _MODEL_LOCATION_KEYS}
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (used to key checkpoints to one config)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_stage_config(section: dict, out_dir: str | Path) -> None:
+    """Each stage writes the exact config it ran with beside its outputs."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "config.yaml").write_text(yaml.safe_dump(section, sort_keys=False))

@@ -1,0 +1,104 @@
+"""evaluate: lm-evaluation-harness on the base and the tuned model; one flat metrics.json.
+
+Tasks are lm-eval task YAMLs shipped in conf/eval/tasks/. Their `dataset_kwargs.data_files`
+may name pipeline outputs (the demo task reads results/normalize/test.parquet); relative
+paths are resolved against the repository root here, and the task config actually run is
+written beside the results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from ftflow import paths
+from ftflow.config import Eval, Model, write_stage_config
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path("conf/eval/tasks")
+# lm-eval reports metrics as "<metric>,<filter>"; these keys are bookkeeping, not scores
+_NOT_SCORES = ("alias", "samples")
+
+
+def task_config(name: str, root: Path) -> dict:
+    path = root / TASKS_DIR / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / TASKS_DIR).glob("*.yaml"))
+        raise FileNotFoundError(f"eval task {name!r}: no {path} (shipped tasks: {known})")
+    task = yaml.safe_load(path.read_text())
+    files = task.get("dataset_kwargs", {}).get("data_files")
+    if isinstance(files, dict):
+        task["dataset_kwargs"]["data_files"] = {k: str((root / v).resolve()) for k, v in files.items()}
+    return task
+
+
+def run_lm_eval(model_dir: Path, tokenizer_dir: Path, tasks: list[dict], cfg: Eval) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "tokenizer": str(tokenizer_dir), "dtype": "float32", "device": "cpu"},
+        tasks=tasks,
+        num_fewshot=cfg.num_fewshot,
+        batch_size=cfg.batch_size,
+        limit=cfg.limit,
+        apply_chat_template=cfg.apply_chat_template,
+        gen_kwargs={"max_gen_toks": cfg.max_gen_toks},
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        log_samples=True,
+    )
+
+
+def flat_scores(label: str, results: dict) -> dict[str, float]:
+    """{"tuned/demo_words/exact_match": 0.97, ...} from lm-eval's nested results."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if name in _NOT_SCORES or name == "sample_len" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            out[f"{label}/{task}/{name}"] = value
+    return out
+
+
+def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
+    """Run the stage; `cfg` is the stage's params (model, eval)."""
+    model_cfg, eval_cfg = Model.model_validate(cfg["model"]), Eval.model_validate(cfg["eval"])
+    out_dir = root / paths.EVALUATE
+    tasks = [task_config(name, root) for name in eval_cfg.tasks]
+    tokenizer = root / paths.PACK / "tokenizer"  # the base's tokenizer with the pipeline's template
+    models = {
+        "base": root / paths.base_model_dir(model_cfg.model_dump()),
+        "tuned": root / paths.CONSOLIDATE / "model",
+    }
+    metrics: dict[str, float] = {}
+    for label, model_dir in models.items():
+        log.info("Evaluating the %s model <%s> on %s", label, model_dir, eval_cfg.tasks)
+        results = run_lm_eval(model_dir, tokenizer, tasks, eval_cfg)
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+        (out_dir / label / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
+        with (out_dir / label / "samples.jsonl").open("w") as f:
+            for task, samples in results.get("samples", {}).items():
+                for s in samples:
+                    f.write(json.dumps({"task": task, "target": s.get("target"), "response": s.get("filtered_resps"), **{k: s[k] for k in ("doc_id",) if k in s}}, default=str) + "\n")
+        metrics.update(flat_scores(label, results))
+    for key in [k for k in metrics if k.startswith("tuned/")]:
+        base_key = "base/" + key.removeprefix("tuned/")
+        if base_key in metrics:
+            metrics["delta/" + key.removeprefix("tuned/")] = metrics[key] - metrics[base_key]
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
+    write_stage_config(cfg, out_dir)
+    log.info("Metrics: %s", json.dumps(metrics))
+    return metrics
+
+
+def _json_safe(results: dict, drop: str) -> dict:
+    return {k: v for k, v in results.items() if k != drop}

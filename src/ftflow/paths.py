@@ -1,0 +1,23 @@
+"""Where each stage reads and writes, relative to the repository root.
+
+The rules in rules/*.smk and the `ftflow <stage>` command both use these names, so a stage
+run by hand writes exactly where Snakemake expects it.
+"""
+
+RAW = "data/raw"  # data/raw/<source name>/   as downloaded
+MODELS = "data/models"  # data/models/<model name>/ as downloaded
+MANIFEST = "data/manifest.json"  # what was downloaded: uri, resolved revision, file hashes
+
+NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
+PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
+TRAIN = "results/train"  # model/, init/ (scratch), checkpoints/, loss.csv, summary.json
+CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
+EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
+LOGS = "logs"
+
+
+def base_model_dir(model: dict) -> str:
+    """The starting weights: downloaded for hub/local, initialised by train for scratch."""
+    if model["source"] == "scratch":
+        return f"{TRAIN}/init"
+    return f"{MODELS}/{model['name']}"
