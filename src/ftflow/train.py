@@ -41,6 +41,8 @@ def launch(cfg: dict, root: Path = Path(".")) -> None:
         "--num_machines", "1",
         "--mixed_precision", launcher.mixed_precision,
         "--dynamo_backend", "no",
+        # every process gets its share of the cores (accelerate warns when this is left out)
+        "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // launcher.num_processes)),
         *(["--cpu"] if launcher.cpu else []),
         "-m", "ftflow.train", str(out_dir / "config.yaml"), str(root),
     ]  # fmt: skip

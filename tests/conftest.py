@@ -1,0 +1,61 @@
+"""Shared fixtures: a throwaway copy of the repository, and helpers to run ftflow/Snakemake in it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # ftflow, snakemake, accelerate live beside this python
+# what a workflow run needs from the repository (src/ too: the rules list its modules as inputs)
+WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src")
+
+
+def copy_repo(dest: Path) -> Path:
+    for part in WORKFLOW_PARTS:
+        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dest
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the workflow in a temporary directory, which is also the working directory."""
+    root = copy_repo(tmp_path / "repo")
+    monkeypatch.chdir(root)
+    return root
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def ftflow(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "ftflow"), *args], cwd, check)
+
+
+def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "snakemake"), "--profile", "profiles/local", *args], cwd, check)
+
+
+def planned_jobs(cwd: Path) -> dict[str, int]:
+    """The jobs a dry run plans, from Snakemake's "Job stats" table ({} when nothing to do)."""
+    out = snakemake("--dry-run", cwd=cwd).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
+    jobs.pop("total", None)
+    return {name: int(n) for name, n in jobs.items()}

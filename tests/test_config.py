@@ -1,0 +1,117 @@
+"""The Hydra tree composes, every shipped option validates, and bad configs fail by key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftflow import config
+from ftflow.config import ConfigError, compose
+
+from conftest import REPO
+
+CONF = REPO / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+# options that need company: a value the shipped file leaves required, or a consistent pairing
+NEEDS = {
+    ("model", "local"): ["model.path=/models/x", "tokenizer=model"],
+    ("model", "hub"): ["tokenizer=model"],
+    ("tokenizer", "model"): ["model=hub"],
+    ("template", "model"): ["model=hub", "tokenizer=model"],
+}
+
+
+def options():
+    for group in GROUPS:
+        for file in sorted((CONF / group).glob("*.yaml")):
+            yield group, file.stem
+    for file in sorted((CONF / "experiment").glob("*.yaml")):
+        yield "experiment", file.stem
+
+
+@pytest.mark.parametrize("group,option", list(options()))
+def test_every_shipped_option_composes_and_validates(group, option):
+    tree = compose([f"{group}={option}", *NEEDS.get((group, option), [])], CONF)
+    config.validate(tree)
+    if group != "experiment":
+        chosen = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+        for key, value in chosen.items():  # the option's own values made it into the tree
+            if value != "???":
+                assert tree[group][key] == value or group == "data"
+
+
+def test_default_is_the_demo():
+    tree = compose([], CONF)
+    assert tree["model"]["source"] == "scratch"
+    assert tree["tokenizer"]["source"] == "train"
+    assert [s["path"] for s in tree["data"]["sources"]] == ["examples/demo/train.jsonl", "examples/demo/test.jsonl"]
+
+
+def test_overrides_reach_the_tree():
+    tree = compose(["train.learning_rate=1e-4", "peft=lora", "eval.limit=5"], CONF)
+    assert tree["train"]["learning_rate"] == 1e-4
+    assert tree["peft"]["method"] == "lora"
+    assert tree["eval"]["limit"] == 5
+
+
+def test_experiment_overrides_groups_and_keys():
+    tree = compose(["experiment=demo_lora"], CONF)
+    assert tree["peft"]["method"] == "lora"
+    assert tree["train"]["learning_rate"] == 3e-3
+    assert "experiment" not in tree
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+train.learnin_rate=1"], "train.learnin_rate: unknown key"),
+        (["train.epochs=abc"], "train.epochs: Input should be a valid number"),
+        (["pack.strategy=zigzag"], "pack.strategy: Input should be 'bfd' or 'wrapped'"),
+        (["model=local", "tokenizer=model"], "model.path: missing required value"),
+        (["+data.sources.0.colour=red"], "data.sources[0].colour: unknown key"),
+        (["tokenizer=model"], "model.source=scratch has no tokenizer of its own"),
+        (["train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, CONF)
+    assert message in str(err.value)
+
+
+def test_bad_key_in_a_conf_file(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "pack" / "default.yaml").write_text("max_length: 128\nmax_lenght: 256\n")
+    with pytest.raises(ConfigError, match=r"pack\.max_lenght: unknown key"):
+        compose([], conf)
+
+
+def test_params_roundtrip_and_staleness(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    tree = compose(["train.learning_rate=2e-4"], conf)
+    config.write_params(tree, ["train.learning_rate=2e-4"], params)
+    assert config.load_checked(params, conf) == tree  # recomposes with the recorded overrides
+
+    (conf / "train" / "demo.yaml").write_text((conf / "train" / "demo.yaml").read_text().replace("epochs: 5", "epochs: 7"))
+    with pytest.raises(ConfigError, match=r"stale .*params.yaml.*train\.epochs.*ftflow compose train.learning_rate=2e-4"):
+        config.load_checked(params, conf)
+
+
+def test_stage_params_are_projections():
+    tree = compose([], CONF)
+    assert set(config.stage_params(tree, "evaluate")) == {"model", "eval"}
+    download = config.stage_params(tree, "download")
+    # where data comes from, not how it is read: a new limit must not re-download
+    assert "limit" not in download["data"]["sources"][0] and "reader" not in download["data"]["sources"][0]
+    changed = compose(["+data.sources.0.limit=10"], CONF)
+    assert config.stage_params(changed, "download") == download
+    assert config.stage_params(changed, "normalize") != config.stage_params(tree, "normalize")

@@ -1,0 +1,98 @@
+"""train (real TRL under accelerate launch) with LoRA, then consolidate merges it into one plain
+model directory whose outputs equal the adapter model's."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ftflow import paths
+from ftflow.config import compose, fingerprint, stage_params
+from ftflow.consolidate import consolidate
+from ftflow.evaluate import flat_scores
+from ftflow.normalize import normalize
+from ftflow.pack import pack
+from ftflow.train import launch
+
+from conftest import REPO
+
+OVERRIDES = ["peft=lora", "+data.sources.0.limit=200", "pack.max_length=128", "train.max_steps=4",
+             "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=3e-3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    shutil.copytree(REPO / "examples", root / "examples")
+    tree = compose(OVERRIDES, REPO / "conf")
+    for s in tree["data"]["sources"]:
+        (root / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
+    normalize(stage_params(tree, "normalize"), root)
+    pack(stage_params(tree, "pack"), root)
+    launch(stage_params(tree, "train"), root)
+    return root, tree
+
+
+@pytest.mark.slow
+def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
+    root, tree = trained
+    out = root / paths.TRAIN
+    assert (out / "model" / "adapter_config.json").exists()  # an adapter, not full weights
+    assert (out / "init" / "model.safetensors").exists()  # the scratch base, for eval and merge
+    rows = list(csv.DictReader((out / "loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from"] is None
+    total = sum(t.numel() for t in _tensors(out / "init" / "model.safetensors").values())
+    assert 0 < summary["trainable_params"] < total / 2  # only the adapters train
+    ckpts = sorted(p.name for p in (out / "checkpoints" / fingerprint(stage_params(tree, "train"))).glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_last_checkpoint_of_the_same_config(trained):
+    root, tree = trained
+    launch(stage_params(tree, "train"), root)
+    assert json.loads((root / paths.TRAIN / "summary.json").read_text())["resumed_from"] == "checkpoint-4"
+
+
+@pytest.mark.slow
+def test_consolidate_merges_lora_into_a_plain_model(trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, tree = trained
+    consolidate(stage_params(tree, "consolidate"), root)
+    out = root / paths.CONSOLIDATE / "model"
+    names = set(_tensors(out / "model.safetensors"))
+    assert names and not any("lora" in n for n in names)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "{% generation %}" in tok.chat_template
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init"), root / paths.TRAIN / "model")
+    base = AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the last word?\nred cat sea"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    with torch.no_grad():
+        want, got, before = adapter(ids).logits, merged(ids).logits, base(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, before, atol=1e-4)  # training did change the model
+    assert "config fingerprint" in (out / "README.md").read_text()
+
+
+def test_flat_scores_drop_stderr_and_bookkeeping():
+    results = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}}
+    assert flat_scores("tuned", results) == {"tuned/t/exact_match": 0.5}
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
