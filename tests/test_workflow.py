@@ -1,0 +1,89 @@
+"""The whole DAG through Snakemake on shrunken settings (experiment=smoke), and what reruns
+after each kind of change, read from the jobs Snakemake plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ftflow, planned_jobs, snakemake
+
+AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "all": 1}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A repository copy in which `ftflow run experiment=smoke` has completed."""
+    from conftest import copy_repo
+
+    root = copy_repo(tmp_path_factory.mktemp("wf") / "repo")
+    ftflow("run", "experiment=smoke", cwd=root)
+    return root
+
+
+@pytest.mark.slow
+def test_dag_runs_to_metrics_for_base_and_tuned(finished):
+    metrics = json.loads((finished / "results/eval/metrics.json").read_text())
+    assert set(metrics) == {"base/demo_words/exact_match", "tuned/demo_words/exact_match", "delta/demo_words/exact_match"}
+    for stage in ("normalize", "pack", "train", "consolidate", "eval"):  # each wrote its config
+        assert (finished / "results" / stage / "config.yaml").exists()
+    samples = (finished / "results/eval/tuned/samples.jsonl").read_text().splitlines()
+    assert len(samples) == 8  # eval.limit of the smoke experiment
+    assert json.loads((finished / "data/manifest.json").read_text())["sources"]["demo_train"]["files"]
+
+
+@pytest.mark.slow
+def test_second_run_has_nothing_to_do(finished):
+    assert planned_jobs(finished) == {}
+    assert "Nothing to be done" in snakemake(cwd=finished).stdout + snakemake(cwd=finished).stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["eval.max_gen_toks=8"], {"evaluate": 1, "all": 1}),
+        (["train.learning_rate=5e-4"], AFTER_TRAIN),
+        (["peft=lora"], {**AFTER_TRAIN}),
+        (["data.sources.0.limit=100"], {"normalize": 1, "pack": 1, **AFTER_TRAIN}),
+        (["pack.max_length=256"], {"pack": 1, **AFTER_TRAIN}),
+    ],
+)
+def test_a_config_change_reruns_exactly_the_stages_that_read_it(finished, overrides, expected):
+    try:
+        ftflow("compose", "experiment=smoke", *overrides, cwd=finished)
+        assert planned_jobs(finished) == expected
+    finally:
+        ftflow("compose", "experiment=smoke", cwd=finished)
+    assert planned_jobs(finished) == {}  # back to the finished config: nothing to do again
+
+
+@pytest.mark.slow
+def test_editing_pack_code_reruns_pack_and_everything_after(finished):
+    code = finished / "src/ftflow/pack.py"
+    original = code.read_text()
+    try:
+        code.write_text(original + "\n# an edit\n")
+        assert planned_jobs(finished) == {"pack": 1, **AFTER_TRAIN}
+    finally:
+        code.write_text(original)
+
+
+@pytest.mark.slow
+def test_stale_params_are_refused(finished):
+    conf = finished / "conf/eval/demo.yaml"
+    original = conf.read_text()
+    try:
+        conf.write_text(original.replace("num_fewshot: 0", "num_fewshot: 1"))
+        proc = snakemake("--dry-run", cwd=finished, check=False)
+        assert proc.returncode != 0
+        assert "stale params.yaml" in proc.stdout + proc.stderr and "eval.num_fewshot" in proc.stdout + proc.stderr
+    finally:
+        conf.write_text(original)
+
+
+def test_lint_is_clean(repo):
+    ftflow("compose", cwd=repo)
+    out = snakemake("--lint", cwd=repo)
+    assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
