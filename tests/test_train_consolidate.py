@@ -14,7 +14,6 @@ from safetensors import safe_open
 from ftflow import paths
 from ftflow.config import compose, fingerprint, stage_params
 from ftflow.consolidate import consolidate
-from ftflow.evaluate import flat_scores
 from ftflow.normalize import normalize
 from ftflow.pack import pack
 from ftflow.train import launch
@@ -86,11 +85,6 @@ def test_consolidate_merges_lora_into_a_plain_model(trained):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, before, atol=1e-4)  # training did change the model
     assert "config fingerprint" in (out / "README.md").read_text()
-
-
-def test_flat_scores_drop_stderr_and_bookkeeping():
-    results = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}}
-    assert flat_scores("tuned", results) == {"tuned/t/exact_match": 0.5}
 
 
 def _tensors(path):

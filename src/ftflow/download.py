@@ -99,7 +99,8 @@ def download_model(model: dict, root: Path) -> dict | None:
 
 def download(cfg: dict, root: Path = Path(".")) -> dict:
     """Run the stage; `cfg` is the stage's params (source locations and the model location)."""
-    manifest = {"sources": {}, "models": {}}
+    # the stage's resolved config rides in the manifest: data/ holds only what was downloaded
+    manifest = {"config": cfg, "sources": {}, "models": {}}
     for source in cfg["data"]["sources"]:
         manifest["sources"][source["name"]] = download_source(source, root)
     model = download_model(cfg["model"], root)
