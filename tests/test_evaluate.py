@@ -23,3 +23,21 @@ def test_unknown_task_lists_the_shipped_ones():
 def test_flat_scores_drop_stderr_and_bookkeeping():
     results = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}}
     assert flat_scores("tuned", results) == {"tuned/t/exact_match": 0.5}
+
+
+def test_base_with_a_smaller_vocabulary_is_resized_like_train_does(tmp_path):
+    """A hub base without the template's marker tokens: pack added them, train resized the
+    embeddings, and the base evaluation must accept the same token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from ftflow.evaluate import load_for_eval
+
+    vocab = {f"w{i}": i for i in range(40)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    lm = load_for_eval(tmp_path / "base", tmp_path / "tok", batch_size=4)
+    assert lm.model.get_input_embeddings().num_embeddings == len(tok) == 42

@@ -36,12 +36,26 @@ def task_config(name: str, root: Path) -> dict:
     return task
 
 
-def run_lm_eval(model_dir: Path, tokenizer_dir: Path, tasks: list[dict], cfg: Eval) -> dict:
+def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
+    """lm-eval's HF wrapper around a model we load ourselves: a base model whose vocabulary
+    lacks the template's marker tokens gets its embeddings resized, exactly as train did."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    return HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size)
+
+
+def run_lm_eval(lm, tasks: list[dict], cfg: Eval) -> dict:
     import lm_eval
 
     return lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "tokenizer": str(tokenizer_dir), "dtype": "float32", "device": "cpu"},
+        model=lm,
         tasks=tasks,
         num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size,
@@ -81,7 +95,7 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     metrics: dict[str, float] = {}
     for label, model_dir in models.items():
         log.info("Evaluating the %s model <%s> on %s", label, model_dir, eval_cfg.tasks)
-        results = run_lm_eval(model_dir, tokenizer, tasks, eval_cfg)
+        results = run_lm_eval(load_for_eval(model_dir, tokenizer, eval_cfg.batch_size), tasks, eval_cfg)
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         (out_dir / label / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
         with (out_dir / label / "samples.jsonl").open("w") as f:
