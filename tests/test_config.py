@@ -115,3 +115,31 @@ def test_stage_params_are_projections():
     changed = compose(["+data.sources.0.limit=10"], CONF)
     assert config.stage_params(changed, "download") == download
     assert config.stage_params(changed, "normalize") != config.stage_params(tree, "normalize")
+
+
+def test_headerless_params_are_checked_by_conf_digest(tmp_path):
+    """params.yaml as DVC's Hydra integration writes it: no recorded overrides, only the
+    conf_digest resolved at compose time."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(compose(["peft=lora"], conf)))
+    assert config.load_checked(params, conf)["peft"]["method"] == "lora"  # overrides are fine
+
+    pack = conf / "pack" / "default.yaml"
+    pack.write_text(pack.read_text().replace("max_length: 512", "max_length: 256"))
+    with pytest.raises(ConfigError, match=r"stale .*params.yaml: conf/ changed since it was composed"):
+        config.load_checked(params, conf)
+
+
+def test_comment_only_conf_edit_keeps_recorded_params_valid(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    config.write_params(compose([], conf), [], params)
+    (conf / "pack" / "default.yaml").write_text((conf / "pack" / "default.yaml").read_text() + "# a note\n")
+    assert config.load_checked(params, conf)["pack"]["max_length"] == 512

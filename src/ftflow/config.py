@@ -157,6 +157,7 @@ class Eval(Section):
 
 
 class Config(Section):
+    conf_digest: str | None = None  # which conf/ this tree was composed from (see conf_digest())
     data: Data
     model: Model
     tokenizer: Tokenizer
@@ -217,6 +218,28 @@ def validate(tree: dict[str, Any]) -> Config:
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
+def conf_digest(conf_dir: Path = CONF_DIR) -> str:
+    """A hash of the YAML that Hydra composes (task YAMLs under eval/tasks are the evaluate
+    rule's inputs, not config). Written into the tree at compose time, so a params.yaml
+    composed by anyone, `ftflow compose` or DVC's Hydra integration, says which conf/ it
+    came from."""
+    h = hashlib.sha256()
+    root = Path(conf_dir)
+    for path in sorted(root.rglob("*.yaml")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("eval/tasks/"):
+            continue
+        h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def register_resolvers(conf_dir: Path = CONF_DIR) -> None:
+    """`${ftflow_conf_digest:}` in conf/config.yaml resolves to conf_digest(conf_dir)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ftflow_conf_digest", lambda: conf_digest(conf_dir), replace=True)
+
+
 def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_DIR) -> dict:
     """Compose conf/ with Hydra overrides, resolve interpolations, and validate."""
     from hydra import compose as hydra_compose
@@ -225,6 +248,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    register_resolvers(conf_dir)
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=list(overrides))
@@ -264,12 +288,23 @@ def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> d
     """Load params.yaml, validate it, and refuse it if conf/ has changed since it was composed."""
     tree, overrides = read_params(path)
     validate(tree)
-    fresh = compose(overrides or [], conf_dir)
-    if fresh != tree:
-        changed = sorted(_diff_keys(fresh, tree))
+    if overrides is not None:
+        # composed by `ftflow compose`: recompose with the same overrides, compare everything
+        # but the digest (a comment-only edit of conf/ changes nothing that matters)
+        fresh = compose(overrides, conf_dir)
+        fresh.pop("conf_digest", None)
+        changed = sorted(_diff_keys(fresh, {k: v for k, v in tree.items() if k != "conf_digest"}))
+        if changed:
+            raise ConfigError(
+                f"stale {path}: conf/ no longer composes to it (differs at {', '.join(changed[:8])}). "
+                f"Recompose with `ftflow compose {' '.join(overrides)}`".rstrip() + "."
+            )
+    elif tree.get("conf_digest") != conf_digest(conf_dir):
+        # composed elsewhere (DVC's Hydra integration records no overrides): the digest tells
         raise ConfigError(
-            f"stale {path}: conf/ no longer composes to it (differs at {', '.join(changed[:8])}). "
-            f"Recompose with `ftflow compose {' '.join(overrides or [])}`".rstrip() + "."
+            f"stale {path}: conf/ changed since it was composed (conf_digest "
+            f"{tree.get('conf_digest')} != {conf_digest(conf_dir)}). Recompose with "
+            "`ftflow compose [overrides]` or `dvc exp run -S [overrides]`."
         )
     return tree
 
