@@ -1,14 +1,13 @@
 # Config loading, paths and input functions shared by the rules.
 from ftflow import config as ftconfig
 from ftflow import paths
-from ftflow.normalize import splits as normalize_splits
+from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
 PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)
 MODEL = PARAMS["model"]
 SCRATCH = MODEL["source"] == "scratch"
-SPLITS = normalize_splits(PARAMS["data"])
 
 
 def params_of(stage):
@@ -37,4 +36,4 @@ def base_model():
 
 
 def packed_dirs():
-    return [directory(f"{paths.PACK}/{s}") for s in PACKED_SPLITS if s in SPLITS]
+    return [directory(f"{paths.PACK}/{s}") for s in PACKED_SPLITS]

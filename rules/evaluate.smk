@@ -3,13 +3,14 @@ rule evaluate:
         tuned=rules.consolidate.output.model,
         base=base_model(),
         tokenizer=rules.pack.output.tokenizer,
-        test=f"{paths.NORMALIZE}/test.parquet" if "test" in SPLITS else [],
+        test=f"{paths.NORMALIZE}/test.parquet",
         tasks=expand("conf/eval/tasks/{task}.yaml", task=PARAMS["eval"]["tasks"]),
         code=code("evaluate"),
     output:
         metrics=f"{paths.EVALUATE}/metrics.json",
-        base=f"{paths.EVALUATE}/base/results.json",
-        tuned=f"{paths.EVALUATE}/tuned/results.json",
+        comparison=f"{paths.EVALUATE}/comparison.json",
+        base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
+        tuned=directory(f"{paths.EVALUATE}/tuned"),
     log:
         f"{paths.LOGS}/evaluate.log",
     params:

@@ -1,6 +1,7 @@
 rule pack:
     input:
         train=f"{paths.NORMALIZE}/train.parquet",
+        validation=f"{paths.NORMALIZE}/validation.parquet",
         base=[] if SCRATCH else rules.download.output.models,
         code=code("pack") + ["src/ftflow/templates/chatml.jinja"],
     output:

@@ -4,6 +4,13 @@
     ftflow run [overrides...] [-- snakemake args]   compose, then run the DAG with Snakemake
     ftflow <stage> [overrides...]        run one stage by hand (same code as its rule)
 
+  DVC (see dvc.yaml):
+    ftflow compose --check               fail if params.yaml is not what conf/ composes to
+    ftflow dispatch <rule>               run exactly one rule through Snakemake (DVC's stage cmd)
+    ftflow dvc-yaml                      render dvc.yaml from the Snakemake rules
+    ftflow sync                          after dvc checkout / exp apply: make Snakemake agree
+    ftflow pull [dvc pull args]          dvc pull, then ftflow sync
+
 Overrides are Hydra's: `train.learning_rate=1e-4`, `peft=lora`, `experiment=demo_lora`.
 """
 
@@ -52,22 +59,60 @@ def compose_and_write(overrides: list[str]) -> dict:
     return tree
 
 
+def snakemake_cmd(*args: str) -> list[str]:
+    """Snakemake with the profile users pick through SNAKEMAKE_PROFILE (default: this machine)."""
+    profile = os.environ.get("SNAKEMAKE_PROFILE", "profiles/local")
+    return [shutil.which("snakemake") or "snakemake", "--profile", profile, *args]
+
+
+def dispatch(rule: str, extra: list[str]) -> int:
+    """Run one rule, and only it, through Snakemake: DVC has already decided it must run and
+    that its inputs are current (so no upstream rule may run, and the rule is forced)."""
+    from ftflow import dvcyaml
+
+    if rule not in dvcyaml.STAGES:
+        raise config.ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {dvcyaml.STAGES})")
+    cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
+    print(" ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
+
+
+def check_params() -> None:
+    config.load_checked(config.PARAMS_FILE)
+    print(f"{config.PARAMS_FILE} is what conf/ composes to", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("compose", "run", *STAGES))
+    parser.add_argument("command", choices=("compose", "run", *STAGES, "dispatch", "dvc-yaml", "sync", "pull"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
+    parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     setup_logging()
     try:
-        if args.command == "compose":
+        if args.command == "compose" and args.check:
+            check_params()
+        elif args.command == "compose":
             compose_and_write(args.overrides)
         elif args.command == "run":
             compose_and_write(args.overrides)
-            profile = os.environ.get("SNAKEMAKE_PROFILE", "profiles/local")
-            snakemake = shutil.which("snakemake") or "snakemake"
-            return subprocess.call([snakemake, "--profile", profile, *extra])
+            return subprocess.call(snakemake_cmd(*extra))
+        elif args.command == "dispatch":
+            if len(args.overrides) != 1:
+                parser.error("dispatch takes one rule name")
+            return dispatch(args.overrides[0], extra)
+        elif args.command == "dvc-yaml":
+            from ftflow import dvcyaml
+
+            print(f"wrote {dvcyaml.write()}", file=sys.stderr)
+        elif args.command in ("sync", "pull"):
+            from ftflow.sync import sync
+
+            if args.command == "pull" and subprocess.call(["dvc", "pull", *args.overrides, *extra]) != 0:
+                return 1
+            sync()
         else:
             tree = config.compose(args.overrides)  # a hand run leaves params.yaml alone
             run_stage(args.command, config.stage_params(tree, args.command))

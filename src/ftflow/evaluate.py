@@ -108,10 +108,22 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
         if base_key in metrics:
             metrics["delta/" + key.removeprefix("tuned/")] = metrics[key] - metrics[base_key]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (out_dir / "comparison.json").write_text(json.dumps(comparison(metrics), indent=2))
     (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
     write_stage_config(cfg, out_dir)
     log.info("Metrics: %s", json.dumps(metrics))
     return metrics
+
+
+def comparison(metrics: dict[str, float]) -> list[dict]:
+    """Base and tuned side by side, one row per model and score: the data of the eval plot
+    (`dvc plots show`, and across experiments `dvc plots diff`)."""
+    rows = []
+    for key, value in sorted(metrics.items()):
+        model, score = key.split("/", 1)
+        if model in ("base", "tuned"):
+            rows.append({"score": score, "model": model, "name": f"{score} ({model})", "value": value})
+    return rows
 
 
 def _json_safe(results: dict, drop: str) -> dict:

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string()), ("train", pa.bool_())])
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("messages", pa.list_(MESSAGE_TYPE))])
+# Every split is written, empty when no source feeds it: the stage's outputs do not depend on the
+# config, so the Snakemake rule and its DVC stage have one fixed shape.
+SPLITS = ("train", "validation", "test")
 
 
 class NormalizeError(ValueError):
@@ -71,8 +74,9 @@ def normalize(cfg: dict, root: Path = Path(".")) -> dict:
         rows, source_stats = normalize_source(source, root / paths.RAW / source.name, data.on_error)
         stats["sources"][source.name] = source_stats
         by_split.setdefault(source.split, []).extend(rows)
-    for split, rows in sorted(by_split.items()):
-        if not rows:
+    for split in SPLITS:
+        rows = by_split.get(split, [])
+        if split in by_split and not rows:
             raise NormalizeError(f"split {split!r}: every record was dropped; see the reasons in stats")
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), out_dir / f"{split}.parquet")
         stats["splits"][split] = {"conversations": len(rows)}
@@ -80,8 +84,3 @@ def normalize(cfg: dict, root: Path = Path(".")) -> dict:
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg, out_dir)
     return stats
-
-
-def splits(data: dict) -> list[str]:
-    """The splits normalize writes (one Parquet file each): the ones some source feeds."""
-    return sorted({s.get("split", "train") for s in data["sources"]})

@@ -37,8 +37,10 @@ def chatml_template() -> str:
 
 
 def conversations(parquet: Path) -> list[list[dict]]:
-    table = datasets.Dataset.from_parquet(str(parquet), keep_in_memory=True)
-    return [[{k: v for k, v in m.items() if v is not None} for m in row] for row in table["messages"]]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(parquet, columns=["messages"]).column("messages").to_pylist()
+    return [[{k: v for k, v in m.items() if v is not None} for m in row] for row in rows]
 
 
 def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str) -> PreTrainedTokenizerFast:
@@ -152,9 +154,10 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
     tok.save_pretrained(out_dir / "tokenizer")
     stats = {"vocab_size": len(tok), "max_length": pack_cfg.max_length, "splits": {}}
     for split in PACKED_SPLITS:
-        if not (in_dir / f"{split}.parquet").exists():
-            continue
         convs = train_convs if split == "train" else conversations(in_dir / f"{split}.parquet")
+        if not convs:  # no source feeds this split: an empty dataset keeps the outputs fixed
+            datasets.Dataset.from_dict({"input_ids": [], "labels": [], "seq_lengths": []}).save_to_disk(str(out_dir / split))
+            continue
         log.info("Tokenizing and packing <%s>: %d conversations", split, len(convs))
         ds, overflow = tokenize(convs, tok, pack_cfg)
         packed, split_stats = pack_split(ds, pack_cfg)

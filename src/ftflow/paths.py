@@ -11,6 +11,7 @@ MANIFEST = "data/manifest.json"  # what was downloaded: uri, resolved revision, 
 NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
 PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
 TRAIN = "results/train"  # model/, init/ (scratch), checkpoints/, loss.csv, summary.json
+CHECKPOINTS = f"{TRAIN}/checkpoints"  # <config fingerprint>/checkpoint-<step>/: resume points
 CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
 EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
 LOGS = "logs"

@@ -165,6 +165,23 @@ def loss_logger(path: Path):
     return LossCurve()
 
 
+def load_packed(path: Path):
+    """A packed split, or None when no source feeds it (pack then saves it with no rows, which
+    `datasets` saves but cannot load back)."""
+    import datasets
+
+    if not path.exists() or not json.loads((path / "state.json").read_text())["_data_files"]:
+        return None
+    return datasets.load_from_disk(str(path))
+
+
+def write_curve(path: Path, history: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(h for h in history if "loss" in h)
+
+
 def main(config_path: str, root: str = ".") -> dict:
     """Train in this process (one of the processes accelerate started)."""
     import datasets
@@ -187,10 +204,9 @@ def main(config_path: str, root: str = ".") -> dict:
         log.info("Loading base model <%s>", model_cfg.name)
         model = load_base(model_cfg, tok, root)
     train_ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
-    eval_path = root / paths.PACK / "validation"
-    eval_ds = datasets.load_from_disk(str(eval_path)) if eval_path.exists() else None
+    eval_ds = load_packed(root / paths.PACK / "validation")
 
-    ckpt_dir = out_dir / "checkpoints" / fingerprint(cfg)
+    ckpt_dir = root / paths.CHECKPOINTS / fingerprint(cfg)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
     curve = out_dir / "loss.csv"
     if resume is None and curve.exists():
@@ -219,9 +235,24 @@ def main(config_path: str, root: str = ".") -> dict:
         "config_fingerprint": fingerprint(cfg),
     }
     if trainer.is_world_process_zero():
+        # the whole curve, also the steps logged before a resume (restored with trainer_state.json)
+        write_curve(curve, trainer.state.log_history)
         tok.save_pretrained(out_dir / "model")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        prune_other_configs(ckpt_dir)
     return summary
+
+
+def prune_other_configs(keep: Path) -> None:
+    """Once a run has finished, drop the checkpoints of other configs: they can never be resumed
+    by this config, and DVC versions the checkpoints folder as one output, so each experiment's
+    version holds only its own (multi-GB) checkpoints."""
+    import shutil
+
+    for other in keep.parent.iterdir():
+        if other != keep and other.is_dir():
+            log.info("Removing checkpoints of another config: %s", other)
+            shutil.rmtree(other)
 
 
 def _last_logged_loss(history: list[dict]) -> float | None:
