@@ -86,6 +86,8 @@ def test_normalize_real_alpaca_sample(tmp_path):
     assert table[0]["id"] == "alpaca/alpaca_en_demo.json[0]"
     assert table[0]["messages"][-1]["content"] == raw0["output"]
     assert (tmp_path / paths.NORMALIZE / "config.yaml").exists()
+    for split in ("validation", "test"):  # fed by no source: written empty, so the outputs are fixed
+        assert pq.read_table(tmp_path / paths.NORMALIZE / f"{split}.parquet").num_rows == 0
 
 
 BAD_LINES = [

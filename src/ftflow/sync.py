@@ -58,6 +58,15 @@ def stamp(path: Path, when: float) -> bool:
     return True
 
 
+def drop_records(outputs: list[str], root: Path) -> None:
+    """Forget Snakemake's records of these outputs. Snakemake deletes every record it has and
+    exits non-zero naming those it had none of (a fresh clone has none): that is fine here."""
+    snakemake = shutil.which("snakemake") or "snakemake"
+    proc = subprocess.run([snakemake, "--cleanup-metadata", *outputs], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0 and "metadata was not present" not in proc.stdout + proc.stderr:
+        raise RuntimeError(f"snakemake --cleanup-metadata failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+
+
 def sync(root: Path = Path(".")) -> set[str]:
     """Align Snakemake's view with DVC's; returns the stages DVC (and now Snakemake) will rerun."""
     root = Path(root)
@@ -68,7 +77,6 @@ def sync(root: Path = Path(".")) -> set[str]:
         when = STALE_TIME if name in stale else now + 0.01 * i
         stamped += [str(f) for f in rules[name].output if stamp(root / str(f), when)]
     if stamped:
-        snakemake = shutil.which("snakemake") or "snakemake"
-        subprocess.run([snakemake, "--cleanup-metadata", *stamped], cwd=root, check=True, capture_output=True)
+        drop_records(stamped, root)
     log.info("Snakemake now agrees with DVC: %s", f"to rerun: {sorted(stale)}" if stale else "nothing to rerun")
     return stale

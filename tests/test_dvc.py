@@ -1,0 +1,300 @@
+"""DVC as a front door to the Snakemake DAG, with real `dvc` and `snakemake` in a temporary git
+repository: dvc.yaml against the DAG, repro, rerun minimality, experiments (workspace and
+queued), plots, checkpoints that survive DVC, and a fresh clone restored with `dvc pull`.
+
+The repository runs the smoke experiment (set as the conf/ default in the copy, so that every
+`dvc exp run` composes it), a few seconds per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, copy_repo, ftflow, planned_jobs, run, snakemake
+
+# what a DVC-enabled checkout has besides the workflow itself
+DVC_PARTS = (".dvc/config", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "hydra_plugins")
+
+
+def dvc(*args: str, cwd: Path, check: bool = True):
+    return run([str(BIN / "dvc"), *args], cwd, check)
+
+
+def git(*args: str, cwd: Path):
+    return run(["git", "-c", "user.name=ftflow", "-c", "user.email=ftflow@localhost", *args], cwd)
+
+
+def stages_run(proc) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` actually ran, from its own report."""
+    return re.findall(r"Running stage '([\w-]+)'", proc.stdout + proc.stderr)
+
+
+def restore(root: Path) -> None:
+    """Back to the committed state: config and lock from git, outputs from DVC's cache."""
+    git("checkout", "HEAD", "--", "params.yaml", "dvc.lock", cwd=root)
+    dvc("checkout", cwd=root)
+    ftflow("sync", cwd=root)
+    assert planned_jobs(root) == {}
+
+
+def make_dvc_repo(root: Path) -> Path:
+    copy_repo(root)
+    for part in DVC_PARTS:
+        src, dest = REPO / part, root / part
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src, dest) if src.is_dir() else shutil.copy(src, dest)
+    # the smoke experiment as the default, so DVC's own composition (dvc exp run) picks it too
+    conf = root / "conf/config.yaml"
+    conf.write_text(conf.read_text().replace("  - experiment: null", "  - experiment: smoke"))
+    git("init", "-q", "-b", "main", cwd=root)
+    ftflow("compose", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "workflow", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC repository whose data is downloaded and `dvc add`ed, and reproduced by DVC."""
+    root = make_dvc_repo(tmp_path_factory.mktemp("dvc") / "repo")
+    snakemake("download", cwd=root)
+    dvc("add", "data", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "data", cwd=root)
+    proc = dvc("repro", cwd=root)
+    assert stages_run(proc) == ["compose", "normalize", "pack", "train", "consolidate", "evaluate"]
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "reproduced", cwd=root)
+    return root
+
+
+# --- 1. dvc.yaml and the Snakemake DAG cannot drift ----------------------------------------
+
+
+def dvc_stage_graph(root: Path) -> dict:
+    """The stage graph as DVC itself parses dvc.yaml."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {
+            stage.name: {
+                "cmd": stage.cmd,
+                "deps": sorted(d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)),
+                "params": sorted(p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params),
+                "outs": sorted(o.def_path for o in stage.outs),
+                "persist": sorted(o.def_path for o in stage.outs if o.persist),
+            }
+            for stage in repo.index.stages
+            if stage.name
+        }
+
+
+def snakemake_stage_graph(root: Path) -> dict:
+    """The stage graph of the rules, as Snakemake parses them for the current params.yaml."""
+    from ftflow import dvcyaml
+
+    return dvcyaml.rule_graph(dvcyaml.snakemake_rules(root), root)
+
+
+def compare(root: Path) -> list[str]:
+    from ftflow import config, dvcyaml
+
+    declared, rules = dvc_stage_graph(root), snakemake_stage_graph(root)
+    problems = dvcyaml.differences(rules, {k: v for k, v in declared.items() if k != "compose"})
+    for name in dvcyaml.STAGES:
+        if name in declared:
+            if declared[name]["cmd"] != f"ftflow dispatch {name}":
+                problems.append(f"{name}: cmd {declared[name]['cmd']!r} does not dispatch its own rule")
+            if declared[name]["params"] != sorted(config.STAGE_SECTIONS[name]):
+                problems.append(f"{name}: params {declared[name]['params']} != its sections")
+    return problems
+
+
+def test_dvc_yaml_is_the_snakemake_dag(tmp_path):
+    root = make_dvc_repo(tmp_path / "repo")
+    assert compare(root) == []
+    graph = dvc_stage_graph(root)
+    assert graph["train"]["persist"] == ["results/train/checkpoints"]
+    assert "compose" in graph and graph["compose"]["deps"] == ["conf"]
+    # the committed file is exactly what the rules render to
+    from ftflow import dvcyaml
+
+    assert (REPO / "dvc.yaml").read_text() == dvcyaml.dump(dvcyaml.render(snakemake_stage_graph(root)))
+
+
+def test_the_comparison_fails_on_a_rule_edit(tmp_path):
+    root = make_dvc_repo(tmp_path / "repo")
+    rule = root / "rules/consolidate.smk"
+    rule.write_text(rule.read_text().replace('summary=f"{paths.CONSOLIDATE}/summary.json",', 'summary=f"{paths.CONSOLIDATE}/summary.json",\n        card=f"{paths.CONSOLIDATE}/card.md",'))
+    assert compare(root) == ["consolidate.outs: in the Snakemake rule only: ['results/consolidate/card.md']"]
+    # and a stage run by DVC refuses to run on a drifted dvc.yaml
+    proc = ftflow("dispatch", "consolidate", cwd=root, check=False)
+    assert proc.returncode != 0 and "does not match the Snakemake DAG" in proc.stdout + proc.stderr
+
+
+# --- 2. dvc repro, dvc status, snakemake -n agree ------------------------------------------
+
+
+@pytest.mark.slow
+def test_after_repro_dvc_and_snakemake_have_nothing_to_do(project):
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+    assert planned_jobs(project) == {}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"compose", "normalize", "pack", "train", "consolidate", "evaluate"}
+    assert any(o["path"] == "results/train/checkpoints" for o in lock["stages"]["train"]["outs"])
+    metrics = json.loads((project / "results/eval/metrics.json").read_text())
+    assert "tuned/demo_words/exact_match" in metrics
+
+
+# --- 3. rerun minimality, by the stages dvc repro runs ------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ([], []),
+        (["eval.max_gen_toks=8"], ["evaluate"]),
+        (["peft=lora"], ["train", "consolidate", "evaluate"]),
+        (["data.sources.0.limit=150"], ["normalize", "pack", "train", "consolidate", "evaluate"]),
+    ],
+    ids=["nothing", "eval", "lora", "normalize"],
+)
+def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expected):
+    try:
+        ftflow("compose", *overrides, cwd=project)
+        assert stages_run(dvc("repro", cwd=project)) == expected
+        assert planned_jobs(project) == {}  # Snakemake agrees right after
+    finally:
+        restore(project)
+
+
+@pytest.mark.slow
+def test_a_snakemake_run_is_recorded_by_dvc_commit(project):
+    try:
+        ftflow("run", "eval.max_gen_toks=4", cwd=project)
+        assert "evaluate" in dvc("status", cwd=project).stdout
+        dvc("commit", "--force", cwd=project)
+        assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+    finally:
+        restore(project)
+
+
+@pytest.mark.slow
+def test_a_stale_composed_config_is_refused(project):
+    conf = project / "conf/eval/demo.yaml"
+    original = conf.read_text()
+    try:
+        conf.write_text(original.replace("num_fewshot: 0", "num_fewshot: 1"))
+        proc = dvc("repro", cwd=project, check=False)  # composed by `ftflow compose`: overrides recorded
+        assert proc.returncode != 0 and "stale params.yaml" in proc.stdout + proc.stderr
+        assert "eval.num_fewshot" in proc.stdout + proc.stderr
+    finally:
+        conf.write_text(original)
+    assert stages_run(dvc("repro", cwd=project)) == []  # conf/ is back as dvc.lock has it
+
+
+# --- checkpoints: versioned, survive DVC's deletion of outputs, keyed by config -----------
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_checkpoints_survive_dvc_and_only_the_same_config_resumes(project):
+    weights = project / "results/train/model/model.safetensors"
+    before = digest(weights)
+    proc = dvc("repro", "--force", "--single-item", "train", cwd=project)
+    assert stages_run(proc) == ["train"]
+    summary = json.loads((project / "results/train/summary.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-4"  # DVC deleted the outputs, not the checkpoints
+    assert digest(weights) == before
+    assert [p.name for p in (project / "results/train/checkpoints").iterdir()] == [summary["config_fingerprint"]]
+
+
+# --- 4. experiments, in the workspace and queued; exp show; plots diff --------------------
+
+
+def exp_rows(root: Path) -> dict[str, dict]:
+    """{experiment name: {"lr": ..., "tuned": ..., "final_loss": ...}} from `dvc exp show --json`."""
+    rows = {}
+    for baseline in json.loads(dvc("exp", "show", "--json", cwd=root).stdout):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                metrics = {k: v for f in data["metrics"].values() for k, v in f["data"].items()}
+                rows[rev["name"]] = {
+                    "lr": data["params"]["params.yaml"]["data"]["train"]["learning_rate"],
+                    "tuned": metrics.get("tuned/demo_words/exact_match"),
+                    "final_loss": metrics.get("final_loss"),
+                }
+    return rows
+
+
+@pytest.mark.slow
+def test_experiments_in_the_workspace_and_queued(project):
+    for name, lr in (("lr-a", "5e-4"), ("lr-b", "2e-3")):
+        proc = dvc("exp", "run", "-n", name, "-S", f"train.learning_rate={lr}", cwd=project)
+        assert stages_run(proc) == ["train", "consolidate", "evaluate"]
+    for name, lr in (("q-a", "1e-4"), ("q-b", "3e-3")):
+        dvc("exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=project)
+    dvc("queue", "start", "-j", "1", cwd=project)
+    status = ""
+    for _ in range(120):  # the worker runs them one after the other
+        status = dvc("queue", "status", cwd=project).stdout
+        if status.count("Success") == 2 or "Failed" in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status + dvc("queue", "logs", "q-a", cwd=project, check=False).stdout
+
+    rows = exp_rows(project)
+    assert {name: row["lr"] for name, row in rows.items()} == {"lr-a": 5e-4, "lr-b": 2e-3, "q-a": 1e-4, "q-b": 3e-3}
+    for row in rows.values():  # each with its own eval and training metrics
+        assert isinstance(row["tuned"], float) and isinstance(row["final_loss"], float)
+    assert len({row["final_loss"] for row in rows.values()}) == 4
+
+    plots = json.loads(dvc("plots", "diff", "lr-a", "lr-b", "--json", cwd=project).stdout)["data"]
+    curve = plots["Training loss"][0]
+    assert curve["revisions"] == ["lr-a", "lr-b"]
+    values = curve["content"]["data"]["values"]
+    assert {v["rev"] for v in values} == {"lr-a", "lr-b"} and len(values) == 8  # 4 logged steps each
+    html = project / "plots"
+    dvc("plots", "diff", "lr-a", "lr-b", "-o", str(html), cwd=project)
+    assert "Training loss" in (html / "index.html").read_text()
+    dvc("exp", "apply", "lr-b", cwd=project)  # the workspace is lr-b's again, as after its run
+    ftflow("sync", cwd=project)
+
+
+# --- 5. a fresh clone restored by dvc pull -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fresh_clone_and_pull_has_nothing_to_rerun(project):
+    git("add", "-A", cwd=project)
+    git("commit", "-qm", "lr-b", cwd=project)
+    dvc("push", cwd=project)  # to the default remote: ../ftflow-dvc-remote, beside the repository
+    assert (project.parent / "ftflow-dvc-remote").is_dir()
+    clone = project.parent / "clone"
+    git("clone", "-q", str(project), str(clone), cwd=project.parent)
+    dvc("pull", cwd=clone)
+    # DVC restored the files in its own order and Snakemake may see stale times: sync fixes that
+    ftflow("sync", cwd=clone)
+    assert "Data and pipelines are up to date" in dvc("status", cwd=clone).stdout
+    assert planned_jobs(clone) == {}
+    for path in ("data/manifest.json", "results/consolidate/model/model.safetensors", "results/eval/metrics.json"):
+        assert digest(clone / path) == digest(project / path)
+    (ckpt,) = (clone / "results/train/checkpoints").iterdir()
+    assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(clone / "results/consolidate/model")
