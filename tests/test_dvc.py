@@ -141,6 +141,20 @@ def test_the_comparison_fails_on_a_rule_edit(tmp_path):
     assert proc.returncode != 0 and "does not match the Snakemake DAG" in proc.stdout + proc.stderr
 
 
+def test_dispatch_runs_one_rule_with_the_profile_in_snakemake_profile(tmp_path):
+    """`SNAKEMAKE_PROFILE=profiles/slurm dvc repro`: the stage command takes its profile from
+    the environment (here a profile that only plans, to see which profile and jobs it used)."""
+    root = make_dvc_repo(tmp_path / "repo")
+    profile = tmp_path / "planning"
+    profile.mkdir()
+    (profile / "config.v8+.yaml").write_text("cores: 1\ndry-run: true\n")
+    proc = run([str(BIN / "ftflow"), "dispatch", "evaluate"], root, env_extra={"SNAKEMAKE_PROFILE": str(profile)})
+    out = proc.stdout + proc.stderr
+    assert f"Using profile {profile}" in out
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"^(\w+)\s+\d+$", table, re.M) == ["evaluate", "total"]  # that rule alone
+
+
 # --- 2. dvc repro, dvc status, snakemake -n agree ------------------------------------------
 
 
@@ -173,7 +187,10 @@ def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expecte
     try:
         ftflow("compose", *overrides, cwd=project)
         assert stages_run(dvc("repro", cwd=project)) == expected
-        assert planned_jobs(project) == {}  # Snakemake agrees right after
+        # DVC relinked the outputs (an unchanged file takes its cached copy's time): after
+        # `ftflow sync`, Snakemake agrees
+        ftflow("sync", cwd=project)
+        assert planned_jobs(project) == {}
     finally:
         restore(project)
 
@@ -220,6 +237,15 @@ def test_checkpoints_survive_dvc_and_only_the_same_config_resumes(project):
     assert summary["resumed_from"] == "checkpoint-4"  # DVC deleted the outputs, not the checkpoints
     assert digest(weights) == before
     assert [p.name for p in (project / "results/train/checkpoints").iterdir()] == [summary["config_fingerprint"]]
+    assert_cache_intact(project)  # the resumed trainer wrote no file through a link into the cache
+
+
+def assert_cache_intact(root: Path) -> None:
+    """Every file object in DVC's cache still has the md5 it is filed under."""
+    objects = [p for p in (root / ".dvc/cache/files/md5").rglob("*") if p.is_file() and not p.name.endswith(".dir")]
+    assert objects
+    for obj in objects:
+        assert hashlib.md5(obj.read_bytes()).hexdigest() == obj.parent.name + obj.name, obj
 
 
 # --- 4. experiments, in the workspace and queued; exp show; plots diff --------------------
@@ -293,6 +319,7 @@ def test_fresh_clone_and_pull_has_nothing_to_rerun(project):
     assert planned_jobs(clone) == {}
     for path in ("data/manifest.json", "results/consolidate/model/model.safetensors", "results/eval/metrics.json"):
         assert digest(clone / path) == digest(project / path)
+    assert_cache_intact(project)
     (ckpt,) = (clone / "results/train/checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     from transformers import AutoModelForCausalLM

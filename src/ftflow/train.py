@@ -34,6 +34,7 @@ def launch(cfg: dict, root: Path = Path(".")) -> None:
     """Run the stage: write its config and start training under accelerate."""
     out_dir = root / paths.TRAIN
     write_stage_config(cfg, out_dir)
+    own_files(root / paths.CHECKPOINTS / fingerprint(cfg))
     launcher = Launcher.model_validate(cfg["launcher"])
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -48,6 +49,20 @@ def launch(cfg: dict, root: Path = Path(".")) -> None:
     ]  # fmt: skip
     log.info("Launching: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def own_files(ckpt_dir: Path) -> None:
+    """Make the files the trainer rewrites on resume (those beside the checkpoint-<step>
+    folders, such as the model card) private copies. DVC restores a persisted checkpoint
+    folder as links into its cache, and writing through a link would change the cache itself;
+    checkpoint-<step> folders are only ever written new, so their (large) files stay linked."""
+    if not ckpt_dir.is_dir():
+        return
+    for path in ckpt_dir.iterdir():
+        if path.is_file() and (path.is_symlink() or path.stat().st_nlink > 1):
+            data = path.read_bytes()
+            path.unlink()
+            path.write_bytes(data)
 
 
 def attn_implementation(requested: str) -> str:
