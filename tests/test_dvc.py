@@ -148,11 +148,15 @@ def test_dispatch_runs_one_rule_with_the_profile_in_snakemake_profile(tmp_path):
     profile = tmp_path / "planning"
     profile.mkdir()
     (profile / "config.v8+.yaml").write_text("cores: 1\ndry-run: true\n")
-    proc = run([str(BIN / "ftflow"), "dispatch", "evaluate"], root, env_extra={"SNAKEMAKE_PROFILE": str(profile)})
+    snakemake("download", cwd=root)  # normalize's inputs
+    proc = run([str(BIN / "ftflow"), "dispatch", "normalize"], root, env_extra={"SNAKEMAKE_PROFILE": str(profile)})
     out = proc.stdout + proc.stderr
     assert f"Using profile {profile}" in out
     table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    assert re.findall(r"^(\w+)\s+\d+$", table, re.M) == ["evaluate", "total"]  # that rule alone
+    assert re.findall(r"^(\w+)\s+\d+$", table, re.M) == ["normalize", "total"]  # that rule alone
+    # an upstream output missing is an error, never a reason to run another rule
+    proc = run([str(BIN / "ftflow"), "dispatch", "pack"], root, check=False)
+    assert proc.returncode != 0 and "MissingInputException" in proc.stdout + proc.stderr
 
 
 # --- 2. dvc repro, dvc status, snakemake -n agree ------------------------------------------
