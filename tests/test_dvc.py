@@ -67,6 +67,9 @@ def project(tmp_path_factory) -> Path:
     root = make_dvc_repo(tmp_path_factory.mktemp("dvc") / "repo")
     snakemake("download", cwd=root)
     dvc("add", "data", cwd=root)
+    # data.dvc in the repository pins the data as downloaded: a fresh download hashes the same
+    tracked = [yaml.safe_load((r / "data.dvc").read_text())["outs"][0]["md5"] for r in (root, REPO)]
+    assert tracked[0] == tracked[1]
     git("add", "-A", cwd=root)
     git("commit", "-qm", "data", cwd=root)
     proc = dvc("repro", cwd=root)
