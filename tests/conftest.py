@@ -52,8 +52,12 @@ def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.Completed
 
 def planned_jobs(cwd: Path) -> dict[str, int]:
     """The jobs a dry run plans, from Snakemake's "Job stats" table ({} when nothing to do)."""
-    out = snakemake("--dry-run", cwd=cwd).stdout
-    if "Nothing to be done" in out:
+    return job_stats(snakemake("--dry-run", cwd=cwd).stdout)
+
+
+def job_stats(out: str) -> dict[str, int]:
+    """{rule: count} from Snakemake's "Job stats" table in its output ({} when nothing to do)."""
+    if "Job stats:" not in out:
         return {}
     table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
