@@ -83,6 +83,7 @@ def snakemake_rules(root: Path = Path(".")):
 
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
         workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path(root) / "workflow/Snakefile", workdir=Path(root))
+        # the API has no public accessor for parsed rules; snakemake is pinned <10 in pyproject
         return list(workflow._workflow.rules)
 
 
