@@ -3,6 +3,7 @@ from ftflow import config as ftconfig
 from ftflow import paths
 from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
+from ftflow.readers import reader_file
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
 PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)
@@ -24,6 +25,12 @@ def local_sources():
     """Local data sources (and a local model): editing them reruns download."""
     found = [s["path"] for s in PARAMS["data"]["sources"] if s.get("path")]
     return found + ([MODEL["path"]] if MODEL["source"] == "local" else [])
+
+
+def user_readers():
+    """User reader files ("file.py:function", under conf/data/): editing one reruns normalize."""
+    files = {reader_file(s["reader"]) for s in PARAMS["data"]["sources"]}
+    return sorted(str(f) for f in files if f is not None)
 
 
 def raw_dirs():

@@ -2,7 +2,8 @@ rule normalize:
     input:
         raw=rules.download.output.raw,
         manifest=rules.download.output.manifest,
-        code=code("normalize", "readers", "messages"),
+        code=code("normalize", "formats", "readers", "messages"),
+        readers=user_readers(),
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),
         stats=f"{paths.NORMALIZE}/stats.json",

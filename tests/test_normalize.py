@@ -1,126 +1,375 @@
-"""Readers and the normalize stage on real sample data and on deliberately broken records."""
+"""normalize on the real sample formats, on every file type, and on a corpus of broken input.
+
+Expected values are read from the raw records themselves (field by field), never recomputed by
+calling the reader under test.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ftflow import paths
-from ftflow.messages import Message, RecordError, validate_conversation
+from ftflow.messages import RecordError, validate
 from ftflow.normalize import NormalizeError, normalize
-from ftflow.readers import alpaca, get_reader, openai_messages, sharegpt
 
 from conftest import REPO
 
-ALPACA_FIXTURE = REPO / "examples" / "formats" / "alpaca_en_demo.json"
+FORMATS = REPO / "examples" / "formats"  # copies of ../shared/fixtures/formats (CI has no ../shared)
+BAD = Path(__file__).parent / "bad_inputs"
 
 
-def test_alpaca_joins_instruction_and_input():
-    msgs = alpaca({"instruction": "Add.", "input": "2 3", "output": "5", "system": "Be terse."})
-    assert [(m.role, m.content) for m in msgs] == [("system", "Be terse."), ("user", "Add.\n2 3"), ("assistant", "5")]
-
-
-def test_alpaca_history_becomes_turns():
-    msgs = alpaca({"instruction": "and 3?", "output": "9", "history": [["square 2?", "4"]]})
-    assert [m.role for m in msgs] == ["user", "assistant", "user", "assistant"]
-
-
-def test_messages_and_sharegpt_readers():
-    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "train": False}]}
-    assert openai_messages(rec)[1].train is False
-    conv = sharegpt({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
-    assert [m.role for m in conv] == ["user", "assistant"]
-
-
-@pytest.mark.parametrize(
-    "messages,reason,detail",
-    [
-        ([], "empty", "no messages"),
-        ([Message("user", "a"), Message("user", "b"), Message("assistant", "c")], "bad_order", "index 1"),
-        ([Message("user", "a"), Message("system", "b"), Message("assistant", "c")], "bad_order", "index 1"),
-        ([Message("user", "a")], "no_target", "no assistant"),
-        ([Message("user", "a"), Message("assistant", " ")], "empty_target", "empty"),
-    ],
-)
-def test_conversation_checks_name_the_problem(messages, reason, detail):
-    with pytest.raises(RecordError) as err:
-        validate_conversation(messages)
-    assert err.value.reason == reason and detail in str(err.value)
-
-
-def test_unknown_role_is_rejected():
-    with pytest.raises(RecordError, match="bad_role"):
-        Message("robot", "x")
-
-
-def test_user_reader_from_file(tmp_path):
-    (tmp_path / "mine.py").write_text(
-        "from ftflow.messages import Message\n"
-        "def qa(r):\n    return [Message('user', r['q']), Message('assistant', r['a'])]\n"
-    )
-    reader = get_reader(f"{tmp_path / 'mine.py'}:qa")
-    assert reader({"q": "1+1", "a": "2"})[1].content == "2"
-    with pytest.raises(ValueError, match="no function 'nope'"):
-        get_reader(f"{tmp_path / 'mine.py'}:nope")
-    with pytest.raises(ValueError, match="unknown reader 'alpacca'"):
-        get_reader("alpacca")
-
-
-def _stage(tmp_path, sources, on_error="raise"):
+def stage(root: Path, sources: list[dict], kind="conversation", on_error="raise", **data) -> dict:
+    """Run normalize in `root` on sources whose raw files are already in data/raw/<name>/."""
     for s in sources:
-        (tmp_path / paths.RAW / s["name"]).mkdir(parents=True, exist_ok=True)
-    return {"data": {"sources": sources, "on_error": on_error}}
+        s.setdefault("path", "unused")  # download already placed the files
+        (root / paths.RAW / s["name"]).mkdir(parents=True, exist_ok=True)
+    return normalize({"data": {"kind": kind, "sources": sources, "on_error": on_error, **data}}, root)
 
 
-def test_normalize_real_alpaca_sample(tmp_path):
-    cfg = _stage(tmp_path, [{"name": "alpaca", "path": "x", "split": "train", "reader": "alpaca", "limit": 300}])
-    shutil.copy(ALPACA_FIXTURE, tmp_path / paths.RAW / "alpaca")
-    stats = normalize(cfg, tmp_path)
-    table = pq.read_table(tmp_path / paths.NORMALIZE / "train.parquet").to_pylist()
-    assert stats["sources"]["alpaca"] == {"records_in": 300, "records_out": 300, "dropped": {}}
-    assert len(table) == 300
-    raw0 = json.loads(ALPACA_FIXTURE.read_text())[0]
-    assert table[0]["id"] == "alpaca/alpaca_en_demo.json[0]"
-    assert table[0]["messages"][-1]["content"] == raw0["output"]
-    assert (tmp_path / paths.NORMALIZE / "config.yaml").exists()
-    for split in ("validation", "test"):  # fed by no source: written empty, so the outputs are fixed
-        assert pq.read_table(tmp_path / paths.NORMALIZE / f"{split}.parquet").num_rows == 0
+def place(root: Path, name: str, *files: Path) -> None:
+    dest = root / paths.RAW / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy(f, dest)
 
 
-BAD_LINES = [
-    '{"instruction": "a", "output": "b"}',
-    "{not json",
-    '{"instruction": "a"}',
-    '{"instruction": "a", "output": "   "}',
-    '["a list"]',
-    '{"instruction": 3, "output": "x"}',
-    '{"instruction": "c", "input": "d", "output": "e"}',
+def rows(root: Path, split="train") -> list[dict]:
+    return pq.read_table(root / paths.NORMALIZE / f"{split}.parquet").to_pylist()
+
+
+def roles(msgs):
+    return [m["role"] for m in msgs]
+
+
+# --- every fixture format with its built-in reader -------------------------------------------
+
+
+def test_alpaca_fixture(tmp_path):
+    raw = json.loads((FORMATS / "alpaca_en_demo.json").read_text())
+    place(tmp_path, "alpaca", FORMATS / "alpaca_en_demo.json")
+    stats = stage(tmp_path, [{"name": "alpaca", "reader": "alpaca"}])
+    out = rows(tmp_path)
+    assert stats["splits"]["train"]["sources"]["alpaca"]["records_in"] == len(raw) == len(out) == 999
+    for rec, row in zip(raw, out):
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert user["content"].startswith(rec["instruction"]) and user["content"].endswith(rec["input"])
+        assert assistant["content"] == rec["output"]
+
+
+SHAREGPT_ROLE = {"human": "user", "gpt": "assistant", "function_call": "assistant", "observation": "tool"}
+
+
+def test_sharegpt_toolcall_fixture(tmp_path):
+    raw = json.loads((FORMATS / "glaive_toolcall_en_demo.json").read_text())
+    place(tmp_path, "glaive", FORMATS / "glaive_toolcall_en_demo.json")
+    stage(tmp_path, [{"name": "glaive", "reader": "sharegpt"}])
+    out = rows(tmp_path)
+    assert len(out) == len(raw) == 300
+    calls = 0
+    for rec, row in zip(raw, out):
+        assert json.loads(row["tools"]) == json.loads(rec["tools"])
+        assert roles(row["messages"]) == [SHAREGPT_ROLE[t["from"]] for t in rec["conversations"]]
+        for turn, msg in zip(rec["conversations"], row["messages"]):
+            if turn["from"] == "function_call":
+                call = json.loads(turn["value"])
+                assert msg["content"] == "" and msg["tool_calls"][0]["name"] == call["name"]
+                assert json.loads(msg["tool_calls"][0]["arguments"]) == call["arguments"]
+                calls += 1
+            else:
+                assert msg["content"] == turn["value"] and msg["tool_calls"] is None
+    assert calls == 211  # every function_call turn of the sample
+
+
+def test_sharegpt_preference_fixture(tmp_path):
+    raw = json.loads((FORMATS / "dpo_en_demo.json").read_text())
+    place(tmp_path, "dpo", FORMATS / "dpo_en_demo.json")
+    stage(tmp_path, [{"name": "dpo", "reader": "sharegpt_preference"}], kind="preference")
+    out = rows(tmp_path)
+    assert len(out) == len(raw) == 300
+    for rec, row in zip(raw, out):
+        assert [m["content"] for m in row["prompt"]] == [t["value"] for t in rec["conversations"]]
+        assert roles(row["prompt"]) == [{"human": "user", "system": "system", "gpt": "assistant"}[t["from"]]
+                                        for t in rec["conversations"]]  # fmt: skip
+        assert [(m["role"], m["content"]) for m in row["chosen"]] == [("assistant", rec["chosen"]["value"])]
+        assert [(m["role"], m["content"]) for m in row["rejected"]] == [("assistant", rec["rejected"]["value"])]
+
+
+def test_unpaired_preference_fixture(tmp_path):
+    raw = json.loads((FORMATS / "kto_en_demo.json").read_text())
+    place(tmp_path, "kto", FORMATS / "kto_en_demo.json")
+    stage(tmp_path, [{"name": "kto", "reader": "unpaired_preference"}], kind="unpaired")
+    out = rows(tmp_path)
+    assert len(out) == len(raw) == 300
+    assert sum(r["label"] for r in out) == sum(r["label"] for r in raw) > 0
+    for rec, row in zip(raw, out):
+        whole = row["prompt"] + row["completion"]
+        assert [(m["role"], m["content"]) for m in whole] == [(m["role"], m["content"]) for m in rec["messages"]]
+        assert row["label"] is rec["label"] and len(row["completion"]) == 1
+
+
+def test_raw_text_fixture(tmp_path):
+    lines = (FORMATS / "c4_demo.jsonl").read_text().splitlines()
+    place(tmp_path, "c4", FORMATS / "c4_demo.jsonl")
+    stage(tmp_path, [{"name": "c4", "reader": "text"}], kind="text")
+    out = rows(tmp_path)
+    assert [r["text"] for r in out] == [json.loads(line)["text"] for line in lines]
+    assert out[2]["id"] == "c4/c4_demo.jsonl:3"  # the locator is the line number
+
+
+# --- the other record shapes -----------------------------------------------------------------
+
+SHAPES = [
+    ("messages", "conversation", {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "content": "-3C"},
+        {"role": "assistant", "content": "Cold: -3C."}]},
+     {"messages": [("system", "Be brief."), ("user", "Weather in Oslo?"), ("assistant", ""), ("tool", "-3C"),
+                   ("assistant", "Cold: -3C.")]}),
+    ("prompt_completion", "conversation", {"prompt": "2+2?", "completion": "4"},
+     {"messages": [("user", "2+2?"), ("assistant", "4")]}),
+    ("messages_preference", "preference", {
+        "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+        "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]},
+     {"prompt": [("user", "Hi")], "chosen": [("assistant", "Hello!")], "rejected": [("assistant", "Go away.")]}),
+    ("prompt_preference", "preference", {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."},
+     {"prompt": [("user", "Capital of France?")], "chosen": [("assistant", "Paris.")],
+      "rejected": [("assistant", "Lyon.")]}),
+    ("unpaired_preference", "unpaired", {"prompt": "1+1?", "completion": "3", "label": False},
+     {"prompt": [("user", "1+1?")], "completion": [("assistant", "3")]}),
+    ("prompt_answer", "prompt", {"prompt": "What is 6*7?", "solution": "42"},
+     {"prompt": [("user", "What is 6*7?")]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reader,kind,record,expected", SHAPES, ids=[s[0] for s in SHAPES])
+def test_record_shapes(tmp_path, reader, kind, record, expected):
+    (tmp_path / paths.RAW / "s").mkdir(parents=True)
+    (tmp_path / paths.RAW / "s" / "data.jsonl").write_text(json.dumps(record) + "\n")
+    stage(tmp_path, [{"name": "s", "reader": reader}], kind=kind)
+    (row,) = rows(tmp_path)
+    for field, msgs in expected.items():
+        assert [(m["role"], m["content"]) for m in row[field]] == msgs
+    if reader == "messages":
+        call = row["messages"][2]["tool_calls"][0]
+        assert (call["name"], json.loads(call["arguments"])) == ("weather", {"city": "Oslo"})
+    if kind == "prompt":
+        assert row["answer"] == "42"
+    if kind == "unpaired":
+        assert row["label"] is False
+
+
+# --- file types, sources and per-source options ----------------------------------------------
+
+RECORDS = [{"instruction": f"Say {w}.", "output": w} for w in ("red", "green", "blue", "red")]
+
+
+def write_all_types(dest: Path) -> None:
+    """The same four records as jsonl.gz, json, csv, parquet (one file each)."""
+    dest.mkdir(parents=True)
+    with gzip.open(dest / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in RECORDS)
+    (dest / "b.json").write_text(json.dumps(RECORDS))
+    (dest / "c.csv").write_text("instruction,output\n" + "".join(f'"{r["instruction"]}",{r["output"]}\n' for r in RECORDS))
+    pq.write_table(pa.Table.from_pylist(RECORDS), dest / "d.parquet")
+
+
+def test_every_file_type_reads_the_same_records(tmp_path):
+    write_all_types(tmp_path / paths.RAW / "all")
+    stats = stage(tmp_path, [{"name": "all", "reader": "alpaca"}])
+    out = rows(tmp_path)
+    assert stats["splits"]["train"]["records_out"] == 16
+    assert [r["messages"][1]["content"] for r in out] == [r["output"] for r in RECORDS] * 4
+    assert [r["id"] for r in out[::4]] == ["all/a.jsonl.gz:1", "all/b.json[0]", "all/c.csv:2", "all/d.parquet[0]"]
+
+
+def test_txt_sample_by(tmp_path):
+    (tmp_path / paths.RAW / "t").mkdir(parents=True)
+    (tmp_path / paths.RAW / "t" / "doc.txt").write_text("one\ntwo\n\nthree\n")
+    stage(tmp_path, [{"name": "t", "reader": "text", "sample_by": "paragraph"}], kind="text")
+    assert [r["text"] for r in rows(tmp_path)] == ["one\ntwo", "three\n"]
+    stage(tmp_path, [{"name": "t", "reader": "text"}], kind="text")
+    assert [r["text"] for r in rows(tmp_path)] == ["one", "two", "three"]
+
+
+def test_saved_dataset_dict_split(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS[:3]),
+                               "test": datasets.Dataset.from_list(RECORDS[3:])})  # fmt: skip
+    dd.save_to_disk(str(tmp_path / paths.RAW / "saved"))
+    stage(tmp_path, [{"name": "saved", "reader": "alpaca", "from_split": "test"}])
+    assert [r["messages"][1]["content"] for r in rows(tmp_path)] == ["red"]
+    with pytest.raises(NormalizeError, match="splits \\['test', 'train'\\]; set from_split"):
+        stage(tmp_path, [{"name": "saved", "reader": "alpaca", "from_split": "dev"}])
+
+
+def test_source_options(tmp_path):
+    recs = [{"q": f"Q{i}", "a": f"A{i % 50}" * (1 + i % 5)} for i in range(200)] + [{"q": "Q1", "a": "A1A1"}]
+    (tmp_path / paths.RAW / "s").mkdir(parents=True)
+    (tmp_path / paths.RAW / "s" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    opts = {"name": "s", "reader": "alpaca", "columns": {"instruction": "q", "output": "a"}, "system": "Be nice."}
+    stats = stage(tmp_path, [{**opts, "dedup": True, "min_chars": 14, "max_chars": 20}])["splits"]["train"]
+    out = rows(tmp_path)
+    # lengths count all content: system (8) + user (2-4) + answer; the last record duplicates the second
+    assert stats["records_in"] == 201 and stats["dropped"]["duplicate"] == 1
+    assert stats["records_out"] + sum(stats["dropped"].values()) == 201
+    assert all(14 <= sum(len(m["content"]) for m in r["messages"]) <= 20 for r in out)
+    assert stats["dropped"]["too_short"] > 0 and stats["dropped"]["too_long"] > 0
+    assert all(r["messages"][0] == {**r["messages"][0], "role": "system", "content": "Be nice."} for r in out)
+
+    first = lambda: [r["id"] for r in rows(tmp_path)]  # noqa: E731
+    stage(tmp_path, [{**opts, "shuffle": True, "seed": 1, "limit": 10}])
+    a = first()
+    stage(tmp_path, [{**opts, "shuffle": True, "seed": 1, "limit": 10}])
+    assert first() == a and len(a) == 10 and a != [f"s/qa.jsonl:{i}" for i in range(1, 11)]
+
+    stats = stage(tmp_path, [{**opts, "weight": 0.25}])["splits"]["train"]
+    assert stats["rows"] == 50 and stats["dropped"] == {"mixture_weight": 151}
+    stats = stage(tmp_path, [{**opts, "weight": 2.5}])["splits"]["train"]
+    assert stats["rows"] == 502 and stats["records_out"] == 201 and stats["sources"]["s"]["repeats"] == 301
+    assert len({r["id"] for r in rows(tmp_path)}) == 502
+
+
+def test_output_is_deterministic(tmp_path):
+    place(tmp_path, "alpaca", FORMATS / "alpaca_en_demo.json")
+    first = stage(tmp_path, [{"name": "alpaca", "reader": "alpaca"}])
+    blob = (tmp_path / paths.NORMALIZE / "train.parquet").read_bytes()
+    again = stage(tmp_path, [{"name": "alpaca", "reader": "alpaca"}])
+    assert (tmp_path / paths.NORMALIZE / "train.parquet").read_bytes() == blob
+    assert first["splits"]["train"]["sha256"] == again["splits"]["train"]["sha256"]
+
+
+# --- the bad-input corpus --------------------------------------------------------------------
+
+# file, reader, locator of the bad record, reason, good records in the file
+CORPUS = [
+    ("truncated_json.jsonl", "alpaca", "truncated_json.jsonl:2", "invalid_json", 2),
+    ("wrong_types.jsonl", "alpaca", "wrong_types.jsonl:2", "bad_field", 2),
+    ("missing_fields.jsonl", "alpaca", "missing_fields.jsonl:3", "missing_field", 2),
+    ("unknown_role.jsonl", "messages", "unknown_role.jsonl:2", "bad_role", 1),
+    ("empty_assistant.jsonl", "alpaca", "empty_assistant.jsonl:3", "empty_assistant", 2),
+    ("invalid_utf8.jsonl", "alpaca", "invalid_utf8.jsonl:2", "invalid_utf8", 2),
 ]
 
 
-def _bad_source(tmp_path):
-    cfg = _stage(tmp_path, [{"name": "mixed", "path": "x", "split": "train", "reader": "alpaca"}])
-    (tmp_path / paths.RAW / "mixed" / "data.jsonl").write_text("\n".join(BAD_LINES) + "\n")
-    return cfg
-
-
-def test_bad_record_raises_with_source_line_and_reason(tmp_path):
+@pytest.mark.parametrize("file,reader,locator,reason,good", CORPUS, ids=[c[0] for c in CORPUS])
+def test_bad_record_raises_naming_source_record_and_reason(tmp_path, file, reader, locator, reason, good):
+    place(tmp_path, "bad", BAD / file)
     with pytest.raises(NormalizeError) as err:
-        normalize(_bad_source(tmp_path), tmp_path)
-    msg = str(err.value)
-    assert "source 'mixed', record data.jsonl:2" in msg and "invalid_json" in msg and "on_error=skip" in msg
+        stage(tmp_path, [{"name": "bad", "reader": reader}])
+    assert f"source 'bad', record {locator} (reader '{reader}'): {reason}: " in str(err.value)
+    assert "on_error=skip" in str(err.value)
 
 
-def test_skip_counts_every_dropped_record_by_reason(tmp_path):
-    cfg = _bad_source(tmp_path)
-    cfg["data"]["on_error"] = "skip"
-    stats = normalize(cfg, tmp_path)["sources"]["mixed"]
-    assert stats["records_in"] == len(BAD_LINES)
-    assert stats["records_out"] == 2
-    assert stats["dropped"] == {
-        "invalid_json": 1, "missing_field": 1, "empty_target": 1, "not_an_object": 1, "bad_field": 1
-    }  # fmt: skip
-    assert stats["records_in"] == stats["records_out"] + sum(stats["dropped"].values())
+@pytest.mark.parametrize("file,reader,locator,reason,good", CORPUS, ids=[c[0] for c in CORPUS])
+def test_bad_record_is_counted_when_skipping(tmp_path, file, reader, locator, reason, good):
+    place(tmp_path, "bad", BAD / file)
+    stats = stage(tmp_path, [{"name": "bad", "reader": reader}], on_error="skip")["splits"]["train"]
+    assert (stats["records_in"], stats["records_out"], stats["dropped"]) == (good + 1, good, {reason: 1})
+    assert len(rows(tmp_path)) == good
+
+
+def test_oversized_record(tmp_path):
+    big = json.dumps({"instruction": "Summarize.", "output": "x" * 20_000_000})  # a 20 MB single record
+    (tmp_path / paths.RAW / "big").mkdir(parents=True)
+    (tmp_path / paths.RAW / "big" / "big.jsonl").write_text(json.dumps(RECORDS[0]) + "\n" + big + "\n")
+    (tmp_path / paths.RAW / "big" / "big.json").write_text(f"[{big}]")  # parsed whole: caught after the reader
+    with pytest.raises(NormalizeError, match=r"record big.json\[0\] \(reader 'alpaca'\): record_too_large"):
+        stage(tmp_path, [{"name": "big", "reader": "alpaca"}])
+    stats = stage(tmp_path, [{"name": "big", "reader": "alpaca"}], on_error="skip")["splits"]["train"]
+    assert stats["dropped"] == {"record_too_large": 2} and stats["records_out"] == 1
+    stats = stage(tmp_path, [{"name": "big", "reader": "alpaca"}], max_record_mb=32)["splits"]["train"]
+    assert stats["records_out"] == 3  # the guard is a setting
+
+
+def test_empty_file(tmp_path):
+    place(tmp_path, "e", BAD / "empty.jsonl", BAD / "missing_fields.jsonl")
+    with pytest.raises(NormalizeError, match="source 'e': file empty.jsonl holds no records"):
+        stage(tmp_path, [{"name": "e", "reader": "alpaca"}])
+    stats = stage(tmp_path, [{"name": "e", "reader": "alpaca"}], on_error="skip")["splits"]["train"]
+    assert stats["sources"]["e"]["empty_files"] == 1 and stats["records_in"] == 3
+
+
+def test_unreadable_file_names_source_and_file(tmp_path):
+    (tmp_path / paths.RAW / "j").mkdir(parents=True)
+    (tmp_path / paths.RAW / "j" / "cut.json").write_text('[{"instruction": "a", "output": "b"}, {"instr')
+    with pytest.raises(NormalizeError, match=r"source 'j': cut.json: not valid JSON \(.* line 1 column"):
+        stage(tmp_path, [{"name": "j", "reader": "alpaca"}], on_error="skip")
+
+
+def test_validation_reasons():
+    def reason(record, kind="conversation"):
+        with pytest.raises(RecordError) as err:
+            validate(record, kind)
+        return err.value.reason
+
+    u, a = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    assert reason({"messages": [u, u, a]}) == "bad_order"
+    assert reason({"messages": [u, {"role": "system", "content": "s"}, a]}) == "bad_order"
+    assert reason({"messages": [u, {"role": "tool", "content": "r"}, a]}) == "bad_order"
+    assert reason({"messages": [u]}) == "no_target"
+    assert reason({"messages": [u, {**a, "content": 5}]}) == "bad_content"
+    assert reason({"messages": [u, {**a, "tool_calls": [{"name": "f", "arguments": "{oops"}]}]}) == "bad_tool_call"
+    assert reason({"messages": [u, a], "tools": "not json"}) == "bad_tools"
+    assert reason({"messages": [u, {**a, "speaker": "bob"}]}) == "bad_message"
+    assert reason({"text": "x"}) == "wrong_kind"
+    assert reason({"prompt": [u], "completion": [a], "label": "yes"}, "unpaired") == "bad_label"
+    assert reason({"prompt": [u], "chosen": [a], "rejected": [a]}, "preference") == "identical_pair"
+
+
+# --- user readers ----------------------------------------------------------------------------
+
+USER_READERS = '''
+from ftflow.messages import Message
+
+def qa(record):
+    return [Message("user", record["q"]), Message("assistant", record["a"].upper())]
+
+def broken(record):
+    return [{"role": "user", "content": record["q"]}, {"role": "assistant", "text": record["a"]}]
+'''
+
+
+def test_user_reader_from_a_file_beside_the_config(tmp_path):
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "my_readers.py").write_text(USER_READERS)
+    (tmp_path / paths.RAW / "u").mkdir(parents=True)
+    (tmp_path / paths.RAW / "u" / "qa.jsonl").write_text('{"q": "hi", "a": "hello"}\n')
+    stage(tmp_path, [{"name": "u", "reader": "my_readers.py:qa"}])
+    assert [m["content"] for m in rows(tmp_path)[0]["messages"]] == ["hi", "HELLO"]
+    with pytest.raises(NormalizeError) as err:
+        stage(tmp_path, [{"name": "u", "reader": "my_readers.py:broken"}])
+    assert "record qa.jsonl:1 (reader 'my_readers.py:broken'): bad_message: messages[1] has unknown keys ['text']" in str(err.value)
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        stage(tmp_path, [{"name": "u", "reader": "my_readers.py:nope"}])
+
+
+# --- parallel workers ------------------------------------------------------------------------
+
+
+def test_workers_give_the_same_bytes_and_locate_errors(tmp_path):
+    """A file big enough for several work units: 1 and 2 worker processes write the same bytes,
+    and a bad line deep in the file is reported with its own line number."""
+    base = json.loads((FORMATS / "alpaca_en_demo.json").read_text())
+    lines = [json.dumps(base[i % len(base)]) for i in range(12_000)]  # ~10 MB: three 4 MB spans
+    (tmp_path / paths.RAW / "big").mkdir(parents=True)
+    (tmp_path / paths.RAW / "big" / "big.jsonl").write_text("\n".join(lines) + "\n")
+    digests = [stage(tmp_path, [{"name": "big", "reader": "alpaca"}], num_proc=n)["splits"]["train"]["sha256"]
+               for n in (1, 2)]  # fmt: skip
+    assert digests[0] == digests[1] and len(rows(tmp_path)) == 12_000
+    lines[9_999] = '{"instruction": "cut'
+    (tmp_path / paths.RAW / "big" / "big.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(NormalizeError, match=r"record big.jsonl:10000 \(reader 'alpaca'\): invalid_json"):
+        stage(tmp_path, [{"name": "big", "reader": "alpaca"}], num_proc=2)
+    assert not (tmp_path / paths.NORMALIZE / "train.parquet.tmp").exists()  # nothing half-written left

@@ -35,13 +35,24 @@ class Section(BaseModel):
 
 class Source(Section):
     name: str
-    path: str | None = None  # a local file or directory
+    path: str | None = None  # a local file, directory or glob (data/*.jsonl.gz), or a save_to_disk dir
     hub: str | None = None  # a hub dataset repo id (org/name)
     revision: str | None = None  # tag, branch or commit sha; pin it for reproducibility
     files: list[str] | None = None  # glob patterns of files to take from the source
+    subset: str | None = None  # hub layout: the config/subset name
+    from_split: str | None = None  # the source's own split to read (hub layout, saved DatasetDict)
     split: Literal["train", "validation", "test"] = "train"  # which split this source feeds
-    limit: int | None = Field(default=None, ge=1)  # first N records
-    reader: str = "alpaca"  # a built-in reader name, or "path/to/file.py:function"
+    reader: str = "alpaca"  # a built-in reader name, or "file.py:function" (file under conf/data/)
+    columns: dict[str, str] | None = None  # the reader's field name -> this source's column name
+    system: str | None = None  # system prompt for records that have none
+    sample_by: Literal["line", "paragraph", "document"] = "line"  # .txt files: what one record is
+    shuffle: bool = False  # shuffle the source's records (seeded) before `limit`
+    seed: int = 0
+    limit: int | None = Field(default=None, ge=1)  # first N records (N random ones with shuffle)
+    weight: float = Field(default=1.0, gt=0)  # mixture weight: < 1 subsamples, > 1 repeats records
+    dedup: bool = False  # drop exact duplicates (same normalized record)
+    min_chars: int | None = Field(default=None, ge=0)  # length filters on the record's text
+    max_chars: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:
@@ -51,8 +62,11 @@ class Source(Section):
 
 
 class Data(Section):
+    kind: Literal["conversation", "preference", "unpaired", "prompt", "text"] = "conversation"
     sources: list[Source] = Field(min_length=1)
     on_error: Literal["raise", "skip"] = "raise"  # skip: drop bad records, count per reason
+    max_record_mb: float = Field(default=8.0, gt=0)  # a bigger record is an error, not data
+    num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Data:
@@ -62,6 +76,22 @@ class Data(Section):
             raise ValueError(f"duplicate source names {dupes}: each source needs its own name")
         if "train" not in {s.split for s in self.sources}:
             raise ValueError("no source feeds the train split")
+        return self
+
+    @model_validator(mode="after")
+    def _readers_fit_kind(self) -> Data:
+        from ftflow.readers import reader_kind
+
+        for s in self.sources:
+            try:
+                kind = reader_kind(s.reader)
+            except ValueError as err:
+                raise ValueError(f"source {s.name!r}: {err}") from None
+            if kind not in (None, self.kind):
+                raise ValueError(
+                    f"source {s.name!r}: reader {s.reader!r} yields {kind} records but data.kind is "
+                    f"{self.kind}; set data.kind={kind} (one dataset holds one kind)"
+                )
         return self
 
 

@@ -13,8 +13,8 @@ Where the two tools differ on purpose:
     before a run) but not a Snakemake output (Snakemake deletes a failed job's outputs, and
     a rerun must resume from them).
   - folders whose contents depend on the config (one folder per data source or base model,
-    one YAML per eval task) are one DVC dependency each, so switching datasets or tasks with
-    `dvc exp run -S` does not change dvc.yaml.
+    one YAML per eval task, user reader files) are one DVC dependency each, so switching
+    datasets, readers or tasks with `dvc exp run -S` does not change dvc.yaml.
   - the `compose` stage (no Snakemake rule) depends on conf/: after an edit of conf/ that was
     not recomposed into params.yaml, `dvc repro` fails with the stale-config message instead
     of silently reporting nothing to do.
@@ -43,7 +43,10 @@ PLOTS = {
         "template": "bar_horizontal",
     },
 }
-COARSE_DEPS = (paths.RAW, paths.MODELS, "conf/eval/tasks")
+COARSE_DEPS = (paths.RAW, paths.MODELS, "conf/eval/tasks", "conf/data")
+# Coarse deps that a stage has whatever the config, so that dvc.yaml keeps one shape: user
+# reader files live in conf/data/ (beside the data configs) and only some configs name one.
+FIXED_DEPS = {"normalize": ["conf/data"]}
 # DVC sets this while it runs a stage; the Snakefile then checks dvc.yaml against its DAG
 STAGE_ENV = "FTFLOW_DVC_STAGE"
 
@@ -68,6 +71,7 @@ def rule_graph(rules, root: Path = Path(".")) -> dict[str, dict[str, list[str]]]
             continue
         script = os.path.normpath(os.path.join(str(rule.basedir), rule.script))
         deps = {coarse(str(f)) for f in rule.input} | {os.path.relpath(script, Path(root).resolve())}
+        deps |= set(FIXED_DEPS.get(rule.name, []))
         outs = {str(f) for f in rule.output} | set(PERSIST.get(rule.name, []))
         graph[rule.name] = {"deps": sorted(deps), "outs": sorted(outs)}
     missing = set(STAGES) - set(graph)

@@ -37,10 +37,25 @@ def chatml_template() -> str:
 
 
 def conversations(parquet: Path) -> list[list[dict]]:
+    """Normalized conversations as chat-template input (unset fields left out, tool calls in
+    the {"type": "function", "function": {...}} form that chat templates expect)."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(parquet, columns=["messages"]).column("messages").to_pylist()
-    return [[{k: v for k, v in m.items() if v is not None} for m in row] for row in rows]
+    table = pq.read_table(parquet)
+    if "messages" not in table.column_names:
+        raise PackError(f"{parquet}: pack takes conversation data (data.kind=conversation); this file "
+                        f"holds {[c for c in table.column_names if c not in ('id', 'source')]}")  # fmt: skip
+    return [[_template_message(m) for m in row] for row in table.column("messages").to_pylist()]
+
+
+def _template_message(m: dict) -> dict:
+    out = {k: v for k, v in m.items() if v is not None}
+    if "tool_calls" in out:
+        out["tool_calls"] = [
+            {"type": "function", "function": {"name": c["name"], "arguments": json.loads(c["arguments"])}}
+            for c in out["tool_calls"]
+        ]
+    return out
 
 
 def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str) -> PreTrainedTokenizerFast:

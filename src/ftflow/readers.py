@@ -1,129 +1,233 @@
-"""Readers turn one raw record (a dict) into a list of Messages.
+"""Readers turn one raw record (a dict) into a normalized record of one data kind.
 
-A reader is a plain function `record -> list[Message]`; it raises RecordError with a short
-reason for a record it cannot convert. Built-ins are registered in READERS; a user reader is
-named as "path/to/file.py:function".
+A reader is a plain function `record -> dict` (see messages.py for the shapes; a list of
+messages stands for a conversation). It raises RecordError with a short reason for a record it
+cannot convert; whatever it returns is validated afterwards, the same for built-in and user
+readers. Built-ins are registered in READERS with the kind they produce; a user reader is named
+"file.py:function", the file's path relative to conf/data/ (beside the data config naming it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pyarrow.parquet as pq
+from ftflow.messages import RecordError
 
-from ftflow.messages import Message, RecordError
+Reader = Callable[[dict], Any]
+READERS_DIR = Path("conf/data")  # user reader files are resolved from here
 
-Reader = Callable[[dict], list[Message]]
 
-
-def _field(record: dict, key: str, required: bool = True) -> str:
+def _str(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None:
         if required:
             raise RecordError("missing_field", f"no {key!r} field (keys: {sorted(record)})")
         return ""
     if not isinstance(value, str):
-        raise RecordError("bad_field", f"{key!r} is {type(value).__name__}, not str")
+        raise RecordError("bad_field", f"{key!r} is {type(value).__name__}, not a string")
     return value
 
 
-def alpaca(record: dict) -> list[Message]:
-    """Alpaca: instruction (+ input) -> output, with optional system and history pairs."""
-    instruction = _field(record, "instruction")
-    extra = _field(record, "input", required=False)
-    messages = []
-    if record.get("system"):
-        messages.append(Message("system", _field(record, "system")))
-    for turn in record.get("history") or []:
-        if not (isinstance(turn, (list, tuple)) and len(turn) == 2):
+def _system(record: dict) -> list[dict]:
+    system = _str(record, "system", required=False)
+    return [{"role": "system", "content": system}] if system else []
+
+
+def _turns(value: Any, key: str, role: str) -> list:
+    """A prompt/answer field given as a plain string or as a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list):
+        return value
+    if value is None:
+        raise RecordError("missing_field", f"no {key!r} field")
+    raise RecordError("bad_field", f"{key!r} is {type(value).__name__}, not a string or a message list")
+
+
+# --- supervised conversations ---------------------------------------------------------------
+
+
+def alpaca(record: dict) -> dict:
+    """Alpaca: instruction (+ input) -> output, with optional system and [user, assistant] history."""
+    instruction, extra = _str(record, "instruction"), _str(record, "input", required=False)
+    messages = _system(record) if record.get("system") else []
+    for turn in record.get("history") or ():
+        if not (isinstance(turn, list) and len(turn) == 2):
             raise RecordError("bad_field", "each history item must be a [user, assistant] pair")
-        messages += [Message("user", turn[0]), Message("assistant", turn[1])]
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    messages += [Message("user", prompt), Message("assistant", _field(record, "output"))]
-    return messages
-
-
-def openai_messages(record: dict) -> list[Message]:
-    """OpenAI/HF chat format: {"messages": [{"role": ..., "content": ...}, ...]}."""
-    turns = record.get("messages")
-    if not isinstance(turns, list):
-        raise RecordError("missing_field", f"no 'messages' list (keys: {sorted(record)})")
-    return [Message(t.get("role"), t.get("content"), t.get("train")) for t in turns]
+        messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    messages.append({"role": "user", "content": f"{instruction}\n{extra}" if extra else instruction})
+    messages.append({"role": "assistant", "content": _str(record, "output")})
+    return {"messages": messages}
 
 
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "function_call": "assistant", "observation": "tool"}
+                   "assistant": "assistant", "function_call": "assistant", "observation": "tool",
+                   "tool": "tool", "function": "tool"}  # fmt: skip
 
 
-def sharegpt(record: dict) -> list[Message]:
-    """ShareGPT: {"conversations": [{"from": "human"|"gpt"|..., "value": ...}]}."""
-    turns = record.get("conversations")
+def _sharegpt_turn(turn: Any, where: str) -> dict:
+    if not isinstance(turn, dict):
+        raise RecordError("bad_message", f"{where} is {type(turn).__name__}, not a {{from, value}} object")
+    role = _SHAREGPT_ROLES.get(turn.get("from"))
+    if role is None:
+        raise RecordError("bad_role", f"{where} has from={turn.get('from')!r}")
+    value = turn.get("value")
+    if turn["from"] != "function_call":
+        return {"role": role, "content": value}
+    # the call is JSON text: {"name": ..., "arguments": {...}} (or a list of them)
+    try:
+        calls = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError as err:
+        raise RecordError("bad_tool_call", f"{where}: function_call value is not JSON ({err.msg})") from None
+    if calls is None:
+        raise RecordError("bad_tool_call", f"{where}: function_call value must be JSON text")
+    return {"role": "assistant", "content": "", "tool_calls": calls if isinstance(calls, list) else [calls]}
+
+
+def _sharegpt_list(turns: Any, key: str) -> list[dict]:
+    if isinstance(turns, dict):  # a single {from, value} object (chosen/rejected in pair files)
+        turns = [turns]
     if not isinstance(turns, list):
-        raise RecordError("missing_field", f"no 'conversations' list (keys: {sorted(record)})")
-    out = [Message("system", record["system"])] if record.get("system") else []
-    for i, t in enumerate(turns):
-        role = _SHAREGPT_ROLES.get(t.get("from"))
-        if role is None:
-            raise RecordError("bad_role", f"turn {i} has from={t.get('from')!r}")
-        out.append(Message(role, t.get("value")))
-    return out
+        raise RecordError("missing_field", f"no {key!r} list of {{from, value}} turns")
+    return [_sharegpt_turn(t, f"{key}[{i}]") for i, t in enumerate(turns)]
 
 
-READERS: dict[str, Reader] = {"alpaca": alpaca, "messages": openai_messages, "sharegpt": sharegpt}
+def sharegpt(record: dict) -> dict:
+    """ShareGPT: {"conversations": [{"from": "human"|"gpt"|"function_call"|"observation"|..., "value"}],
+    "system"?, "tools"?}; a function_call turn becomes an assistant tool call."""
+    messages = _system(record) + _sharegpt_list(record.get("conversations"), "conversations")
+    return {"messages": messages, "tools": record.get("tools")}
 
 
-def get_reader(spec: str) -> Reader:
-    """A built-in reader by name, or user code as "file.py:function"."""
+def openai_messages(record: dict) -> dict:
+    """OpenAI / HF chat: {"messages": [{"role", "content" (string or typed parts), "tool_calls"?}], "tools"?}."""
+    return {"messages": record.get("messages"), "tools": record.get("tools")}
+
+
+def prompt_completion(record: dict) -> dict:
+    """{"prompt", "completion"} as strings or message lists; the prompt is never trained on."""
+    prompt = _system(record) + _turns(record.get("prompt"), "prompt", "user")
+    return {"messages": prompt + _turns(record.get("completion"), "completion", "assistant")}
+
+
+# --- preference pairs -----------------------------------------------------------------------
+
+
+def sharegpt_preference(record: dict) -> dict:
+    """ShareGPT conversations as the prompt + "chosen"/"rejected" {from, value} objects (or lists)."""
+    return {
+        "prompt": _system(record) + _sharegpt_list(record.get("conversations"), "conversations"),
+        "chosen": _sharegpt_list(record.get("chosen"), "chosen"),
+        "rejected": _sharegpt_list(record.get("rejected"), "rejected"),
+        "tools": record.get("tools"),
+    }
+
+
+def messages_preference(record: dict) -> dict:
+    """"chosen"/"rejected" as whole conversations (message lists) that share their prompt, as in
+    Anthropic HH; the shared leading messages become the prompt. An explicit "prompt" list is
+    taken as is."""
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise RecordError("missing_field", "'chosen' and 'rejected' must be message lists")
+    if "prompt" in record:
+        return {"prompt": _turns(record["prompt"], "prompt", "user"), "chosen": chosen, "rejected": rejected,
+                "tools": record.get("tools")}  # fmt: skip
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    # a completion starts with an assistant turn: shared trailing assistant turns go back to it
+    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+        shared -= 1
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:],
+            "tools": record.get("tools")}  # fmt: skip
+
+
+def prompt_preference(record: dict) -> dict:
+    """A shared "prompt" with "chosen" and "rejected" answers, each a string (TRL's standard form)."""
+    return {
+        "prompt": _system(record) + _turns(record.get("prompt"), "prompt", "user"),
+        "chosen": _turns(record.get("chosen"), "chosen", "assistant"),
+        "rejected": _turns(record.get("rejected"), "rejected", "assistant"),
+    }
+
+
+def unpaired_preference(record: dict) -> dict:
+    """KTO: "messages" whose last assistant turn is judged by a boolean "label" (or "prompt" and
+    "completion" as strings / message lists, with "label")."""
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise RecordError("missing_field", "'messages' must be a non-empty message list")
+        prompt, completion = msgs[:-1], msgs[-1:]
+    else:
+        prompt = _turns(record.get("prompt"), "prompt", "user")
+        completion = _turns(record.get("completion"), "completion", "assistant")
+    return {"prompt": _system(record) + prompt, "completion": completion, "label": record.get("label"),
+            "tools": record.get("tools")}  # fmt: skip
+
+
+# --- prompts (GRPO) and raw text ------------------------------------------------------------
+
+_ANSWER_KEYS = ("answer", "solution", "reference")
+
+
+def prompt_answer(record: dict) -> dict:
+    """A "prompt" (string or messages) with an optional reference "answer" (or "solution")."""
+    answer = next((record[k] for k in _ANSWER_KEYS if record.get(k) is not None), None)
+    return {"prompt": _system(record) + _turns(record.get("prompt"), "prompt", "user"), "answer": answer}
+
+
+def text(record: dict) -> dict:
+    """Raw text for continued pre-training: {"text": ...}."""
+    return {"text": record.get("text")}
+
+
+READERS: dict[str, tuple[Reader, str]] = {
+    "alpaca": (alpaca, "conversation"),
+    "sharegpt": (sharegpt, "conversation"),
+    "messages": (openai_messages, "conversation"),
+    "prompt_completion": (prompt_completion, "conversation"),
+    "sharegpt_preference": (sharegpt_preference, "preference"),
+    "messages_preference": (messages_preference, "preference"),
+    "prompt_preference": (prompt_preference, "preference"),
+    "unpaired_preference": (unpaired_preference, "unpaired"),
+    "prompt_answer": (prompt_answer, "prompt"),
+    "text": (text, "text"),
+}
+
+
+def reader_kind(spec: str) -> str | None:
+    """The kind a built-in reader produces; None for a user reader (it must match data.kind)."""
     if spec in READERS:
-        return READERS[spec]
+        return READERS[spec][1]
+    reader_file(spec)  # raises for an unknown name
+    return None
+
+
+def reader_file(spec: str, base: Path = READERS_DIR) -> Path | None:
+    """The file of a user reader "file.py:function" (relative to conf/data/), None for a built-in."""
+    if spec in READERS:
+        return None
     if ":" not in spec:
         raise ValueError(f"unknown reader {spec!r}: use one of {sorted(READERS)} or 'file.py:function'")
-    file, func = spec.rsplit(":", 1)
-    mod_spec = importlib.util.spec_from_file_location(Path(file).stem, file)
-    if mod_spec is None or not Path(file).exists():
-        raise ValueError(f"reader {spec!r}: file {file} not found")
+    return base / spec.rsplit(":", 1)[0]
+
+
+def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
+    """A built-in reader by name, or user code as "file.py:function"."""
+    if spec in READERS:
+        return READERS[spec][0]
+    file, func = reader_file(spec, base), spec.rsplit(":", 1)[1]
+    if not file.is_file():
+        raise ValueError(f"reader {spec!r}: file {file} not found (user reader files are relative to {base}/)")
+    mod_spec = importlib.util.spec_from_file_location(f"ftflow_user_reader_{file.stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     if not callable(getattr(module, func, None)):
         raise ValueError(f"reader {spec!r}: {file} has no function {func!r}")
     return getattr(module, func)
-
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-
-def data_files(root: Path) -> list[Path]:
-    """The record files of a downloaded source, in a stable order."""
-    if root.is_file():
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.suffix in DATA_SUFFIXES and ".cache" not in p.parts)
-    if not files:
-        raise FileNotFoundError(f"{root}: no {'/'.join(DATA_SUFFIXES)} files")
-    return files
-
-
-def iter_records(path: Path) -> Iterator[tuple[str, dict | None, str | None]]:
-    """Yield (locator, record, parse_error) with a locator like `file.jsonl:12` for messages."""
-    if path.suffix == ".jsonl":
-        with path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path.name}:{lineno}", json.loads(line), None
-                except json.JSONDecodeError as err:
-                    yield f"{path.name}:{lineno}", None, f"invalid JSON ({err.msg})"
-    elif path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            yield f"{path.name}[{i}]", rec, None
-    elif path.suffix == ".parquet":
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path.name}[{i}]", rec, None
-    else:
-        raise ValueError(f"{path}: unsupported file type (use {', '.join(DATA_SUFFIXES)})")
