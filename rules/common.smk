@@ -3,6 +3,7 @@ from ftflow import config as ftconfig
 from ftflow import paths
 from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
+from ftflow.download import local_files
 from ftflow.readers import reader_file
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
@@ -21,20 +22,29 @@ def code(*modules):
     return [f"src/ftflow/{m}.py" for m in modules]
 
 
-def local_sources():
-    """Local data sources (and a local model): editing them reruns download."""
-    found = [s["path"] for s in PARAMS["data"]["sources"] if s.get("path")]
-    return found + ([MODEL["path"]] if MODEL["source"] == "local" else [])
+def source_params(name):
+    """One source's download params (where it comes from): a change reruns its job alone."""
+    return next(s for s in params_of("download")["data"]["sources"] if s["name"] == name)
+
+
+def local_source(wildcards):
+    """A local source's files (a glob's matches): editing them reruns its download."""
+    path = source_params(wildcards.source).get("path")
+    return [str(f) for f in local_files(path)] if path else []
+
+
+def local_model():
+    return [MODEL["path"]] if MODEL["source"] == "local" else []
 
 
 def user_readers():
     """User reader files ("file.py:function", under conf/data/): editing one reruns normalize."""
-    files = {reader_file(s["reader"]) for s in PARAMS["data"]["sources"]}
+    files = {reader_file(s.reader) for s in ftconfig.Data.model_validate(PARAMS["data"]).sources}
     return sorted(str(f) for f in files if f is not None)
 
 
 def raw_dirs():
-    return [directory(f"{paths.RAW}/{s['name']}") for s in PARAMS["data"]["sources"]]
+    return [f"{paths.RAW}/{s['name']}" for s in PARAMS["data"]["sources"]]
 
 
 def base_model():

@@ -1,18 +1,60 @@
-# Login nodes have internet, compute nodes often do not: download runs where Snakemake runs.
+# Login nodes have internet, compute nodes often do not: downloads run where Snakemake runs.
 localrules:
     download,
+    download_source,
+    download_model,
+
+
+wildcard_constraints:
+    source=r"[^/]+",
+    model=r"[^/]+",
+
+
+# One job per source and per model, so a new or changed source downloads alone and the others
+# stay in place (Snakemake deletes a job's outputs before it runs).
+rule download_source:
+    input:
+        local=local_source,
+        code=code("download"),
+    output:
+        raw=directory(f"{paths.RAW}/{{source}}"),
+        manifest=paths.source_manifest("{source}"),
+    log:
+        f"{paths.LOGS}/download/{{source}}.log",
+    params:
+        cfg=lambda wildcards: source_params(wildcards.source),
+    conda:
+        "../envs/ftflow.yaml"
+    script:
+        "../scripts/download.py"
+
+
+rule download_model:
+    input:
+        local=local_model(),
+        code=code("download"),
+    output:
+        model=directory(f"{paths.MODELS}/{{model}}"),
+        manifest=paths.model_manifest("{model}"),
+    log:
+        f"{paths.LOGS}/download/model-{{model}}.log",
+    params:
+        cfg=params_of("download")["model"],
+    conda:
+        "../envs/ftflow.yaml"
+    script:
+        "../scripts/download.py"
 
 
 rule download:
     input:
-        local=local_sources(),
+        sources=[paths.source_manifest(s["name"]) for s in PARAMS["data"]["sources"]],
+        models=[] if SCRATCH else [paths.model_manifest(MODEL["name"])],
         code=code("download"),
     output:
         manifest=paths.MANIFEST,
-        raw=raw_dirs(),
-        models=[] if SCRATCH else [directory(base_model())],
     log:
-        f"{paths.LOGS}/download.log",
+        f"{paths.LOGS}/download/manifest.log",
     params:
         cfg=params_of("download"),
     conda:

@@ -1,6 +1,6 @@
 rule normalize:
     input:
-        raw=rules.download.output.raw,
+        raw=raw_dirs(),
         manifest=rules.download.output.manifest,
         code=code("normalize", "formats", "readers", "messages"),
         readers=user_readers(),

@@ -42,8 +42,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = 
     return proc
 
 
-def ftflow(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(BIN / "ftflow"), *args], cwd, check)
+def ftflow(*args: str, cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "ftflow"), *args], cwd, check, env_extra)
 
 
 def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

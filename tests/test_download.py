@@ -1,32 +1,68 @@
-"""download: local copies and the hub path, against a local stand-in of the hub cache."""
+"""download: local files, globs and saved datasets, and the hub path against a local stand-in of
+the hub cache (no network), with what happens when a source cannot be had."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
+import pytest
+
 from ftflow import paths
-from ftflow.download import download
+from ftflow.download import DownloadError, download
 
 from conftest import ftflow
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+SCRATCH = {"name": "m", "source": "scratch"}
 
 
 def test_local_source_is_copied_and_hashed(tmp_path):
     src = tmp_path / "in" / "train.jsonl"
     src.parent.mkdir()
     src.write_text('{"instruction": "a", "output": "b"}\n')
-    cfg = {"data": {"sources": [{"name": "mine", "path": str(src)}]}, "model": {"name": "m", "source": "scratch"}}
-    manifest = download(cfg, tmp_path)
+    manifest = download({"data": {"sources": [{"name": "mine", "path": str(src)}]}, "model": SCRATCH}, tmp_path)
     copied = tmp_path / paths.RAW / "mine" / "train.jsonl"
     assert copied.read_text() == src.read_text()
     entry = manifest["sources"]["mine"]
     assert entry["files"] == {"train.jsonl": hashlib.sha256(src.read_bytes()).hexdigest()}
     assert entry["revision"] is None and entry["uri"] == str(src)
     assert json.loads((tmp_path / paths.MANIFEST).read_text()) == manifest
+    assert json.loads((tmp_path / paths.source_manifest("mine")).read_text()) == entry  # the job's own entry
+
+
+def test_glob_and_saved_dataset_sources(tmp_path):
+    import datasets
+
+    shards = tmp_path / "in" / "shards"
+    shards.mkdir(parents=True)
+    for i in range(3):
+        with gzip.open(shards / f"part-{i}.jsonl.gz", "wt") as f:
+            f.write(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n")
+    (shards / "notes.md").write_text("not data")
+    datasets.Dataset.from_list([{"instruction": "q", "output": "a"}] * 2).save_to_disk(str(tmp_path / "in" / "saved"))
+    sources = [{"name": "shards", "path": f"{tmp_path}/in/shards/part-*.jsonl.gz"},
+               {"name": "saved", "path": str(tmp_path / "in" / "saved")}]  # fmt: skip
+    manifest = download({"data": {"sources": sources}, "model": SCRATCH}, tmp_path)
+    assert sorted(manifest["sources"]["shards"]["files"]) == [f"part-{i}.jsonl.gz" for i in range(3)]
+    assert "dataset_info.json" in manifest["sources"]["saved"]["files"]
+
+    from ftflow.normalize import normalize
+
+    stats = normalize({"data": {"sources": [{**s, "reader": "alpaca"} for s in sources]}}, tmp_path)
+    assert {n: s["records_out"] for n, s in stats["splits"]["train"]["sources"].items()} == {"shards": 3, "saved": 2}
+
+
+def test_missing_local_path_names_the_source(tmp_path):
+    for path in ("nowhere/train.jsonl", "nowhere/*.jsonl"):
+        with pytest.raises(DownloadError, match=rf"source 'gone': no .*{path.replace('*', '[*]')} \(paths are relative"):
+            download({"data": {"sources": [{"name": "gone", "path": str(tmp_path / path)}]}, "model": SCRATCH}, tmp_path)
+
+
+# --- the hub path, against a local directory in the hub cache's layout ------------------------
 
 
 def fake_hub_repo(cache: Path, kind: str, repo_id: str, files: dict[str, str]) -> None:
@@ -40,36 +76,72 @@ def fake_hub_repo(cache: Path, kind: str, repo_id: str, files: dict[str, str]) -
         path.write_text(text)
 
 
-def test_hub_dataset_and_model_resolve_the_pinned_revision(repo, tmp_path):
+# A dataset repo with two subsets declared in its README, as on the hub
+WORDS_README = """---
+configs:
+- config_name: en
+  data_files:
+  - {split: train, path: en/train.jsonl}
+- config_name: fr
+  data_files:
+  - {split: train, path: fr/train.jsonl}
+  - {split: test, path: fr/test.jsonl}
+---
+"""
+
+
+def qa(*pairs):
+    return "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs)
+
+
+def test_hub_dataset_subset_split_and_model_at_a_pinned_revision(repo, tmp_path):
     cache = tmp_path / "hub"
-    fake_hub_repo(cache, "dataset", "org/words", {"data/train.jsonl": '{"instruction": "a", "output": "b"}\n'})
+    fake_hub_repo(cache, "dataset", "org/words", {
+        "README.md": WORDS_README, "en/train.jsonl": qa(("one", "1")),
+        "fr/train.jsonl": qa(("un", "1"), ("deux", "2")), "fr/test.jsonl": qa(("trois", "3")),
+    })  # fmt: skip
     fake_hub_repo(cache, "model", "org/tiny", {"config.json": "{}", "model.safetensors": "weights"})
     (repo / "conf" / "data" / "hub_words.yaml").write_text(
-        "sources:\n  - {name: words, hub: org/words, revision: main, split: train}\n"
+        "sources:\n"
+        "  - {name: words, hub: org/words, revision: main, subset: fr, from_split: train, split: train}\n"
+        "  - {name: words_test, hub: org/words, revision: main, subset: fr, from_split: test, split: test}\n"
     )
-    os.environ["HF_HUB_CACHE"] = str(cache)  # read by the ftflow subprocess (HF_HUB_OFFLINE=1 there)
-    try:
-        ftflow("download", "data=hub_words", "model=hub", "model.hub_id=org/tiny", f"model.revision={SHA}",
-               "tokenizer=model", cwd=repo)  # fmt: skip
-    finally:
-        del os.environ["HF_HUB_CACHE"]
+    args = ["data=hub_words", "model=hub", "model.hub_id=org/tiny", f"model.revision={SHA}", "tokenizer=model"]
+    env = {"HF_HUB_CACHE": str(cache)}  # and HF_HUB_OFFLINE=1 (conftest): no network is tried
+    ftflow("download", *args, cwd=repo, env_extra=env)
     manifest = json.loads((repo / paths.MANIFEST).read_text())
     words = manifest["sources"]["words"]
     assert words["uri"] == "hf://datasets/org/words"
     assert (words["requested_revision"], words["revision"]) == ("main", SHA)  # the branch resolved to its commit
-    assert set(words["files"]) == {"data/train.jsonl"}
+    assert set(words["files"]) == {"README.md", "en/train.jsonl", "fr/train.jsonl", "fr/test.jsonl"}
     model = manifest["models"]["hub_model"]
     assert model["revision"] == SHA and (repo / paths.MODELS / "hub_model" / "model.safetensors").read_text() == "weights"
 
+    ftflow("normalize", *args, cwd=repo, env_extra=env)
+    train = pq.read_table(repo / paths.NORMALIZE / "train.parquet").to_pylist()
+    test = pq.read_table(repo / paths.NORMALIZE / "test.parquet").to_pylist()
+    # the subset's own split files, as the README declares them: not en/, not the other split
+    assert [r["messages"][0]["content"] for r in train] == ["un", "deux"]
+    assert [(r["id"], r["messages"][1]["content"]) for r in test] == [("words_test/fr/test.jsonl:1", "3")]
 
-def test_hub_revision_missing_offline_fails(repo, tmp_path):
+
+def test_hub_revision_not_cached_offline(repo, tmp_path):
     cache = tmp_path / "hub"
     fake_hub_repo(cache, "model", "org/tiny", {"config.json": "{}"})
-    os.environ["HF_HUB_CACHE"] = str(cache)
-    try:
-        proc = ftflow("download", "model=hub", "model.hub_id=org/tiny", "model.revision=v9", "tokenizer=model",
-                      cwd=repo, check=False)  # fmt: skip
-    finally:
-        del os.environ["HF_HUB_CACHE"]
-    assert proc.returncode != 0
+    proc = ftflow("download", "model=hub", "model.hub_id=org/tiny", "model.revision=v9", "tokenizer=model",
+                  cwd=repo, check=False, env_extra={"HF_HUB_CACHE": str(cache)})  # fmt: skip
+    assert proc.returncode == 1
+    assert "model 'hub_model': model org/tiny@v9: offline mode is on (HF_HUB_OFFLINE=1)" in proc.stderr
+    assert "hf download org/tiny --repo-type model --revision v9" in proc.stderr
     assert not (repo / paths.MANIFEST).exists()  # nothing that looks complete
+
+
+def test_hub_dataset_with_no_network(repo, tmp_path):
+    """Online mode, but the hub does not answer (a closed local port stands for no network)."""
+    (repo / "conf" / "data" / "hub_gone.yaml").write_text("sources:\n  - {name: gone, hub: org/gone, revision: v1}\n")
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty-cache"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
+    proc = ftflow("download", "data=hub_gone", cwd=repo, check=False, env_extra=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "source 'gone': dataset org/gone@v1: the hub cannot be reached" in proc.stderr
+    assert "hf download org/gone --repo-type dataset --revision v1" in proc.stderr

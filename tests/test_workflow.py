@@ -4,6 +4,7 @@ after each kind of change, read from the jobs Snakemake plans."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,6 +58,22 @@ def test_a_config_change_reruns_exactly_the_stages_that_read_it(finished, overri
     finally:
         ftflow("compose", "experiment=smoke", cwd=finished)
     assert planned_jobs(finished) == {}  # back to the finished config: nothing to do again
+
+
+@pytest.mark.slow
+def test_a_changed_source_is_downloaded_alone(finished):
+    """Each source is its own download job: the other source is neither copied nor re-read.
+    (Snakemake compares small inputs by checksum, so the file must change, not just its time.)"""
+    src = finished / "examples/demo/test.jsonl"
+    original, before = src.read_bytes(), src.stat()
+    try:
+        src.write_bytes(original + b"\n")
+        jobs = planned_jobs(finished)
+        assert (jobs["download_source"], jobs["download"], jobs["normalize"]) == (1, 1, 1)
+    finally:
+        src.write_bytes(original)
+        os.utime(src, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert planned_jobs(finished) == {}
 
 
 @pytest.mark.slow

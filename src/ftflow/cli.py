@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as err:
         print(f"ftflow: {err}", file=sys.stderr)
         return 2
+    except config.StageError as err:
+        print(f"ftflow {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A config problem, with the dotted path of the offending key in the message."""
 
 
+class StageError(Exception):
+    """Bad input that a stage reports with what to do about it: `ftflow` prints the message
+    alone, no traceback (the stages' own error classes derive from it)."""
+
+
 class Section(BaseModel):
     # extra="forbid" is what turns a misspelt key into an error instead of a silent default.
     model_config = ConfigDict(extra="forbid", strict=False, protected_namespaces=())
@@ -33,8 +38,12 @@ class Section(BaseModel):
 # --- data --------------------------------------------------------------------------------
 
 
+# names become folders and Snakemake wildcard values: keep them to plain file-name characters
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class Source(Section):
-    name: str
+    name: str = Field(pattern=NAME)  # its folder under data/raw/
     path: str | None = None  # a local file, directory or glob (data/*.jsonl.gz), or a save_to_disk dir
     hub: str | None = None  # a hub dataset repo id (org/name)
     revision: str | None = None  # tag, branch or commit sha; pin it for reproducibility
@@ -99,7 +108,7 @@ class Data(Section):
 
 
 class Model(Section):
-    name: str  # folder name under data/models/
+    name: str = Field(pattern=NAME)  # folder name under data/models/
     source: Literal["hub", "local", "scratch"]
     hub_id: str | None = None
     revision: str | None = None

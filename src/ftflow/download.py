@@ -1,22 +1,32 @@
 """download: bring every data source and the base model into data/, and record what was taken.
 
-A local rule: login nodes have internet, compute nodes often do not. Hub sources go through
-`huggingface_hub.snapshot_download` with a pinned revision; the manifest records the resolved
-commit sha and a sha256 of every file, so a later run can prove it used the same bytes.
-Offline (HF_HUB_OFFLINE=1) the same call resolves from the local hub cache.
+A local rule: login nodes have internet, compute nodes often do not. Each source (and the base
+model) is its own job, with its own manifest entry (data/manifests/): a new or changed source
+downloads alone, and Snakemake leaves the others in place. Hub repos go through
+`huggingface_hub.snapshot_download` with a pinned revision: files already in the local hub cache
+are not fetched again, and offline (HF_HUB_OFFLINE=1, or no network) the same call resolves the
+revision from that cache. Each entry records the resolved commit sha and a sha256 of every file,
+so a later run can prove it used the same bytes; data/manifest.json gathers the entries.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from ftflow import paths
+from ftflow.config import StageError
 
 log = logging.getLogger(__name__)
+
+
+class DownloadError(StageError):
+    """A source or model that cannot be brought in, with what to do about it."""
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -34,11 +44,23 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 def fetch_hub(repo_id: str, revision: str | None, repo_type: str, dest: Path, allow_patterns=None) -> str:
     """Snapshot a hub repo into dest; returns the resolved commit sha."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    # snapshot_download resolves the revision to a commit (online: via the API; offline: via the
-    # cache's refs/), fetches into the cache, and returns snapshots/<sha>/, whose name is the sha.
-    snapshot = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns))
+    try:
+        # snapshot_download resolves the revision to a commit (online: via the API; offline: via
+        # the cache's refs/), fetches what the cache lacks, and returns snapshots/<sha>/
+        snapshot = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise DownloadError(
+            f"{repo_type} {repo_id}@{revision or 'main'}: {why} and the local hub cache "
+            f"({constants.HF_HUB_CACHE}) has no copy of that revision. On a machine with internet, run "
+            f"`hf download {repo_id} --repo-type {repo_type} --revision {revision or 'main'}` with the same "
+            "HF_HUB_CACHE, or copy the files here and give the source a `path:` instead of `hub:`."
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise DownloadError(f"{repo_type} {repo_id}@{revision or 'main'}: {str(err).splitlines()[0]}") from None
     copy_tree(snapshot, dest)
     return snapshot.name
 
@@ -54,59 +76,100 @@ def copy_tree(src: Path, dest: Path) -> None:
         shutil.copytree(src, dest, symlinks=False)
 
 
-def fetch_local(path: str, dest: Path, files: list[str] | None = None) -> str | None:
-    src = Path(path)
-    if not src.exists():
-        raise FileNotFoundError(f"local path {path} does not exist")
-    if files and src.is_dir():
+def glob_base(pattern: str) -> Path:
+    """The folder a glob starts from: its leading parts without wildcards."""
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def local_files(path: str) -> list[Path]:
+    """The files a local `path:` names: a glob's matches, or the file / directory itself."""
+    if glob.has_magic(path):
+        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+    return [Path(path)] if Path(path).exists() else []
+
+
+def fetch_local(path: str, dest: Path, files: list[str] | None = None) -> None:
+    """Copy a local file, directory (e.g. one written by save_to_disk) or glob into dest."""
+    found = local_files(path)
+    if not found:
+        what = "no file matches" if glob.has_magic(path) else "no such file or directory:"
+        raise DownloadError(f"{what} {path} (paths are relative to the repository root)")
+    if glob.has_magic(path) or (files and Path(path).is_dir()):
+        base = glob_base(path) if glob.has_magic(path) else Path(path)
+        chosen = found if glob.has_magic(path) else sorted({p for f in files for p in base.glob(f) if p.is_file()})
         if dest.exists():
             shutil.rmtree(dest)
-        for pattern in files:
-            for p in sorted(src.glob(pattern)):
-                (dest / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(p, dest / p.relative_to(src))
+        dest.mkdir(parents=True)
+        for p in chosen:
+            (dest / p.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest / p.relative_to(base))
     else:
-        copy_tree(src, dest)
-    return None  # a local path has no revision; the file hashes pin it
+        copy_tree(Path(path), dest)
 
 
-def download_source(source: dict, root: Path) -> dict:
-    dest = root / paths.RAW / source["name"]
-    if source.get("hub"):
-        log.info("Downloading dataset <%s@%s> into %s", source["hub"], source.get("revision"), dest)
-        rev = fetch_hub(source["hub"], source.get("revision"), "dataset", dest, source.get("files"))
-        uri = f"hf://datasets/{source['hub']}"
-    else:
-        log.info("Copying dataset <%s> into %s", source["path"], dest)
-        rev = fetch_local(source["path"], dest, source.get("files"))
-        uri = str(Path(source["path"]))
-    return {"uri": uri, "requested_revision": source.get("revision"), "revision": rev, "files": file_hashes(dest)}
+def write_entry(entry: dict, path: Path) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entry, indent=2, sort_keys=True))
+    return entry
 
 
-def download_model(model: dict, root: Path) -> dict | None:
+def download_source(source: dict, root: Path = Path(".")) -> dict:
+    """One data source into data/raw/<name>/, with its manifest entry."""
+    name, dest = source["name"], root / paths.RAW / source["name"]
+    try:
+        if source.get("hub"):
+            log.info("Downloading dataset <%s@%s> into %s", source["hub"], source.get("revision"), dest)
+            rev = fetch_hub(source["hub"], source.get("revision"), "dataset", dest, source.get("files"))
+            uri = f"hf://datasets/{source['hub']}"
+        else:
+            log.info("Copying dataset <%s> into %s", source["path"], dest)
+            fetch_local(source["path"], dest, source.get("files"))
+            rev, uri = None, source["path"]  # a local path has no revision; the file hashes pin it
+    except DownloadError as err:
+        raise DownloadError(f"source {name!r}: {err}") from None
+    entry = {"uri": uri, "requested_revision": source.get("revision"), "revision": rev, "files": file_hashes(dest)}
+    return write_entry(entry, root / paths.source_manifest(name))
+
+
+def download_model(model: dict, root: Path = Path(".")) -> dict | None:
+    """The base model into data/models/<name>/ (nothing for scratch: train initialises it)."""
     if model["source"] == "scratch":
-        return None  # initialised by train from model.architecture
+        return None
     dest = root / paths.MODELS / model["name"]
-    if model["source"] == "hub":
-        log.info("Downloading model <%s@%s> into %s", model["hub_id"], model.get("revision"), dest)
-        rev = fetch_hub(model["hub_id"], model.get("revision"), "model", dest)
-        uri = f"hf://{model['hub_id']}"
-    else:
-        log.info("Copying model <%s> into %s", model["path"], dest)
-        rev, uri = fetch_local(model["path"], dest), str(Path(model["path"]))
-    return {"uri": uri, "requested_revision": model.get("revision"), "revision": rev, "files": file_hashes(dest)}
+    try:
+        if model["source"] == "hub":
+            log.info("Downloading model <%s@%s> into %s", model["hub_id"], model.get("revision"), dest)
+            rev, uri = fetch_hub(model["hub_id"], model.get("revision"), "model", dest), f"hf://{model['hub_id']}"
+        else:
+            log.info("Copying model <%s> into %s", model["path"], dest)
+            fetch_local(model["path"], dest)
+            rev, uri = None, model["path"]
+    except DownloadError as err:
+        raise DownloadError(f"model {model['name']!r}: {err}") from None
+    entry = {"uri": uri, "requested_revision": model.get("revision"), "revision": rev, "files": file_hashes(dest)}
+    return write_entry(entry, root / paths.model_manifest(model["name"]))
+
+
+def gather(cfg: dict, root: Path = Path(".")) -> dict:
+    """data/manifest.json: the entries of the configured sources and model, with that config."""
+    manifest = {"config": cfg, "sources": {}, "models": {}}
+    for source in cfg["data"]["sources"]:
+        manifest["sources"][source["name"]] = json.loads((root / paths.source_manifest(source["name"])).read_text())
+    if cfg["model"]["source"] != "scratch":
+        name = cfg["model"]["name"]
+        manifest["models"][name] = json.loads((root / paths.model_manifest(name)).read_text())
+    out = root / paths.MANIFEST
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, out)  # complete or absent
+    return manifest
 
 
 def download(cfg: dict, root: Path = Path(".")) -> dict:
-    """Run the stage; `cfg` is the stage's params (source locations and the model location)."""
-    # the stage's resolved config rides in the manifest: data/ holds only what was downloaded
-    manifest = {"config": cfg, "sources": {}, "models": {}}
+    """The whole stage by hand (`ftflow download`): every source, the model, the manifest."""
     for source in cfg["data"]["sources"]:
-        manifest["sources"][source["name"]] = download_source(source, root)
-    model = download_model(cfg["model"], root)
-    if model:
-        manifest["models"][cfg["model"]["name"]] = model
-    out = root / paths.MANIFEST
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest
+        download_source(source, root)
+    download_model(cfg["model"], root)
+    return gather(cfg, root)

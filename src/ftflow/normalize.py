@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ftflow import paths
-from ftflow.config import Data, Source, write_stage_config
+from ftflow.config import Data, Source, StageError, write_stage_config
 from ftflow.download import sha256
 from ftflow.formats import (
     FileFormatError,
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 
 
-class NormalizeError(ValueError):
+class NormalizeError(StageError):
     pass
 
 
@@ -72,8 +72,9 @@ def source_parts(source: Source, raw: Path, max_bytes: int) -> Iterator[tuple[st
         files = hub_data_files(raw, source.subset, source.from_split)
     else:
         files = data_files(raw)
+    top = raw.resolve()
     for f in files:
-        label = f.relative_to(raw).as_posix() if f != raw and raw in f.parents else f.name
+        label = f.resolve().relative_to(top).as_posix() if top in f.resolve().parents else f.name
         yield label, f, iter_file(f, max_bytes, source.sample_by, label)
 
 

@@ -19,7 +19,7 @@ import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
-from ftflow.config import Model, Pack, Template, Tokenizer, write_stage_config
+from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ PAD_TOKEN = "<|endoftext|>"
 PACKED_SPLITS = ("train", "validation")  # test is for evaluate only
 
 
-class PackError(ValueError):
+class PackError(StageError):
     pass
 
 

@@ -7,6 +7,7 @@ run by hand writes exactly where Snakemake expects it.
 RAW = "data/raw"  # data/raw/<source name>/   as downloaded
 MODELS = "data/models"  # data/models/<model name>/ as downloaded
 MANIFEST = "data/manifest.json"  # what was downloaded: uri, resolved revision, file hashes
+MANIFESTS = "data/manifests"  # sources/<name>.json, models/<name>.json: one download job's entry
 
 NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
 PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
@@ -22,3 +23,11 @@ def base_model_dir(model: dict) -> str:
     if model["source"] == "scratch":
         return f"{TRAIN}/init"
     return f"{MODELS}/{model['name']}"
+
+
+def source_manifest(name: str) -> str:
+    return f"{MANIFESTS}/sources/{name}.json"
+
+
+def model_manifest(name: str) -> str:
+    return f"{MANIFESTS}/models/{name}.json"

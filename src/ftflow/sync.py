@@ -24,24 +24,38 @@ import subprocess
 import time
 from pathlib import Path
 
-from ftflow import dvcyaml
+from ftflow import config, dvcyaml
 
 log = logging.getLogger(__name__)
 
-ORDER = ("download", *dvcyaml.STAGES)  # the DAG, upstream first
-DATA_DVC = "data.dvc"  # download's outputs are versioned by `dvc add data`
+DOWNLOAD_RULES = ("download_source", "download_model", "download")  # versioned by `dvc add data`
+ORDER = (*DOWNLOAD_RULES, *dvcyaml.STAGES)  # the DAG, upstream first
+DATA_DVC = "data.dvc"
 TIMESTAMP = ".snakemake_timestamp"
 STALE_TIME = 0.0  # older than any input: Snakemake reruns the job
 
 
 def stale_stages(root: Path) -> set[str]:
-    """The stages `dvc status` reports as changed ("download" for data.dvc)."""
+    """The rules whose outputs `dvc status` reports as changed (the download rules for data.dvc)."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         changed = repo.status()
     names = {key.split(":")[-1] for key in changed}
-    return {("download" if name == DATA_DVC else name) for name in names}
+    return (names - {DATA_DVC}) | (set(DOWNLOAD_RULES) if DATA_DVC in names else set())
+
+
+def concrete_outputs(rule, tree: dict) -> list[str]:
+    """A rule's outputs as paths; a download rule's {source} / {model} for each configured one."""
+    values = {
+        "source": [s["name"] for s in tree["data"]["sources"]],
+        "model": [] if tree["model"]["source"] == "scratch" else [tree["model"]["name"]],
+    }
+    out = []
+    for pattern in map(str, rule.output):
+        wildcard = next((w for w in values if "{" + w + "}" in pattern), None)
+        out += [pattern.replace("{" + wildcard + "}", v) for v in values[wildcard]] if wildcard else [pattern]
+    return out
 
 
 def stamp(path: Path, when: float) -> bool:
@@ -71,11 +85,12 @@ def sync(root: Path = Path(".")) -> set[str]:
     """Align Snakemake's view with DVC's; returns the stages DVC (and now Snakemake) will rerun."""
     root = Path(root)
     rules = {rule.name: rule for rule in dvcyaml.snakemake_rules(root)}
+    tree, _ = config.read_params(root / config.PARAMS_FILE)
     stale = stale_stages(root)
     now, stamped = time.time(), []
     for i, name in enumerate(ORDER):
         when = STALE_TIME if name in stale else now + 0.01 * i
-        stamped += [str(f) for f in rules[name].output if stamp(root / str(f), when)]
+        stamped += [f for f in concrete_outputs(rules[name], tree) if stamp(root / f, when)]
     if stamped:
         drop_records(stamped, root)
     log.info("Snakemake now agrees with DVC: %s", f"to rerun: {sorted(stale)}" if stale else "nothing to rerun")
