@@ -48,15 +48,21 @@ def roles(msgs):
     return [m["role"] for m in msgs]
 
 
+def fixture(tmp_path: Path, file: str, reader: str, kind="conversation") -> tuple[list, list[dict], dict]:
+    """A fixture file's raw records, and what normalize made of them with `reader` (and stats)."""
+    text = (FORMATS / file).read_text()
+    raw = [json.loads(line) for line in text.splitlines()] if file.endswith(".jsonl") else json.loads(text)
+    place(tmp_path, "f", FORMATS / file)
+    stats = stage(tmp_path, [{"name": "f", "reader": reader}], kind=kind)["splits"]["train"]
+    return raw, rows(tmp_path), stats
+
+
 # --- every fixture format with its built-in reader -------------------------------------------
 
 
 def test_alpaca_fixture(tmp_path):
-    raw = json.loads((FORMATS / "alpaca_en_demo.json").read_text())
-    place(tmp_path, "alpaca", FORMATS / "alpaca_en_demo.json")
-    stats = stage(tmp_path, [{"name": "alpaca", "reader": "alpaca"}])
-    out = rows(tmp_path)
-    assert stats["splits"]["train"]["sources"]["alpaca"]["records_in"] == len(raw) == len(out) == 999
+    raw, out, stats = fixture(tmp_path, "alpaca_en_demo.json", "alpaca")
+    assert stats["records_in"] == len(raw) == len(out) == 999
     for rec, row in zip(raw, out):
         user, assistant = row["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
@@ -68,10 +74,7 @@ SHAREGPT_ROLE = {"human": "user", "gpt": "assistant", "function_call": "assistan
 
 
 def test_sharegpt_toolcall_fixture(tmp_path):
-    raw = json.loads((FORMATS / "glaive_toolcall_en_demo.json").read_text())
-    place(tmp_path, "glaive", FORMATS / "glaive_toolcall_en_demo.json")
-    stage(tmp_path, [{"name": "glaive", "reader": "sharegpt"}])
-    out = rows(tmp_path)
+    raw, out, _ = fixture(tmp_path, "glaive_toolcall_en_demo.json", "sharegpt")
     assert len(out) == len(raw) == 300
     calls = 0
     for rec, row in zip(raw, out):
@@ -89,10 +92,7 @@ def test_sharegpt_toolcall_fixture(tmp_path):
 
 
 def test_sharegpt_preference_fixture(tmp_path):
-    raw = json.loads((FORMATS / "dpo_en_demo.json").read_text())
-    place(tmp_path, "dpo", FORMATS / "dpo_en_demo.json")
-    stage(tmp_path, [{"name": "dpo", "reader": "sharegpt_preference"}], kind="preference")
-    out = rows(tmp_path)
+    raw, out, _ = fixture(tmp_path, "dpo_en_demo.json", "sharegpt_preference", kind="preference")
     assert len(out) == len(raw) == 300
     for rec, row in zip(raw, out):
         assert [m["content"] for m in row["prompt"]] == [t["value"] for t in rec["conversations"]]
@@ -103,10 +103,7 @@ def test_sharegpt_preference_fixture(tmp_path):
 
 
 def test_unpaired_preference_fixture(tmp_path):
-    raw = json.loads((FORMATS / "kto_en_demo.json").read_text())
-    place(tmp_path, "kto", FORMATS / "kto_en_demo.json")
-    stage(tmp_path, [{"name": "kto", "reader": "unpaired_preference"}], kind="unpaired")
-    out = rows(tmp_path)
+    raw, out, _ = fixture(tmp_path, "kto_en_demo.json", "unpaired_preference", kind="unpaired")
     assert len(out) == len(raw) == 300
     assert sum(r["label"] for r in out) == sum(r["label"] for r in raw) > 0
     for rec, row in zip(raw, out):
@@ -116,12 +113,9 @@ def test_unpaired_preference_fixture(tmp_path):
 
 
 def test_raw_text_fixture(tmp_path):
-    lines = (FORMATS / "c4_demo.jsonl").read_text().splitlines()
-    place(tmp_path, "c4", FORMATS / "c4_demo.jsonl")
-    stage(tmp_path, [{"name": "c4", "reader": "text"}], kind="text")
-    out = rows(tmp_path)
-    assert [r["text"] for r in out] == [json.loads(line)["text"] for line in lines]
-    assert out[2]["id"] == "c4/c4_demo.jsonl:3"  # the locator is the line number
+    raw, out, _ = fixture(tmp_path, "c4_demo.jsonl", "text", kind="text")
+    assert [r["text"] for r in out] == [r["text"] for r in raw] and len(out) == 300
+    assert out[2]["id"] == "f/c4_demo.jsonl:3"  # the locator is the line number
 
 
 # --- the other record shapes -----------------------------------------------------------------
