@@ -1,4 +1,6 @@
 # Config loading, paths and input functions shared by the rules.
+from pathlib import Path
+
 from ftflow import config as ftconfig
 from ftflow import paths
 from ftflow.normalize import SPLITS
@@ -45,6 +47,11 @@ def user_readers():
 
 def raw_dirs():
     return [f"{paths.RAW}/{s['name']}" for s in PARAMS["data"]["sources"]]
+
+
+def templates():
+    """The shipped chat templates (pack renders with the configured one)."""
+    return sorted(str(p) for p in Path("src/ftflow/templates").glob("*.jinja"))
 
 
 def base_model():

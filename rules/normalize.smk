@@ -2,7 +2,7 @@ rule normalize:
     input:
         raw=raw_dirs(),
         manifest=rules.download.output.manifest,
-        code=code("normalize", "formats", "readers", "messages"),
+        code=code("normalize", "formats", "readers", "messages", "parallel"),
         readers=user_readers(),
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),

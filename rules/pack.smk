@@ -2,8 +2,8 @@ rule pack:
     input:
         train=f"{paths.NORMALIZE}/train.parquet",
         validation=f"{paths.NORMALIZE}/validation.parquet",
-        base=[] if SCRATCH else rules.download.output.models,
-        code=code("pack") + ["src/ftflow/templates/chatml.jinja"],
+        base=[] if SCRATCH else [base_model()],
+        code=code("pack", "templates", "parallel") + templates(),
     output:
         packed=packed_dirs(),
         tokenizer=directory(f"{paths.PACK}/tokenizer"),

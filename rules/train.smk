@@ -4,7 +4,7 @@ rule train:
     input:
         packed=rules.pack.output.packed,
         tokenizer=rules.pack.output.tokenizer,
-        base=[] if SCRATCH else rules.download.output.models,
+        base=[] if SCRATCH else [base_model()],
         code=code("train"),
     output:
         model=directory(f"{paths.TRAIN}/model"),

@@ -68,7 +68,7 @@ def test_experiment_overrides_groups_and_keys():
     [
         (["+train.learnin_rate=1"], "train.learnin_rate: unknown key"),
         (["train.epochs=abc"], "train.epochs: Input should be a valid number"),
-        (["pack.strategy=zigzag"], "pack.strategy: Input should be 'bfd' or 'wrapped'"),
+        (["pack.strategy=zigzag"], "pack.strategy: Input should be 'bfd' or 'none'"),
         (["model=local", "tokenizer=model"], "model.path: missing required value"),
         (["+data.sources.0.colour=red"], "data.sources[0].colour: unknown key"),
         (["tokenizer=model"], "model.source=scratch has no tokenizer of its own"),

@@ -7,6 +7,8 @@ import json
 import shutil
 
 import datasets
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -14,9 +16,23 @@ from transformers import AutoTokenizer
 from ftflow import paths
 from ftflow.config import compose, stage_params
 from ftflow.normalize import normalize
-from ftflow.pack import IGNORE_INDEX, pack
+from ftflow.config import Pack, Tokenizer
+from ftflow.pack import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    Encoded,
+    Sequences,
+    _template_message,
+    best_fit_decreasing,
+    encode,
+    fit,
+    pack,
+    render,
+    template_text,
+    train_tokenizer,
+)
 
-from conftest import REPO
+from conftest import REPO, ftflow
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +71,7 @@ def test_stats_and_packing_efficiency(packed):
     root, stats = packed
     train = stats["splits"]["train"]
     ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
-    assert train["conversations"] == 300 and train["sequences"] == len(ds)
+    assert train["conversations"] == train["sequences"] == 300 and train["rows"] == len(ds)
     assert sum(sum(r) for r in ds["seq_lengths"]) == train["tokens"]
     assert all(len(r) <= 128 for r in ds["input_ids"])
     assert train["packing_efficiency"] == round(train["tokens"] / (len(ds) * 128), 4) > 0.85
@@ -100,16 +116,138 @@ def test_packed_forward_equals_separate_forwards(packed):
     assert len(row["seq_lengths"]) > 1  # the test means something only if the row holds several
 
 
-def test_overflow_truncates_and_counts(tmp_path):
-    from ftflow.config import Pack
-    from ftflow.pack import chatml_template, tokenize, train_tokenizer, render, Tokenizer
+def overflow_case(policy: str) -> tuple[Encoded, Sequences, dict]:
+    """Three conversations of 50, 12 and 30 tokens; the first trains only on its last 5 tokens."""
+    lengths = np.array([50, 12, 30])
+    ids = np.arange(int(lengths.sum()), dtype=np.int32)
+    labels = ids.copy()
+    labels[:45] = IGNORE_INDEX  # the long one's target sits at its very end
+    enc = Encoded(ids, labels, lengths)
+    counts: dict = {}
+    return enc, fit(enc, Pack(max_length=20, overflow=policy), counts), counts
 
-    convs = [[{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}],
-             [{"role": "user", "content": "short"}, {"role": "assistant", "content": "fine " * 3}]]  # fmt: skip
-    tok = train_tokenizer(render(convs, chatml_template()), Tokenizer(source="train", vocab_size=300), "<|im_end|>")
-    tok.chat_template = chatml_template()
-    ds, counts = tokenize(convs, tok, Pack(max_length=20, overflow="truncate"))
-    # the long one loses its answer to truncation: nothing to learn, so it is dropped and counted
-    assert counts == {"truncated": 1, "dropped": 1} and len(ds) == 1
-    ds, counts = tokenize(convs, tok, Pack(max_length=20, overflow="drop"))
-    assert counts == {"truncated": 0, "dropped": 1}
+
+def test_overflow_policies_are_counted():
+    _, seqs, counts = overflow_case("truncate")  # the long one loses its target: nothing left to learn
+    assert seqs.lengths.tolist() == [12, 20] and counts == {"overflow": 2, "dropped_no_target": 1}
+    _, seqs, counts = overflow_case("drop")
+    assert seqs.lengths.tolist() == [12] and counts == {"overflow": 2, "dropped_too_long": 2, "dropped_no_target": 0}
+    enc, seqs, counts = overflow_case("split")  # 50 -> 20 + 20 + 10 (only the last has a target); 30 -> 20 + 10
+    assert seqs.lengths.tolist() == [10, 12, 20, 10] and seqs.starts.tolist() == [40, 50, 62, 82]
+    assert counts == {"overflow": 2, "dropped_no_target": 2}
+
+
+def test_best_fit_decreasing_fills_rows():
+    lengths = np.array([9, 2, 7, 3, 1, 8, 5])
+    bins = best_fit_decreasing(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(7))  # every sequence, once
+    assert all(lengths[b].sum() <= 10 for b in bins) and len(bins) == 4  # 35 tokens: 4 rows is optimal
+    assert bins == best_fit_decreasing(lengths, 10)  # deterministic
+
+
+# --- exactness against transformers, on the real sample formats ------------------------------
+
+TEMPLATE_TOKENS = {"chatml": ("<|im_end|>", None), "llama3": ("<|eot_id|>", "<|begin_of_text|>")}
+
+
+def fixture_conversations(tmp_path) -> list[tuple[list[dict], list | None]]:
+    """Every conversation in the fixture files, normalized (alpaca with a system prompt; the
+    preference and KTO samples as prompt + chosen / completion)."""
+    sources = [
+        ("alpaca", "alpaca_en_demo.json", "alpaca", "conversation", {"system": "You are a helpful assistant."}),
+        ("glaive", "glaive_toolcall_en_demo.json", "sharegpt", "conversation", {}),
+        ("dpo", "dpo_en_demo.json", "sharegpt_preference", "preference", {}),
+        ("kto", "kto_en_demo.json", "unpaired_preference", "unpaired", {}),
+    ]
+    out = []
+    for name, file, reader, kind, opts in sources:
+        root = tmp_path / name
+        (root / paths.RAW / name).mkdir(parents=True)
+        shutil.copy(REPO / "examples/formats" / file, root / paths.RAW / name)
+        normalize({"data": {"kind": kind, "sources": [{"name": name, "path": "x", "reader": reader, **opts}]}}, root)
+        for row in pq.read_table(root / paths.NORMALIZE / "train.parquet").to_pylist():
+            msgs = row.get("messages") or row["prompt"] + (row.get("chosen") or row["completion"])
+            out.append(([_template_message(m) for m in msgs], json.loads(row["tools"]) if row.get("tools") else None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fixture_convs(tmp_path_factory):
+    return fixture_conversations(tmp_path_factory.mktemp("fixtures"))
+
+
+def fixture_tokenizer(convs, name: str):
+    eos, bos = TEMPLATE_TOKENS[name]
+    tpl = template_text(name)
+    texts = render([c for c, _ in convs], tpl, [t for _, t in convs], bos_token=bos or "")
+    tok = train_tokenizer(texts, Tokenizer(source="train", vocab_size=2000), eos, TEMPLATES[name].markers)
+    tok.chat_template = tpl
+    if bos:
+        tok.bos_token = bos
+    return tok
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_tokens_and_masks_equal_apply_chat_template(fixture_convs, name):
+    tok = fixture_tokenizer(fixture_convs, name)
+    convs, tools = [c for c, _ in fixture_convs], [t for _, t in fixture_convs]
+    assert len(convs) == 999 + 300 + 300 + 300 and sum(t is not None for t in tools) == 300
+    enc = encode(convs, tools, tok)
+    start = 0
+    for conv, tool, n in zip(convs, tools, enc.lengths.tolist()):
+        ref = tok.apply_chat_template(conv, tools=tool, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert enc.ids[start : start + n].tolist() == ref["input_ids"]
+        trained = (enc.labels[start : start + n] != IGNORE_INDEX).astype(int).tolist()
+        assert trained == ref["assistant_masks"] and any(trained)
+        start += n
+
+
+def spans_of(labels: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of trained positions, as (start, end)."""
+    trained = np.concatenate([[False], labels != IGNORE_INDEX, [False]])
+    edges = np.flatnonzero(trained[1:] != trained[:-1])
+    return list(zip(edges[::2], edges[1::2]))
+
+
+def test_trained_spans_decode_to_the_assistant_turns(fixture_convs):
+    """Multi-turn tool-call conversations (glaive): each trained span decodes to one assistant
+    turn of the normalized record, end-of-turn token included, and nothing else is trained."""
+    tok = fixture_tokenizer(fixture_convs, "chatml")
+    glaive = fixture_convs[999:1299]
+    enc = encode([c for c, _ in glaive], [t for _, t in glaive], tok)
+    start, calls, multi_turn = 0, 0, 0
+    for (conv, _), n in zip(glaive, enc.lengths.tolist()):
+        labels, ids = enc.labels[start : start + n], enc.ids[start : start + n]
+        decoded = [tok.decode(ids[a:b], clean_up_tokenization_spaces=False) for a, b in spans_of(labels)]
+        turns = [m for m in conv if m["role"] == "assistant"]
+        assert len(decoded) == len(turns)
+        multi_turn += len(turns) > 1
+        for text, turn in zip(decoded, turns):
+            assert text.endswith("<|im_end|>")
+            body = text.removesuffix("<|im_end|>")
+            if turn.get("tool_calls"):
+                call = json.loads(body.split("<tool_call>\n", 1)[1].split("\n</tool_call>")[0])
+                fn = turn["tool_calls"][0]["function"]
+                assert (call["name"], call["arguments"]) == (fn["name"], fn["arguments"])
+                calls += 1
+            else:
+                assert body == turn["content"]
+        start += n
+    assert calls > 100 and multi_turn > 200
+
+
+def test_inspect_marks_trained_and_masked_tokens(packed):
+    """`ftflow inspect` (stdout not a terminal): the stats line, then each sequence with the
+    assistant answer and its end-of-turn token inside «...» and the prompt outside."""
+    root, stats = packed
+    out = ftflow("inspect", str(root / paths.PACK / "train"), "--rows", "1", cwd=root).stdout
+    train = stats["splits"]["train"]
+    assert out.startswith(f"train: {train['conversations']:,} conversations -> {train['sequences']:,} sequences")
+    assert f"packing efficiency {train['packing_efficiency']:.2%}" in out
+    sequences = out.split("--- sequence ")[1:]
+    assert len(sequences) == len(datasets.load_from_disk(str(root / paths.PACK / "train"))[0]["seq_lengths"])
+    for seq in sequences:
+        body = seq.split("---\n", 1)[1]
+        assert body.startswith("<|im_start|>user\n") and "\x1b[" not in body  # no colour codes in a pipe
+        assert body.rstrip("\n").endswith("<|im_start|>assistant\n«" + body.split("«")[1].split("»")[0] + "»")
+        assert body.split("«")[1].split("»")[0].endswith("<|im_end|>")

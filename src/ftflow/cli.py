@@ -3,6 +3,7 @@
     ftflow compose [overrides...]        compose conf/ (+ overrides) into params.yaml
     ftflow run [overrides...] [-- snakemake args]   compose, then run the DAG with Snakemake
     ftflow <stage> [overrides...]        run one stage by hand (same code as its rule)
+    ftflow inspect [packed dir] [--rows N]   packed rows with trained / masked tokens marked
 
   DVC (see dvc.yaml):
     ftflow compose --check               fail if params.yaml is not what conf/ composes to
@@ -84,9 +85,10 @@ def check_params() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("compose", "run", *STAGES, "dispatch", "dvc-yaml", "sync", "pull"))
+    parser.add_argument("command", choices=("compose", "run", *STAGES, "dispatch", "dvc-yaml", "sync", "pull", "inspect"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
+    parser.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from ftflow import dvcyaml
 
             print(f"wrote {dvcyaml.write()}", file=sys.stderr)
+        elif args.command == "inspect":
+            from ftflow.inspect_packed import inspect
+
+            print(inspect(*(Path(p) for p in args.overrides[:1]), rows=args.rows))
         elif args.command in ("sync", "pull"):
             from ftflow.sync import sync
 

@@ -133,7 +133,7 @@ class Tokenizer(Section):
 
 
 class Template(Section):
-    name: Literal["chatml", "model"]  # chatml: ship ours; model: the tokenizer's own template
+    name: Literal["chatml", "llama3", "model"]  # ours (src/ftflow/templates/) or the tokenizer's own
     eos_token: str | None = "<|im_end|>"  # ends each turn; the generation eos (None: tokenizer's)
 
 
@@ -142,9 +142,10 @@ class Template(Section):
 
 class Pack(Section):
     max_length: int = Field(ge=16)
-    strategy: Literal["bfd", "wrapped"] = "bfd"
-    overflow: Literal["truncate", "drop"] = "truncate"  # conversations longer than max_length
-    num_proc: int = Field(default=1, ge=1)
+    strategy: Literal["bfd", "none"] = "bfd"  # bfd: best-fit-decreasing rows; none: a sequence per row
+    overflow: Literal["truncate", "drop", "split"] = "truncate"  # sequences longer than max_length
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens carry loss
+    num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
 
 
 class Train(Section):

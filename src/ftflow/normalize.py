@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import os
 import random
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -50,6 +50,7 @@ from ftflow.formats import (
     saved_dataset_records,
 )
 from ftflow.messages import MESSAGE_FIELDS, SCHEMAS, RecordError, canonical, content_chars, to_table, validate
+from ftflow.parallel import ordered_map
 from ftflow.readers import READERS_DIR, get_reader
 
 log = logging.getLogger(__name__)
@@ -202,18 +203,6 @@ def batched(items: Iterator, n: int) -> Iterator[list]:
         yield chunk
 
 
-def ordered_map(pool: ProcessPoolExecutor, fn, iterable, window: int) -> Iterator:
-    """pool.map with at most `window` tasks in flight (Executor.map submits everything at once,
-    which would hold a whole large source in memory)."""
-    pending: deque = deque()
-    for x in iterable:
-        pending.append(pool.submit(fn, x))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 class SourceRun:
     """One source through the RecordMaker, in parallel; holds its table and its counts."""
 
@@ -352,6 +341,9 @@ def system_message(content: str) -> dict:
     return {"role": "system", "content": content, "train": None, "name": None, "tool_calls": None, "reasoning": None}
 
 
+ROW_GROUP = 1024  # rows per Parquet row group: the unit of work pack hands its worker processes
+
+
 class SplitWriter:
     """One split's Parquet file, written table by table on a background thread (pyarrow encodes
     and compresses without the GIL, so this overlaps the work). The file appears under its
@@ -367,7 +359,7 @@ class SplitWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
             self.rows += table.num_rows
-            self.pending.append(self.thread.submit(self.writer.write_table, table))
+            self.pending.append(self.thread.submit(self.writer.write_table, table, ROW_GROUP))
 
     def close(self) -> str:
         """Finish the file; returns its sha256."""

@@ -1,54 +1,80 @@
-"""pack: conversations -> chat template -> token ids + assistant-only labels -> packed rows.
+"""pack: conversations -> chat template -> token ids + loss masks -> packed rows.
 
 The tokenizer is the base model's, or (tokenizer.source=train, for scratch models) a byte-level
-BPE trained here on the rendered training conversations. Loss masks come from the template's
-{% generation %} blocks (transformers' `return_assistant_tokens_mask`), so the mask is exactly
-the span the template says the model should produce. Packing is TRL's `pack_dataset`; each
-packed row keeps `seq_lengths`, from which the collator rebuilds per-sequence position ids, and
-attention never crosses a sequence boundary.
+BPE trained here on the rendered training conversations. The template is the tokenizer's own
+(template=model) or one shipped in ftflow/templates/ (chatml, llama3).
+
+Tokens are exactly what `tokenizer.apply_chat_template(messages, tools=..., tokenize=True)`
+gives, and the loss mask exactly its `return_assistant_tokens_mask` (the template's
+{% generation %} spans), computed the same way (transformers' renderer, then the fast
+tokenizer on the rendered text) but for many conversations at once: one Rust batch encode per
+chunk, and the token/span overlap done with numpy on the whole chunk instead of a Python loop
+per token. Rows are best-fit-decreasing bins of whole sequences (or one sequence per row with
+pack.strategy=none); each row keeps `seq_lengths`, from which the collator rebuilds
+per-sequence position ids, so attention never crosses a sequence boundary.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
+from bisect import bisect_left, insort
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
 from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
+from ftflow.parallel import ordered_map
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that the loss skips
 PAD_TOKEN = "<|endoftext|>"
 PACKED_SPLITS = ("train", "validation")  # test is for evaluate only
+CHUNK = 1024  # conversations rendered and encoded together (a unit of work for a worker)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    file: str
+    markers: tuple[str, ...]  # special tokens the template writes (added to a vocabulary lacking them)
+    bos: str | None = None
+
+
+TEMPLATES = {
+    "chatml": ChatTemplate("chatml.jinja", ("<|im_start|>", "<|im_end|>")),
+    "llama3": ChatTemplate("llama3.jinja", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                            "<|eot_id|>"), bos="<|begin_of_text|>"),  # fmt: skip
+}
 
 
 class PackError(StageError):
     pass
 
 
+def template_text(name: str) -> str:
+    return files("ftflow").joinpath("templates", TEMPLATES[name].file).read_text()
+
+
 def chatml_template() -> str:
-    return files("ftflow").joinpath("templates/chatml.jinja").read_text()
+    return template_text("chatml")
 
 
-def conversations(parquet: Path) -> list[list[dict]]:
-    """Normalized conversations as chat-template input (unset fields left out, tool calls in
-    the {"type": "function", "function": {...}} form that chat templates expect)."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(parquet)
-    if "messages" not in table.column_names:
-        raise PackError(f"{parquet}: pack takes conversation data (data.kind=conversation); this file "
-                        f"holds {[c for c in table.column_names if c not in ('id', 'source')]}")  # fmt: skip
-    return [[_template_message(m) for m in row] for row in table.column("messages").to_pylist()]
+# --- reading normalize's output -------------------------------------------------------------
 
 
 def _template_message(m: dict) -> dict:
+    """A normalized message as chat-template input: unset fields left out, tool calls in the
+    {"type": "function", "function": {...}} form that chat templates expect."""
     out = {k: v for k, v in m.items() if v is not None}
     if "tool_calls" in out:
         out["tool_calls"] = [
@@ -58,7 +84,45 @@ def _template_message(m: dict) -> dict:
     return out
 
 
-def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str) -> PreTrainedTokenizerFast:
+def read_chunks(parquet: Path, size: int = CHUNK):
+    """(conversations, tools) in chunks of at most `size`, from a normalized conversation file."""
+    for piece in pieces(parquet, size):
+        yield read_piece(parquet, piece)
+
+
+def pieces(parquet: Path, size: int = CHUNK) -> list[tuple[int, int, int]]:
+    """(row group, first row, end row) slices of at most `size` rows: units of work that a
+    worker reads itself (normalize writes row groups of ROW_GROUP rows, so usually whole ones)."""
+    meta = pq.ParquetFile(parquet).metadata
+    names = meta.schema.to_arrow_schema().names
+    if "messages" not in names:
+        held = [n for n in names if n not in ("id", "source")]
+        raise PackError(f"{parquet}: pack takes conversation data (data.kind=conversation); this file holds {held}")
+    out = []
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        out += [(g, a, min(a + size, n)) for a in range(0, n, size)]
+    return out
+
+
+def read_piece(parquet: Path, piece: tuple[int, int, int]) -> tuple[list, list]:
+    group, start, end = piece
+    table = pq.ParquetFile(parquet).read_row_group(group, columns=["messages", "tools"])
+    if (start, end) != (0, table.num_rows):
+        table = table.slice(start, end - start)
+    convs = [[_template_message(m) for m in row] for row in table.column("messages").to_pylist()]
+    tools = [json.loads(t) if t else None for t in table.column("tools").to_pylist()]
+    return convs, tools
+
+
+def conversations(parquet: Path) -> list[list[dict]]:
+    return [c for convs, _ in read_chunks(parquet) for c in convs]
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str, markers=("<|im_start|>",)) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style: no unknown tokens) trained on the rendered conversations."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -66,7 +130,7 @@ def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str) -> PreTrai
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    specials = [PAD_TOKEN, "<|im_start|>", eos_token]
+    specials = list(dict.fromkeys([PAD_TOKEN, *markers, eos_token]))
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -78,85 +142,277 @@ def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str) -> PreTrai
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos_token, pad_token=PAD_TOKEN)
 
 
-def render(convs: list[list[dict]], template: str) -> list[str]:
-    """Render with a plain tokenizer-less Jinja pass (needed before a tokenizer exists)."""
-    probe = PreTrainedTokenizerFast(tokenizer_object=_empty_tokenizer(), eos_token="<|im_end|>")
-    probe.chat_template = template
-    return probe.apply_chat_template(convs, tokenize=False)
+def render(convs: list[list[dict]], template: str, tools: list | None = None, **tokens) -> list[str]:
+    """Rendered text, before a tokenizer exists (to train one)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tools = tools or [None] * len(convs)
+    return [render_jinja_template(conversations=[c], tools=t, chat_template=template, **tokens)[0][0]
+            for c, t in zip(convs, tools)]  # fmt: skip
 
 
-def _empty_tokenizer():
-    from tokenizers import Tokenizer as RawTokenizer
-    from tokenizers import models
-
-    return RawTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-
-
-def build_tokenizer(model: Model, tok_cfg: Tokenizer, tpl: Template, train_convs, root: Path):
+def build_tokenizer(model: Model, tok_cfg: Tokenizer, tpl: Template, parquet: Path, root: Path):
     """The tokenizer every later stage uses, with the chat template set on it."""
-    template = chatml_template() if tpl.name == "chatml" else None
+    named = TEMPLATES.get(tpl.name)
     if tok_cfg.source == "train":
-        log.info("Training a byte-level BPE tokenizer <vocab_size=%d> on %d conversations", tok_cfg.vocab_size, len(train_convs))
-        tok = train_tokenizer(render(train_convs, template or chatml_template()), tok_cfg, tpl.eos_token)
+        convs, tools = zip(*((c, t) for cs, ts in read_chunks(parquet) for c, t in zip(cs, ts))) or ((), ())
+        log.info("Training a byte-level BPE tokenizer <vocab_size=%d> on %d conversations", tok_cfg.vocab_size, len(convs))
+        texts = render(list(convs), template_text(tpl.name), list(tools), bos_token=named.bos or "")
+        tok = train_tokenizer(texts, tok_cfg, tpl.eos_token, named.markers)
     else:
         src = root / paths.base_model_dir(model.model_dump())
         log.info("Loading the tokenizer of <%s>", src)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code)
-    if template is not None:
-        tok.chat_template = template
-        missing = [t for t in ("<|im_start|>", tpl.eos_token) if t not in tok.get_vocab()]
-        if missing:  # the base vocabulary lacks ChatML's markers; train resizes the embeddings
+    if named is not None:
+        tok.chat_template = template_text(tpl.name)
+        missing = [t for t in named.markers if t not in tok.get_vocab()]
+        if missing:  # the base vocabulary lacks the template's markers; train resizes the embeddings
             tok.add_special_tokens({"additional_special_tokens": missing})
+        if named.bos:
+            tok.bos_token = named.bos
         tok.eos_token = tpl.eos_token
     elif not tok.chat_template or "{% generation %}" not in tok.chat_template.replace("{%- generation %}", "{% generation %}"):
         raise PackError(
             "template=model needs the tokenizer's chat template to mark assistant spans with "
-            "{% generation %} ... {% endgeneration %}; this one does not. Use template=chatml."
+            "{% generation %} ... {% endgeneration %}; this one does not. Use template=chatml or llama3."
         )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def tokenize(convs: list[list[dict]], tok, cfg: Pack) -> tuple[datasets.Dataset, dict]:
-    """Token ids and labels (IGNORE_INDEX outside trained spans); overflow truncated or dropped."""
-    rows, truncated, dropped = [], 0, 0
-    batch = 256
-    for start in range(0, len(convs), batch):
-        enc = tok.apply_chat_template(
-            convs[start : start + batch], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
-            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-            if len(ids) > cfg.max_length:
-                if cfg.overflow == "drop":
-                    dropped += 1
-                    continue
-                truncated += 1
-                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            if all(label == IGNORE_INDEX for label in labels):
-                dropped += 1  # nothing left to learn from (the target was truncated away)
-                continue
-            rows.append({"input_ids": ids, "labels": labels})
-    if not rows:
-        raise PackError("no conversation left after tokenization; raise pack.max_length")
-    return datasets.Dataset.from_list(rows), {"truncated": truncated, "dropped": dropped}
+# --- tokens and masks -----------------------------------------------------------------------
 
 
-def pack_split(ds: datasets.Dataset, cfg: Pack) -> tuple[datasets.Dataset, dict]:
-    from trl import pack_dataset
+@dataclass
+class Encoded:
+    """A chunk of conversations as flat token arrays: conversation i is [starts[i], +lengths[i])."""
 
-    packed = pack_dataset(ds, seq_length=cfg.max_length, strategy=cfg.strategy)
-    tokens = sum(len(x) for x in ds["input_ids"])
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where not trained
+    lengths: np.ndarray  # int64
+
+
+def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant") -> Encoded:
+    """What apply_chat_template(conv, tools=..., tokenize=True, return_assistant_tokens_mask=True)
+    gives for each conversation, as flat arrays; `train_on` picks the trained spans: the
+    template's generation spans (assistant), the last of them, or every token."""
+    texts, spans = render_with_spans(convs, tools, tok)
+    if train_on == "last_assistant":
+        spans = [s[-1:] for s in spans]
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    per_text = [np.array(e.ids, np.int32) for e in encodings]
+    lengths = np.fromiter(map(len, per_text), np.int64, len(per_text))
+    ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
+    if train_on == "all":
+        return Encoded(ids, ids.copy(), lengths)
+    mask = overlap_mask(encodings, texts, spans, lengths)
+    return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths)
+
+
+def jinja_render(conv: list[dict], tools, tok) -> tuple[str, list]:
+    """transformers' own rendering: the text and the {% generation %} character spans."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    text, spans = render_jinja_template(conversations=[conv], tools=tools, chat_template=tok.chat_template,
+                                        return_assistant_tokens_mask=True, **tok.special_tokens_map)  # fmt: skip
+    return text[0], [tuple(s) for s in spans[0]]
+
+
+def render_with_spans(convs: list[list[dict]], tools: list, tok) -> tuple[list[str], list[list]]:
+    """Rendered texts and generation spans. The shipped templates have a plain-Python twin
+    (templates.py) that is ~20x faster than Jinja's sandbox; the first conversation of every
+    chunk is rendered both ways and must agree, so a drift between the twins fails loudly."""
+    fast = fast_renderer(tok)
+    if fast is None:
+        out = [jinja_render(c, t, tok) for c, t in zip(convs, tools)]
+    else:
+        out = [fast(c, t, tok.bos_token or "") for c, t in zip(convs, tools)]
+        if out and out[0] != (expected := jinja_render(convs[0], tools[0], tok)):
+            raise PackError(f"the fast renderer of this template disagrees with its Jinja text: {out[0]!r} != {expected!r}")
+    return [t for t, _ in out], [s for _, s in out]
+
+
+def fast_renderer(tok):
+    from ftflow import templates
+
+    for name, render_fn in templates.FAST.items():
+        if tok.chat_template == template_text(name):
+            return render_fn
+    return None
+
+
+def overlap_mask(encodings, texts: list[str], spans: list[list], lengths: np.ndarray) -> np.ndarray:
+    """A token is trained when its characters overlap a generation span, as in transformers (so a
+    span cut by truncation keeps its tokens). Done for the whole chunk at once: offsets and spans
+    are shifted into one character axis (text after text), where spans stay sorted and a token
+    can only overlap spans of its own text."""
+    total = int(lengths.sum())
+    offsets = np.concatenate([np.array(e.offsets, np.int64).reshape(-1, 2) for e in encodings] or [np.zeros((0, 2), np.int64)])
+    text_start = np.cumsum([0] + [len(t) for t in texts[:-1]])
+    offsets += np.repeat(text_start, lengths)[:, None]
+    span_arr = np.array([(a + s, b + s) for s, conv_spans in zip(text_start, spans) for a, b in conv_spans],
+                        dtype=np.int64).reshape(-1, 2)  # fmt: skip
+    if not len(span_arr):
+        return np.zeros(total, bool)
+    first_open = np.searchsorted(span_arr[:, 1], offsets[:, 0], side="right")  # first span ending after the token starts
+    inside = first_open < len(span_arr)
+    starts = span_arr[np.minimum(first_open, len(span_arr) - 1), 0]
+    return inside & (offsets[:, 1] > starts)
+
+
+# --- sequences: overflow policy -------------------------------------------------------------
+
+
+@dataclass
+class Sequences:
+    """Views into flat token arrays: sequence k is [starts[k], starts[k] + lengths[k])."""
+
+    starts: np.ndarray
+    lengths: np.ndarray
+
+
+def fit(enc: Encoded, cfg: Pack, counts: dict) -> Sequences:
+    """Apply pack.overflow to sequences longer than max_length (drop, truncate keeping the start,
+    or split into max_length pieces), then drop sequences with no trained token; all counted."""
+    starts = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).astype(np.int64)
+    lengths, cap = enc.lengths, cfg.max_length
+    over = lengths > cap
+    counts["overflow"] = counts.get("overflow", 0) + int(over.sum())
+    if cfg.overflow == "drop":
+        starts, lengths = starts[~over], lengths[~over]
+        counts["dropped_too_long"] = counts.get("dropped_too_long", 0) + int(over.sum())
+    elif cfg.overflow == "truncate":
+        lengths = np.minimum(lengths, cap)
+    else:  # split: pieces of cap tokens, the last one shorter
+        pieces = -(-lengths // cap)
+        first = np.repeat(starts, pieces)
+        k = np.arange(len(first)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        starts = first + k * cap
+        lengths = np.minimum(np.repeat(lengths, pieces) - k * cap, cap)
+    keep = trained_tokens(enc.labels, starts, lengths) > 0
+    counts["dropped_no_target"] = counts.get("dropped_no_target", 0) + int((~keep).sum())
+    return Sequences(starts[keep], lengths[keep])
+
+
+def trained_tokens(labels: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """How many trained tokens each sequence [start, start + length) holds."""
+    so_far = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    return so_far[starts + lengths] - so_far[starts]
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bins of sequence indices, each summing to at most `capacity`: longest first, each into the
+    fullest bin it fits in. Deterministic (stable sort; ties go to the lower bin index)."""
+    order = np.argsort(-lengths, kind="stable")
+    smallest = int(lengths.min()) if len(lengths) else 0
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted; only bins that can still take one
+    for i in order.tolist():
+        n = int(lengths[i])
+        k = bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            room, b = capacity - n, len(bins) - 1
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            room -= n
+        if room >= smallest:
+            insort(free, (room, b))
+    return bins
+
+
+def rows_table(ids: np.ndarray, labels: np.ndarray, seqs: Sequences, bins: list[list[int]]) -> pa.Table:
+    """Rows of concatenated sequences (input_ids, labels, seq_lengths), gathered with one index."""
+    order = np.fromiter((i for b in bins for i in b), np.int64, sum(map(len, bins)))
+    lens = seqs.lengths[order]
+    out_start = np.cumsum(lens) - lens
+    gather = np.repeat(seqs.starts[order] - out_start, lens) + np.arange(int(lens.sum()))
+    per_row = np.fromiter((len(b) for b in bins), np.int64, len(bins))
+    seq_offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    tok_offsets = np.concatenate([[0], np.cumsum(lens)])[seq_offsets].astype(np.int32)
+    column = lambda values, offsets: pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))  # noqa: E731
+    return pa.table({
+        "input_ids": column(ids[gather], tok_offsets),
+        "labels": column(labels[gather], tok_offsets),
+        "seq_lengths": column(lens.astype(np.int32), seq_offsets),
+    })  # fmt: skip
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tok, train_on: str) -> None:
+    # the pool is the parallelism: one tokenizer thread per worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tok=tok, train_on=train_on)
+
+
+def _encode_in_worker(task: tuple[Path, tuple[int, int, int]]) -> Encoded:
+    return encode(*read_piece(*task), _WORKER["tok"], _WORKER["train_on"])
+
+
+def encoded_chunks(parquet: Path, tok, tokenizer_dir: Path, cfg: Pack, num_proc: int):
+    """Encoded chunks in order: here, or by worker processes that load the saved tokenizer
+    (rendering is Python, so the template work only scales with processes)."""
+    work = pieces(parquet)
+    if num_proc == 1 or len(work) < 2:
+        yield from (encode(*read_piece(parquet, p), tok, cfg.train_on) for p in work)
+        return
+    # fork: workers start in milliseconds with the tokenizer already loaded (as datasets.map
+    # with num_proc does); the tokenizers library turns its own threads off in forked children
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
+                             initargs=(tok, cfg.train_on)) as pool:  # fmt: skip
+        yield from ordered_map(pool, _encode_in_worker, ((parquet, p) for p in work), 2 * num_proc)
+
+
+def pack_split(parquet: Path, tok, tokenizer_dir: Path, cfg: Pack) -> tuple[pa.Table, dict]:
+    counts: dict = {}
+    ids, labels, starts, lengths, n_convs, offset = [], [], [], [], 0, 0
+    num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
+    for enc in encoded_chunks(parquet, tok, tokenizer_dir, cfg, num_proc):
+        n_convs += len(enc.lengths)
+        seqs = fit(enc, cfg, counts)
+        ids.append(enc.ids)
+        labels.append(enc.labels)
+        starts.append(seqs.starts + offset)
+        lengths.append(seqs.lengths)
+        offset += len(enc.ids)
+    if not n_convs:  # no source feeds this split
+        empty = np.zeros(0, np.int32)
+        return rows_table(empty, empty, Sequences(empty.astype(np.int64), empty.astype(np.int64)), []), {}
+    ids, labels = np.concatenate(ids), np.concatenate(labels)
+    seqs = Sequences(np.concatenate(starts), np.concatenate(lengths))
+    if not len(seqs.lengths):
+        raise PackError("no sequence left after tokenization; raise pack.max_length or see the counts")
+    if cfg.strategy == "bfd":
+        bins = best_fit_decreasing(seqs.lengths, cfg.max_length)
+    else:  # one sequence per row, padded by the collator
+        bins = [[i] for i in range(len(seqs.lengths))]
+    table = rows_table(ids, labels, seqs, bins)
+    tokens = int(seqs.lengths.sum())
     stats = {
-        "conversations": len(ds),
+        "conversations": n_convs,
+        "sequences": len(seqs.lengths),
+        "rows": len(bins),
         "tokens": tokens,
-        "trained_tokens": sum(sum(1 for t in x if t != IGNORE_INDEX) for x in ds["labels"]),
-        "sequences": len(packed),
+        "trained_tokens": int(trained_tokens(labels, seqs.starts, seqs.lengths).sum()),
         # non-pad share of the token slots the trainer will see
-        "packing_efficiency": round(tokens / (len(packed) * cfg.max_length), 4),
+        "packing_efficiency": round(tokens / (len(bins) * cfg.max_length), 4),
+        **counts,
     }
-    return packed, stats
+    return table, stats
+
+
+def save_rows(table: pa.Table, out: Path) -> None:
+    import datasets
+
+    datasets.Dataset(datasets.table.InMemoryTable(table)).save_to_disk(str(out))
 
 
 def pack(cfg: dict, root: Path = Path(".")) -> dict:
@@ -164,21 +420,16 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
     model, tok_cfg = Model.model_validate(cfg["model"]), Tokenizer.model_validate(cfg["tokenizer"])
     tpl, pack_cfg = Template.model_validate(cfg["template"]), Pack.model_validate(cfg["pack"])
     in_dir, out_dir = root / paths.NORMALIZE, root / paths.PACK
-    train_convs = conversations(in_dir / "train.parquet")
-    tok = build_tokenizer(model, tok_cfg, tpl, train_convs, root)
+    tok = build_tokenizer(model, tok_cfg, tpl, in_dir / "train.parquet", root)
     tok.save_pretrained(out_dir / "tokenizer")
     stats = {"vocab_size": len(tok), "max_length": pack_cfg.max_length, "splits": {}}
     for split in PACKED_SPLITS:
-        convs = train_convs if split == "train" else conversations(in_dir / f"{split}.parquet")
-        if not convs:  # no source feeds this split: an empty dataset keeps the outputs fixed
-            datasets.Dataset.from_dict({"input_ids": [], "labels": [], "seq_lengths": []}).save_to_disk(str(out_dir / split))
-            continue
-        log.info("Tokenizing and packing <%s>: %d conversations", split, len(convs))
-        ds, overflow = tokenize(convs, tok, pack_cfg)
-        packed, split_stats = pack_split(ds, pack_cfg)
-        packed.save_to_disk(str(out_dir / split))
-        stats["splits"][split] = {**split_stats, **overflow}
-        log.info("Packed %s: %s", split, json.dumps(stats["splits"][split]))
+        log.info("Tokenizing and packing <%s>", split)
+        table, split_stats = pack_split(in_dir / f"{split}.parquet", tok, out_dir / "tokenizer", pack_cfg)
+        save_rows(table, out_dir / split)  # saved even with no rows: the outputs are fixed
+        if split_stats:
+            stats["splits"][split] = split_stats
+            log.info("Packed %s: %s", split, json.dumps(split_stats))
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg, out_dir)
     return stats

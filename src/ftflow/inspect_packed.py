@@ -1,0 +1,76 @@
+"""`ftflow inspect`: look at packed rows the way the trainer sees them.
+
+Each sequence of a row is decoded in runs of trained and masked tokens. On a terminal the
+trained tokens are green and the masked ones dim; elsewhere the trained text is wrapped in
+«...». It is the first thing to check when a model never stops talking (is the end-of-turn
+token trained?) or learns to parrot prompts (is the prompt masked?).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ftflow import paths
+
+IGNORE_INDEX = -100
+GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
+
+
+def runs(labels: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, end, trained) runs of a sequence's labels."""
+    trained = labels != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), len(labels)]
+    return [(a, b, bool(trained[a])) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def show_sequence(ids: np.ndarray, labels: np.ndarray, tok, color: bool) -> str:
+    out = []
+    for a, b, trained in runs(labels):
+        text = tok.decode(ids[a:b].tolist(), clean_up_tokenization_spaces=False)
+        if color:
+            out.append((GREEN if trained else DIM) + text + RESET)
+        else:
+            out.append(f"«{text}»" if trained else text)
+    return "".join(out)
+
+
+def summary(stats: dict, split: str) -> str:
+    s = stats["splits"].get(split)
+    if not s:
+        return f"{split}: no rows (no source feeds this split)"
+    dropped = {k: v for k, v in s.items() if k.startswith(("dropped", "overflow")) and v}
+    return (f"{split}: {s['conversations']:,} conversations -> {s['sequences']:,} sequences in {s['rows']:,} rows of "
+            f"<= {stats['max_length']} tokens; {s['tokens']:,} tokens, {s['trained_tokens']:,} trained; "
+            f"packing efficiency {s['packing_efficiency']:.2%}" + (f"; {json.dumps(dropped)}" if dropped else ""))  # fmt: skip
+
+
+def inspect(packed: Path = Path(paths.PACK) / "train", rows: int = 2, color: bool | None = None) -> str:
+    import datasets
+    from transformers import AutoTokenizer
+
+    packed = Path(packed)
+    color = sys.stdout.isatty() if color is None else color
+    tok = AutoTokenizer.from_pretrained(packed.parent / "tokenizer")
+    stats = json.loads((packed.parent / "stats.json").read_text())
+    lines = [summary(stats, packed.name)]
+    if not stats["splits"].get(packed.name):
+        return "\n".join(lines)
+    legend = f"{GREEN}trained{RESET} / {DIM}masked{RESET}" if color else "«trained» / masked"
+    lines.append(legend)
+    ds = datasets.load_from_disk(str(packed))
+    for r in range(min(rows, len(ds))):
+        row = ds[r]
+        ids, labels = np.asarray(row["input_ids"]), np.asarray(row["labels"])
+        lines.append(f"\n=== row {r}: {len(row['seq_lengths'])} sequences, {len(ids)} tokens ===")
+        start = 0
+        for k, n in enumerate(row["seq_lengths"]):
+            trained = int(np.count_nonzero(labels[start : start + n] != IGNORE_INDEX))
+            lines.append(f"--- sequence {k} ({n} tokens, {trained} trained) ---")
+            lines.append(show_sequence(ids[start : start + n], labels[start : start + n], tok, color))
+            start += n
+    return "\n".join(lines)
