@@ -129,12 +129,12 @@ def overflow_case(policy: str) -> tuple[Encoded, Sequences, dict]:
 
 def test_overflow_policies_are_counted():
     _, seqs, counts = overflow_case("truncate")  # the long one loses its target: nothing left to learn
-    assert seqs.lengths.tolist() == [12, 20] and counts == {"overflow": 2, "dropped_no_target": 1}
+    assert seqs.lengths.tolist() == [12, 20] and counts == {"over_max_length": 2, "dropped_no_target": 1}
     _, seqs, counts = overflow_case("drop")
-    assert seqs.lengths.tolist() == [12] and counts == {"overflow": 2, "dropped_too_long": 2, "dropped_no_target": 0}
+    assert seqs.lengths.tolist() == [12] and counts == {"over_max_length": 2, "dropped_too_long": 2, "dropped_no_target": 0}
     enc, seqs, counts = overflow_case("split")  # 50 -> 20 + 20 + 10 (only the last has a target); 30 -> 20 + 10
     assert seqs.lengths.tolist() == [10, 12, 20, 10] and seqs.starts.tolist() == [40, 50, 62, 82]
-    assert counts == {"overflow": 2, "dropped_no_target": 2}
+    assert counts == {"over_max_length": 2, "dropped_no_target": 2}
 
 
 def test_best_fit_decreasing_fills_rows():
@@ -251,3 +251,75 @@ def test_inspect_marks_trained_and_masked_tokens(packed):
         assert body.startswith("<|im_start|>user\n") and "\x1b[" not in body  # no colour codes in a pipe
         assert body.rstrip("\n").endswith("<|im_start|>assistant\n«" + body.split("«")[1].split("»")[0] + "»")
         assert body.split("«")[1].split("»")[0].endswith("<|im_end|>")
+
+
+# --- the other data kinds --------------------------------------------------------------------
+
+
+def pack_kind(tmp_path, file: str, reader: str, kind: str) -> tuple[Path, dict]:
+    """Normalize a fixture file as `kind`, then pack it with a tokenizer trained on it."""
+    (tmp_path / paths.RAW / "f").mkdir(parents=True)
+    shutil.copy(REPO / "examples/formats" / file, tmp_path / paths.RAW / "f")
+    normalize({"data": {"kind": kind, "sources": [{"name": "f", "path": "x", "reader": reader}]}}, tmp_path)
+    cfg = {"model": {"name": "m", "source": "scratch", "architecture": {}}, "tokenizer": {"source": "train", "vocab_size": 1000},
+           "template": {"name": "chatml"}, "pack": {"max_length": 1024, "num_proc": 2}}  # fmt: skip
+    return tmp_path, pack(cfg, tmp_path)
+
+
+def test_preference_pairs_are_tokenized_as_trl_splits_them(tmp_path):
+    root, stats = pack_kind(tmp_path, "dpo_en_demo.json", "sharegpt_preference", "preference")
+    tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
+    ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
+    rows = pq.read_table(root / paths.NORMALIZE / "train.parquet").to_pylist()
+    assert set(ds.column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"}
+    assert stats["splits"]["train"]["records"] == 300 == len(ds) + stats["splits"]["train"]["dropped_prompt_too_long"]
+    ids = lambda conv, **kw: tok.apply_chat_template(conv, **kw)["input_ids"]  # noqa: E731
+    kept = [r for r in rows if len(ids([_template_message(m) for m in r["prompt"]], add_generation_prompt=True)) < 1024]
+    assert len(kept) == len(ds)
+    for row, ex in zip(kept, ds):
+        prompt = [_template_message(m) for m in row["prompt"]]
+        for side in ("chosen", "rejected"):
+            whole = ids(prompt + [_template_message(m) for m in row[side]])
+            assert ex["prompt_ids"] + ex[f"{side}_ids"] == whole  # nothing lost, nothing added
+        with_header = ids(prompt, add_generation_prompt=True)
+        assert with_header[: len(ex["prompt_ids"])] == ex["prompt_ids"]  # the shared prefix
+
+
+def test_raw_text_is_packed_with_every_token_trained(tmp_path):
+    root, stats = pack_kind(tmp_path, "c4_demo.jsonl", "text", "text")
+    tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
+    ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
+    train = stats["splits"]["train"]
+    assert train["conversations"] == 300 and train["trained_tokens"] == train["tokens"]
+    texts = [json.loads(line)["text"] for line in (REPO / "examples/formats/c4_demo.jsonl").read_text().splitlines()]
+    seen = set()
+    for row in ds:
+        assert row["labels"] == row["input_ids"]
+        start = 0
+        for n in row["seq_lengths"]:
+            seq = row["input_ids"][start : start + n]
+            start += n
+            if seq[-1] == tok.eos_token_id:  # whole texts (the longest ones are truncated to 1024)
+                seen.add(tok.decode(seq[:-1], clean_up_tokenization_spaces=False))
+    assert seen and seen <= set(texts)
+
+
+def test_shards_bound_memory_and_join_into_one_dataset(tmp_path, monkeypatch):
+    """With shards of ~2,000 tokens, the 300 demo conversations are packed shard by shard and
+    joined: every sequence is there once, rows stay within max_length, stats add up."""
+    import ftflow.pack as pack_module
+
+    monkeypatch.setattr(pack_module, "SHARD_TOKENS", 2000)
+    root = tmp_path
+    shutil.copytree(REPO / "examples", root / "examples")
+    tree = compose(["+data.sources.0.limit=300", "pack.max_length=128"], REPO / "conf")
+    for s in tree["data"]["sources"]:
+        (root / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
+    normalize(stage_params(tree, "normalize"), root)
+    train = pack(stage_params(tree, "pack"), root)["splits"]["train"]
+    ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
+    assert train["tokens"] > 3 * 2000  # several shards
+    assert train["conversations"] == train["sequences"] == sum(len(r) for r in ds["seq_lengths"]) == 300
+    assert sum(map(len, ds["input_ids"])) == train["tokens"] and max(map(len, ds["input_ids"])) <= 128
+    assert len(ds) == train["rows"] and not (root / paths.PACK / "train.shards").exists()

@@ -43,7 +43,7 @@ def summary(stats: dict, split: str) -> str:
     s = stats["splits"].get(split)
     if not s:
         return f"{split}: no rows (no source feeds this split)"
-    dropped = {k: v for k, v in s.items() if k.startswith(("dropped", "overflow")) and v}
+    dropped = {k: v for k, v in s.items() if k.startswith(("dropped", "over_")) and v}
     return (f"{split}: {s['conversations']:,} conversations -> {s['sequences']:,} sequences in {s['rows']:,} rows of "
             f"<= {stats['max_length']} tokens; {s['tokens']:,} tokens, {s['trained_tokens']:,} trained; "
             f"packing efficiency {s['packing_efficiency']:.2%}" + (f"; {json.dumps(dropped)}" if dropped else ""))  # fmt: skip

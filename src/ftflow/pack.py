@@ -20,7 +20,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from bisect import bisect_left, insort
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.resources import files
@@ -84,6 +86,16 @@ def _template_message(m: dict) -> dict:
     return out
 
 
+def data_kind(parquet: Path) -> str:
+    """Which normalized kind a file holds, from its (fixed) schema."""
+    names = set(pq.ParquetFile(parquet).schema_arrow.names)
+    for kind, column in (("conversation", "messages"), ("preference", "chosen"), ("unpaired", "label"),
+                         ("prompt", "answer"), ("text", "text")):  # fmt: skip
+        if column in names:
+            return kind
+    raise PackError(f"{parquet}: not a normalized file (columns {sorted(names)})")
+
+
 def read_chunks(parquet: Path, size: int = CHUNK):
     """(conversations, tools) in chunks of at most `size`, from a normalized conversation file."""
     for piece in pieces(parquet, size):
@@ -94,10 +106,6 @@ def pieces(parquet: Path, size: int = CHUNK) -> list[tuple[int, int, int]]:
     """(row group, first row, end row) slices of at most `size` rows: units of work that a
     worker reads itself (normalize writes row groups of ROW_GROUP rows, so usually whole ones)."""
     meta = pq.ParquetFile(parquet).metadata
-    names = meta.schema.to_arrow_schema().names
-    if "messages" not in names:
-        held = [n for n in names if n not in ("id", "source")]
-        raise PackError(f"{parquet}: pack takes conversation data (data.kind=conversation); this file holds {held}")
     out = []
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -105,14 +113,24 @@ def pieces(parquet: Path, size: int = CHUNK) -> list[tuple[int, int, int]]:
     return out
 
 
-def read_piece(parquet: Path, piece: tuple[int, int, int]) -> tuple[list, list]:
+def piece_table(parquet: Path, piece: tuple[int, int, int], columns: list[str] | None) -> pa.Table:
     group, start, end = piece
-    table = pq.ParquetFile(parquet).read_row_group(group, columns=["messages", "tools"])
-    if (start, end) != (0, table.num_rows):
-        table = table.slice(start, end - start)
-    convs = [[_template_message(m) for m in row] for row in table.column("messages").to_pylist()]
-    tools = [json.loads(t) if t else None for t in table.column("tools").to_pylist()]
-    return convs, tools
+    table = pq.ParquetFile(parquet).read_row_group(group, columns=columns)
+    return table if (start, end) == (0, table.num_rows) else table.slice(start, end - start)
+
+
+def read_piece(parquet: Path, piece: tuple[int, int, int]) -> tuple[list, list]:
+    """A piece of a conversation file as chat-template input: (conversations, tools)."""
+    table = piece_table(parquet, piece, ["messages", "tools"])
+    return messages_of(table.column("messages")), tools_of(table)
+
+
+def messages_of(column) -> list[list[dict]]:
+    return [[_template_message(m) for m in row] for row in column.to_pylist()]
+
+
+def tools_of(table: pa.Table) -> list:
+    return [json.loads(t) if t else None for t in table.column("tools").to_pylist()]
 
 
 def conversations(parquet: Path) -> list[list[dict]]:
@@ -122,7 +140,7 @@ def conversations(parquet: Path) -> list[list[dict]]:
 # --- tokenizer ------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str, markers=("<|im_start|>",)) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], cfg: Tokenizer, eos_token: str, markers=("<|im_start|>",)) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style: no unknown tokens) trained on the rendered conversations."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -143,21 +161,46 @@ def train_tokenizer(texts: list[str], cfg: Tokenizer, eos_token: str, markers=("
 
 
 def render(convs: list[list[dict]], template: str, tools: list | None = None, **tokens) -> list[str]:
-    """Rendered text, before a tokenizer exists (to train one)."""
+    """Rendered text, before a tokenizer exists (to train one): a shipped template's Python
+    twin when there is one, else transformers' Jinja renderer."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    from ftflow import templates
+
     tools = tools or [None] * len(convs)
+    twin = next((fn for name, fn in templates.FAST.items() if template == template_text(name)), None)
+    if twin is not None:
+        return [twin(c, t, tokens.get("bos_token", ""))[0] for c, t in zip(convs, tools)]
     return [render_jinja_template(conversations=[c], tools=t, chat_template=template, **tokens)[0][0]
             for c, t in zip(convs, tools)]  # fmt: skip
+
+
+def training_texts(parquet: Path, template: str, bos: str) -> Iterator[str]:
+    """What a tokenizer trained for this data should see, piece by piece (memory stays bounded):
+    the rendered conversations (for preference and prompt data, the prompt and its first
+    completion), or the raw text."""
+    kind = data_kind(parquet)
+    first = {"preference": "chosen", "unpaired": "completion"}.get(kind)
+    for piece in pieces(parquet):
+        if kind == "text":
+            yield from piece_table(parquet, piece, ["text"]).column("text").to_pylist()
+            continue
+        table = piece_table(parquet, piece, None)
+        if kind == "conversation":
+            convs = messages_of(table.column("messages"))
+        else:
+            convs = messages_of(table.column("prompt"))
+            if first:
+                convs = [p + c for p, c in zip(convs, messages_of(table.column(first)))]
+        yield from render(convs, template, tools_of(table), bos_token=bos)
 
 
 def build_tokenizer(model: Model, tok_cfg: Tokenizer, tpl: Template, parquet: Path, root: Path):
     """The tokenizer every later stage uses, with the chat template set on it."""
     named = TEMPLATES.get(tpl.name)
     if tok_cfg.source == "train":
-        convs, tools = zip(*((c, t) for cs, ts in read_chunks(parquet) for c, t in zip(cs, ts))) or ((), ())
-        log.info("Training a byte-level BPE tokenizer <vocab_size=%d> on %d conversations", tok_cfg.vocab_size, len(convs))
-        texts = render(list(convs), template_text(tpl.name), list(tools), bos_token=named.bos or "")
+        texts = training_texts(parquet, template_text(tpl.name), named.bos or "")
+        log.info("Training a byte-level BPE tokenizer <vocab_size=%d> on the training split", tok_cfg.vocab_size)
         tok = train_tokenizer(texts, tok_cfg, tpl.eos_token, named.markers)
     else:
         src = root / paths.base_model_dir(model.model_dump())
@@ -208,6 +251,20 @@ def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant
         return Encoded(ids, ids.copy(), lengths)
     mask = overlap_mask(encodings, texts, spans, lengths)
     return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths)
+
+
+def encode_text(texts: list[str], tok) -> Encoded:
+    """Raw text for continued pre-training: every token trained, the eos token closing each text."""
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    per_text = [np.array([*e.ids, tok.eos_token_id], np.int32) for e in encodings]
+    ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
+    return Encoded(ids, ids.copy(), np.fromiter(map(len, per_text), np.int64, len(per_text)))
+
+
+def encode_piece(parquet: Path, piece: tuple[int, int, int], kind: str, tok, train_on: str) -> Encoded:
+    if kind == "text":
+        return encode_text(piece_table(parquet, piece, ["text"]).column("text").to_pylist(), tok)
+    return encode(*read_piece(parquet, piece), tok, train_on)
 
 
 def jinja_render(conv: list[dict], tools, tok) -> tuple[str, list]:
@@ -278,7 +335,7 @@ def fit(enc: Encoded, cfg: Pack, counts: dict) -> Sequences:
     starts = np.concatenate([[0], np.cumsum(enc.lengths)[:-1]]).astype(np.int64)
     lengths, cap = enc.lengths, cfg.max_length
     over = lengths > cap
-    counts["overflow"] = counts.get("overflow", 0) + int(over.sum())
+    counts["over_max_length"] = counts.get("over_max_length", 0) + int(over.sum())
     if cfg.overflow == "drop":
         starts, lengths = starts[~over], lengths[~over]
         counts["dropped_too_long"] = counts.get("dropped_too_long", 0) + int(over.sum())
@@ -352,61 +409,163 @@ def _init_worker(tok, train_on: str) -> None:
     _WORKER.update(tok=tok, train_on=train_on)
 
 
-def _encode_in_worker(task: tuple[Path, tuple[int, int, int]]) -> Encoded:
-    return encode(*read_piece(*task), _WORKER["tok"], _WORKER["train_on"])
+def _encode_in_worker(task: tuple[Path, tuple[int, int, int], str]) -> Encoded:
+    return encode_piece(*task, _WORKER["tok"], _WORKER["train_on"])
 
 
-def encoded_chunks(parquet: Path, tok, tokenizer_dir: Path, cfg: Pack, num_proc: int):
+def encoded_chunks(parquet: Path, kind: str, tok, cfg: Pack, num_proc: int):
     """Encoded chunks in order: here, or by worker processes that load the saved tokenizer
     (rendering is Python, so the template work only scales with processes)."""
     work = pieces(parquet)
     if num_proc == 1 or len(work) < 2:
-        yield from (encode(*read_piece(parquet, p), tok, cfg.train_on) for p in work)
+        yield from (encode_piece(parquet, p, kind, tok, cfg.train_on) for p in work)
         return
     # fork: workers start in milliseconds with the tokenizer already loaded (as datasets.map
     # with num_proc does); the tokenizers library turns its own threads off in forked children
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
                              initargs=(tok, cfg.train_on)) as pool:  # fmt: skip
-        yield from ordered_map(pool, _encode_in_worker, ((parquet, p) for p in work), 2 * num_proc)
+        yield from ordered_map(pool, _encode_in_worker, ((parquet, p, kind) for p in work), 2 * num_proc)
 
 
-def pack_split(parquet: Path, tok, tokenizer_dir: Path, cfg: Pack) -> tuple[pa.Table, dict]:
+def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
+    """Conversations or raw text -> packed rows; preference and prompt data -> their own rows.
+    Writes the split's dataset to `out` and returns its stats ({} when no source feeds it)."""
+    kind = data_kind(parquet)
+    if kind not in ("conversation", "text"):
+        table, stats = pair_rows(parquet, kind, tok, cfg)
+        save_rows(table, out)
+        return stats
+    shards = ShardWriter(out, cfg.max_length)
     counts: dict = {}
-    ids, labels, starts, lengths, n_convs, offset = [], [], [], [], 0, 0
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
-    for enc in encoded_chunks(parquet, tok, tokenizer_dir, cfg, num_proc):
-        n_convs += len(enc.lengths)
-        seqs = fit(enc, cfg, counts)
-        ids.append(enc.ids)
-        labels.append(enc.labels)
-        starts.append(seqs.starts + offset)
-        lengths.append(seqs.lengths)
-        offset += len(enc.ids)
-    if not n_convs:  # no source feeds this split
-        empty = np.zeros(0, np.int32)
-        return rows_table(empty, empty, Sequences(empty.astype(np.int64), empty.astype(np.int64)), []), {}
-    ids, labels = np.concatenate(ids), np.concatenate(labels)
-    seqs = Sequences(np.concatenate(starts), np.concatenate(lengths))
-    if not len(seqs.lengths):
-        raise PackError("no sequence left after tokenization; raise pack.max_length or see the counts")
-    if cfg.strategy == "bfd":
-        bins = best_fit_decreasing(seqs.lengths, cfg.max_length)
-    else:  # one sequence per row, padded by the collator
-        bins = [[i] for i in range(len(seqs.lengths))]
-    table = rows_table(ids, labels, seqs, bins)
-    tokens = int(seqs.lengths.sum())
-    stats = {
-        "conversations": n_convs,
-        "sequences": len(seqs.lengths),
-        "rows": len(bins),
-        "tokens": tokens,
-        "trained_tokens": int(trained_tokens(labels, seqs.starts, seqs.lengths).sum()),
+    for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
+        shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
+    return shards.close(cfg.strategy, counts)
+
+
+SHARD_TOKENS = 1 << 26  # tokens packed at a time (~1 GB of working memory), whatever the data's size
+
+
+class ShardWriter:
+    """Packed rows, written shard by shard: each shard holds the sequences of consecutive chunks
+    up to SHARD_TOKENS and is packed on its own, so memory stays bounded for any number of
+    records (packing efficiency barely changes: bins are nearly full long before a shard ends).
+    The shards become one dataset at the end."""
+
+    def __init__(self, out: Path, max_length: int):
+        self.out, self.max_length = out, max_length
+        self.tmp = out.with_name(out.name + ".shards")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.pending: list[tuple[Encoded, Sequences]] = []
+        self.shards: list[Path] = []
+        self.stats = {"conversations": 0, "sequences": 0, "rows": 0, "tokens": 0, "trained_tokens": 0}
+
+    def add(self, enc: Encoded, seqs: Sequences, strategy: str) -> None:
+        self.stats["conversations"] += len(enc.lengths)
+        self.pending.append((enc, seqs))
+        if sum(len(e.ids) for e, _ in self.pending) >= SHARD_TOKENS:
+            self.flush(strategy)
+
+    def flush(self, strategy: str) -> None:
+        if not self.pending:
+            return
+        offsets = np.cumsum([0] + [len(e.ids) for e, _ in self.pending[:-1]])
+        ids = np.concatenate([e.ids for e, _ in self.pending])
+        labels = np.concatenate([e.labels for e, _ in self.pending])
+        seqs = Sequences(np.concatenate([s.starts + o for (_, s), o in zip(self.pending, offsets)]),
+                         np.concatenate([s.lengths for _, s in self.pending]))  # fmt: skip
+        self.pending = []
+        if not len(seqs.lengths):
+            return
+        if strategy == "bfd":
+            bins = best_fit_decreasing(seqs.lengths, self.max_length)
+        else:  # one sequence per row, padded by the collator
+            bins = [[i] for i in range(len(seqs.lengths))]
+        shard = self.tmp / f"{len(self.shards):05d}"
+        save_rows(rows_table(ids, labels, seqs, bins), shard)
+        self.shards.append(shard)
+        self.stats["sequences"] += len(seqs.lengths)
+        self.stats["rows"] += len(bins)
+        self.stats["tokens"] += int(seqs.lengths.sum())
+        self.stats["trained_tokens"] += int(trained_tokens(labels, seqs.starts, seqs.lengths).sum())
+
+    def close(self, strategy: str, counts: dict) -> dict:
+        import datasets
+
+        self.flush(strategy)
+        if not self.stats["conversations"]:  # no source feeds this split: an empty dataset
+            empty = np.zeros(0, np.int32)
+            save_rows(rows_table(empty, empty, Sequences(empty.astype(np.int64), empty.astype(np.int64)), []), self.out)
+            return {}
+        if not self.shards:
+            raise PackError(f"no sequence left after tokenization ({json.dumps(counts)}); raise pack.max_length")
+        shutil.rmtree(self.out, ignore_errors=True)
+        if len(self.shards) == 1:
+            os.replace(self.shards[0], self.out)
+        else:  # memory-mapped shards, rewritten as one dataset
+            parts = [datasets.load_from_disk(str(s)) for s in self.shards]
+            datasets.concatenate_datasets(parts).save_to_disk(str(self.out))
+        shutil.rmtree(self.tmp, ignore_errors=True)
         # non-pad share of the token slots the trainer will see
-        "packing_efficiency": round(tokens / (len(bins) * cfg.max_length), 4),
-        **counts,
-    }
-    return table, stats
+        efficiency = round(self.stats["tokens"] / (self.stats["rows"] * self.max_length), 4)
+        return {**self.stats, "packing_efficiency": efficiency, **counts}
+
+
+# --- preference, unpaired and prompt data: tokenized, not packed -----------------------------
+
+PAIR_COLUMNS = {"preference": ("chosen", "rejected"), "unpaired": ("completion",), "prompt": ()}
+
+
+def prompt_and_completions(prompt: list[dict], completions: list[list[dict]], tools, tok) -> list[list[int]]:
+    """Token ids of the prompt (with the generation prompt) and of each completion, split as TRL's
+    DPO trainer splits them: where the tokens of prompt and prompt + completion diverge."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def text(conv, **kw):
+        return render_jinja_template(conversations=[conv], tools=tools, chat_template=tok.chat_template,
+                                     **kw, **tok.special_tokens_map)[0][0]  # fmt: skip
+
+    texts = [text(prompt, add_generation_prompt=True)] + [text(prompt + c) for c in completions]
+    prompt_ids, *full = [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    shared = min((common_prefix(prompt_ids, f) for f in full), default=len(prompt_ids))
+    return [prompt_ids[:shared]] + [f[shared:] for f in full]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pair_rows(parquet: Path, kind: str, tok, cfg: Pack) -> tuple[pa.Table, dict]:
+    """Rows of prompt_ids + <completion>_ids (+ label / answer): the columns TRL's DPO and KTO
+    trainers build for themselves, so they need not tokenize again. A prompt that fills
+    max_length leaves nothing to learn from and is dropped, as TRL drops it."""
+    fields = PAIR_COLUMNS[kind]
+    extra = {"unpaired": ["label"], "prompt": ["answer"]}.get(kind, [])
+    rows: dict[str, list] = {"prompt_ids": [], **{f"{f}_ids": [] for f in fields}, **{e: [] for e in extra}}
+    counts, records = {"dropped_prompt_too_long": 0}, 0
+    for piece in pieces(parquet):
+        table = piece_table(parquet, piece, ["prompt", *fields, *extra, "tools"])
+        columns = {f: messages_of(table.column(f)) for f in ("prompt", *fields)}
+        for i, tools in enumerate(tools_of(table)):
+            records += 1
+            ids = prompt_and_completions(columns["prompt"][i], [columns[f][i] for f in fields], tools, tok)
+            if len(ids[0]) >= cfg.max_length:
+                counts["dropped_prompt_too_long"] += 1
+                continue
+            for name, value in zip(["prompt_ids", *(f"{f}_ids" for f in fields)], ids):
+                rows[name].append(value)
+            for e in extra:
+                rows[e].append(table.column(e)[i].as_py())
+    if not records:
+        return pa.table({k: pa.array([], pa.list_(pa.int32())) for k in rows if k.endswith("_ids")}), {}
+    tokens = sum(len(x) for k, v in rows.items() if k.endswith("_ids") for x in v)
+    return pa.table(rows), {"records": records, "rows": len(rows["prompt_ids"]), "tokens": tokens, **counts}
 
 
 def save_rows(table: pa.Table, out: Path) -> None:
@@ -425,8 +584,8 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
     stats = {"vocab_size": len(tok), "max_length": pack_cfg.max_length, "splits": {}}
     for split in PACKED_SPLITS:
         log.info("Tokenizing and packing <%s>", split)
-        table, split_stats = pack_split(in_dir / f"{split}.parquet", tok, out_dir / "tokenizer", pack_cfg)
-        save_rows(table, out_dir / split)  # saved even with no rows: the outputs are fixed
+        # written even with no rows: the stage's outputs are fixed
+        split_stats = pack_split(in_dir / f"{split}.parquet", tok, pack_cfg, out_dir / split)
         if split_stats:
             stats["splits"][split] = split_stats
             log.info("Packed %s: %s", split, json.dumps(split_stats))
