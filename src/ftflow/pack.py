@@ -25,6 +25,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def read_chunks(parquet: Path, size: int = CHUNK):
 def pieces(parquet: Path, size: int = CHUNK) -> list[tuple[int, int, int]]:
     """(row group, first row, end row) slices of at most `size` rows: units of work that a
     worker reads itself (normalize writes row groups of ROW_GROUP rows, so usually whole ones)."""
-    meta = pq.ParquetFile(parquet).metadata
+    meta = parquet_file(parquet).metadata
     out = []
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -113,9 +114,21 @@ def pieces(parquet: Path, size: int = CHUNK) -> list[tuple[int, int, int]]:
     return out
 
 
+def parquet_file(path: Path) -> pq.ParquetFile:
+    """Opened once per process and file version: the footer of a file with many row groups is
+    costly to parse, and every piece would parse it again."""
+    st = Path(path).stat()
+    return _open_parquet(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=4)
+def _open_parquet(path: str, mtime_ns: int, size: int) -> pq.ParquetFile:
+    return pq.ParquetFile(path)
+
+
 def piece_table(parquet: Path, piece: tuple[int, int, int], columns: list[str] | None) -> pa.Table:
     group, start, end = piece
-    table = pq.ParquetFile(parquet).read_row_group(group, columns=columns)
+    table = parquet_file(parquet).read_row_group(group, columns=columns)
     return table if (start, end) == (0, table.num_rows) else table.slice(start, end - start)
 
 
