@@ -1,0 +1,147 @@
+"""ftflow's train stage vs plain TRL SFTTrainer, on the same packed data and tiny model (CPU).
+
+    python benchmarks/train.py [--steps 60] [--max-length 512]
+
+Packs the demo data (examples/demo, ChatML, a trained tokenizer) once, then trains the
+demo's tiny Llama from scratch for the same number of steps:
+  - ftflow: the train stage as its rule runs it (`accelerate launch` of ftflow.train: process
+    start, model init, checkpoints, loss curve, summary),
+  - TRL: SFTTrainer in this process, on the same rows with the same arguments, nothing else.
+Each runs in a fresh process, alternately, `--repeats` times; the best time of each is kept.
+It prints tokens/s of the training loop of each (trainer.train() only) and of ftflow's whole
+stage, and the ratios (target: ftflow >= 0.95x TRL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prepare(work: Path, overrides: list[str]) -> dict:
+    """The demo data normalized and packed in `work`; returns the composed config."""
+    from ftflow import paths
+    from ftflow.config import compose, stage_params
+    from ftflow.normalize import normalize
+    from ftflow.pack import pack
+
+    shutil.copytree(REPO / "examples", work / "examples")
+    tree = compose(overrides, REPO / "conf")
+    for s in tree["data"]["sources"]:
+        (work / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(work / s["path"], work / paths.RAW / s["name"])
+    normalize(stage_params(tree, "normalize"), work)
+    pack(stage_params(tree, "pack"), work)
+    return tree
+
+
+def rows_tokens(work: Path, rows: int) -> int:
+    """Tokens in the first `rows` packed rows, cycling as the sampler does over epochs."""
+    import datasets
+
+    from ftflow import paths
+
+    lengths = [len(r) for r in datasets.load_from_disk(str(work / paths.PACK / "train"))["input_ids"]]
+    return sum(lengths[i % len(lengths)] for i in range(rows))
+
+
+def plain_trl(work: Path, tree: dict, queue) -> None:
+    """Seconds of trainer.train() for plain TRL on the same rows and arguments (in a fresh
+    process, as ftflow's stage runs in one)."""
+    import datasets
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from ftflow import paths
+
+    train, model_cfg = tree["train"], tree["model"]
+    tok = AutoTokenizer.from_pretrained(work / paths.PACK / "tokenizer")
+    arch = dict(model_cfg["architecture"])
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=None, **arch)  # fmt: skip
+    torch.manual_seed(train["seed"])
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    args = SFTConfig(output_dir=str(work / "trl"), seed=train["seed"], max_steps=train["max_steps"],
+                     per_device_train_batch_size=train["per_device_batch_size"], learning_rate=train["learning_rate"],
+                     lr_scheduler_type=train["lr_scheduler"], warmup_steps=train["warmup_steps"],
+                     logging_steps=train["logging_steps"], save_strategy="no", use_cpu=True, bf16=False,
+                     report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+                     padding_free=True, remove_unused_columns=False)  # fmt: skip
+    ds = datasets.load_from_disk(str(work / paths.PACK / "train"))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    start = time.perf_counter()
+    trainer.train()
+    queue.put(time.perf_counter() - start)
+
+
+def run_trl(work: Path, tree: dict) -> float:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=plain_trl, args=(work, tree, queue))
+    proc.start()
+    seconds = queue.get()
+    proc.join()
+    return seconds
+
+
+def run_ftflow(work: Path, tree: dict) -> tuple[float, float]:
+    """(trainer.train() seconds, whole stage seconds) of ftflow's train stage, from scratch."""
+    from ftflow import paths
+    from ftflow.config import stage_params
+    from ftflow.train import launch
+
+    shutil.rmtree(work / paths.TRAIN, ignore_errors=True)  # no checkpoint to resume from
+    start = time.perf_counter()
+    launch(stage_params(tree, "train"), work)
+    stage_s = time.perf_counter() - start
+    return json.loads((work / paths.TRAIN / "summary.json").read_text())["train_runtime_s"], stage_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ftflow-bench-train-"))
+    try:
+        # checkpoints every 20 steps and the loss every 10: what a real run does
+        overrides = [f"pack.max_length={args.max_length}", f"train.max_steps={args.steps}",
+                     "train.logging_steps=10", "train.save_steps=20"]  # fmt: skip
+        tree = prepare(work, overrides)
+        batch = tree["train"]["per_device_batch_size"] * tree["train"]["gradient_accumulation_steps"]
+        tokens = rows_tokens(work, args.steps * batch)
+        print(f"data: demo, {tokens:,} tokens in {args.steps} steps of {batch} packed rows of <= {args.max_length}; "
+              f"tiny Llama from scratch; {os.cpu_count()} cores\n")  # fmt: skip
+
+        # alternated, twice each, the best kept: the machine's other load shifts both alike
+        trl_runs, ftflow_runs = [], []
+        for _ in range(args.repeats):
+            trl_runs.append(run_trl(work, tree))
+            ftflow_runs.append(run_ftflow(work, tree))
+        trl_s = min(trl_runs)
+        loop_s, stage_s = min(r[0] for r in ftflow_runs), min(r[1] for r in ftflow_runs)
+
+        print(f"{'':44}{'seconds':>9}{'tokens/s':>11}")
+        for name, sec in [("TRL SFTTrainer.train()", trl_s), ("ftflow train stage: trainer.train()", loop_s),
+                          ("ftflow train stage: whole (launch to exit)", stage_s)]:  # fmt: skip
+            print(f"{name:44}{sec:9.2f}{tokens / sec:11,.0f}")
+        print(f"\nftflow loop / TRL  = {trl_s / loop_s:.2f}x   (target >= 0.95x)")
+        print(f"ftflow stage / TRL = {trl_s / stage_s:.2f}x   (process start, model init and saving included)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
