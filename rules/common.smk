@@ -45,6 +45,13 @@ def user_readers():
     return sorted(str(f) for f in files if f is not None)
 
 
+def reward_files(train):
+    """User GRPO reward files ("file.py:function", under conf/train/): editing one reruns train."""
+    from ftflow.rewards import reward_files as files
+
+    return files((train.get("grpo") or {}).get("rewards") or [])
+
+
 def raw_dirs():
     return [f"{paths.RAW}/{s['name']}" for s in PARAMS["data"]["sources"]]
 

@@ -5,7 +5,8 @@ rule train:
         packed=rules.pack.output.packed,
         tokenizer=rules.pack.output.tokenizer,
         base=[] if SCRATCH else [base_model()],
-        code=code("train"),
+        code=code("train", "trainers", "launcher", "rewards", "tracking", "provenance"),
+        rewards=reward_files(PARAMS["train"]),
     output:
         model=directory(f"{paths.TRAIN}/model"),
         init=[directory(base_model())] if SCRATCH else [],
@@ -17,6 +18,7 @@ rule train:
         cfg=params_of("train"),
     resources:
         gpus=0 if PARAMS["launcher"]["cpu"] else PARAMS["launcher"]["num_processes"],
+        nodes=PARAMS["launcher"]["nodes"],
     conda:
         "../envs/ftflow.yaml"
     script:

@@ -12,11 +12,11 @@ import torch
 from safetensors import safe_open
 
 from ftflow import paths
-from ftflow.config import compose, fingerprint, stage_params
+from ftflow.config import compose, stage_params
 from ftflow.consolidate import consolidate
 from ftflow.normalize import normalize
 from ftflow.pack import pack
-from ftflow.train import launch
+from ftflow.train import checkpoint_key, launch
 
 from conftest import REPO
 
@@ -51,7 +51,7 @@ def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
     assert summary["steps"] == 4 and summary["resumed_from"] is None
     total = sum(t.numel() for t in _tensors(out / "init" / "model.safetensors").values())
     assert 0 < summary["trainable_params"] < total / 2  # only the adapters train
-    ckpts = sorted(p.name for p in (out / "checkpoints" / fingerprint(stage_params(tree, "train"))).glob("checkpoint-*"))
+    ckpts = sorted(p.name for p in (out / "checkpoints" / checkpoint_key(stage_params(tree, "train"))).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
 
 

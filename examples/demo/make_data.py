@@ -6,7 +6,12 @@ copy the word) to score on the held-out split: no test record appears in the tra
 It is also small enough to be learnt in about a minute on 2 CPU cores. (Reversing the words
 was tried first: the copy-in-reverse circuit did not form within a few minutes' training.)
 
-    python examples/demo/make_data.py   # rewrites train.jsonl and test.jsonl (same bytes)
+    python examples/demo/make_data.py   # rewrites the files below (same bytes)
+
+The same training records, in the forms the other trainers take (`train=dpo|kto|grpo`):
+  preference.jsonl  DPO: prompt, chosen (the right word), rejected (the word at the other end)
+  unpaired.jsonl    KTO: prompt, completion, label (every other record gets the wrong word)
+  prompts.jsonl     GRPO: prompt and its reference answer (the exact-match reward's target)
 """
 
 import json
@@ -49,6 +54,22 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def other_end(record: dict) -> str:
+    """The wrong answer a careless reader gives: the word at the other end of the list."""
+    words = record["input"].split()
+    return words[0] if record["output"] == words[-1] else words[-1]
+
+
+def derived(train: list[dict]) -> dict[str, list[dict]]:
+    prompts = [f"{r['instruction']}\n{r['input']}" for r in train]
+    return {
+        "preference.jsonl": [{"prompt": p, "chosen": r["output"], "rejected": other_end(r)} for p, r in zip(prompts, train)],
+        "unpaired.jsonl": [{"prompt": p, "completion": r["output"] if i % 2 == 0 else other_end(r), "label": i % 2 == 0}
+                           for i, (p, r) in enumerate(zip(prompts, train))],  # fmt: skip
+        "prompts.jsonl": [{"prompt": p, "answer": r["output"]} for p, r in zip(prompts, train)],
+    }
+
+
 def main() -> None:
     rng = random.Random(SEED)
     here = Path(__file__).parent
@@ -56,6 +77,8 @@ def main() -> None:
     train = sample_records(rng, N_TRAIN, exclude={(r["instruction"], r["input"]) for r in test})
     write_jsonl(here / "train.jsonl", train)
     write_jsonl(here / "test.jsonl", test)
+    for name, records in derived(train).items():
+        write_jsonl(here / name, records)
     print(f"wrote {len(train)} train and {len(test)} test records to {here}")
 
 

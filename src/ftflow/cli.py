@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except config.StageError as err:
         print(f"ftflow {args.command}: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_status", 1)
     return 0
 
 

@@ -148,7 +148,37 @@ class Pack(Section):
     num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
 
 
+class Dpo(Section):
+    beta: float = Field(default=0.1, gt=0)  # how far the policy may move from the reference
+    loss_type: str = "sigmoid"  # TRL's DPO loss: sigmoid, ipo, hinge, robust, ...
+
+
+class Kto(Section):
+    beta: float = Field(default=0.1, gt=0)
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+
+
+class Reward(Section):
+    name: str  # a built-in (src/ftflow/rewards.py) or "file.py:function" (file under conf/train/)
+    weight: float = 1.0
+    pattern: str | None = None  # regex_match: the answer is the pattern's first group in the completion
+
+
+class Grpo(Section):
+    rewards: list[Reward] = Field(min_length=1)
+    num_generations: int = Field(default=4, ge=2)  # completions per prompt (the group)
+    max_completion_length: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.0, ge=0)  # KL penalty to the reference model (0: no reference)
+
+
+# which data kind each trainer consumes (pack writes one layout per kind)
+TRAINER_KIND = {"sft": ("conversation", "text"), "dpo": ("preference",), "kto": ("unpaired",), "grpo": ("prompt",)}
+
+
 class Train(Section):
+    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"  # the TRL trainer
     seed: int = 0
     epochs: float = Field(gt=0)
     max_steps: int = -1  # > 0 overrides epochs
@@ -159,26 +189,68 @@ class Train(Section):
     warmup_steps: float = Field(default=0.0, ge=0)  # < 1: a fraction of all steps
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = "auto"  # auto: on a GPU that supports it, never on CPU
     gradient_checkpointing: bool = False
     logging_steps: int = Field(default=10, ge=1)
-    save_steps: int = Field(default=500, ge=1)
+    save_steps: int = Field(default=500, ge=1)  # also saved on SIGUSR1/SIGTERM (preemption)
     save_total_limit: int = Field(default=2, ge=1)
+    dpo: Dpo = Dpo()
+    kto: Kto = Kto()
+    grpo: Grpo | None = None
+
+    @model_validator(mode="after")
+    def _grpo_rewards(self) -> Train:
+        if self.method == "grpo" and self.grpo is None:
+            raise ValueError("train.method=grpo needs train.grpo.rewards (see conf/train/grpo.yaml)")
+        return self
 
 
 class Peft(Section):
-    method: Literal["none", "lora"]
+    method: Literal["none", "lora", "qlora"]  # qlora: LoRA over a 4-bit base (CUDA + bitsandbytes)
     r: int = Field(default=8, ge=1)
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
+    modules_to_save: list[str] | None = None  # trained in full beside the adapters (e.g. [lm_head])
+
+
+class DeepSpeed(Section):
+    zero_stage: Literal[2, 3] = 3
+    offload_optimizer: Literal["none", "cpu"] = "none"  # optimizer states in host memory
+    offload_params: Literal["none", "cpu"] = "none"  # ZeRO-3 only: parameters in host memory
+
+
+class Fsdp(Section):
+    sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    cpu_offload: bool = False
 
 
 class Launcher(Section):
     name: Literal["accelerate"] = "accelerate"
-    num_processes: int = Field(default=1, ge=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    num_processes: int = Field(default=1, ge=1)  # per node: one per GPU (or CPU worker)
+    nodes: int = Field(default=1, ge=1)  # > 1: rank and head address come from Slurm
     cpu: bool = True  # force CPU even when an accelerator is visible
+    main_process_port: int | None = Field(default=None, ge=1024, le=65535)  # None: a free one
+    deepspeed: DeepSpeed = DeepSpeed()
+    fsdp: Fsdp = Fsdp()
+
+    @model_validator(mode="after")
+    def _processes(self) -> Launcher:
+        if self.distributed == "none" and self.num_processes * self.nodes > 1:
+            raise ValueError("launcher.distributed=none runs one process: pick ddp, fsdp or deepspeed")
+        if self.deepspeed.offload_params != "none" and self.deepspeed.zero_stage != 3:
+            raise ValueError("launcher.deepspeed.offload_params needs zero_stage 3")
+        return self
+
+
+class Tracking(Section):
+    backend: Literal["wandb", "none"] = "wandb"
+    project: str = "ftflow"
+    group: str | None = None  # None: the DVC experiment name when run by `dvc exp run`
+    name: str | None = None  # None: <method>-<peft>-<config fingerprint>
+    tags: list[str] = []
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online when a key is configured
 
 
 class Consolidate(Section):
@@ -206,6 +278,7 @@ class Config(Section):
     train: Train
     peft: Peft
     launcher: Launcher
+    tracking: Tracking
     consolidate: Consolidate
     eval: Eval
 
@@ -215,6 +288,12 @@ class Config(Section):
             raise ValueError("model.source=scratch has no tokenizer of its own: use tokenizer=train")
         if self.template.name == "model" and self.tokenizer.source == "train":
             raise ValueError("a trained tokenizer has no chat template of its own: use template=chatml")
+        kinds = TRAINER_KIND[self.train.method]
+        if self.data.kind not in kinds:
+            raise ValueError(
+                f"train.method={self.train.method} trains on {' or '.join(kinds)} data but data.kind is "
+                f"{self.data.kind} (train={self.train.method} selects its demo data; pick data= to match)"
+            )
         return self
 
 
@@ -224,7 +303,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "download": ("data", "model"),  # projected to locations only, see stage_params()
     "normalize": ("data",),
     "pack": ("model", "tokenizer", "template", "pack"),
-    "train": ("model", "train", "peft", "launcher"),
+    "train": ("model", "train", "peft", "launcher", "tracking"),
     "consolidate": ("model", "peft", "template", "consolidate"),
     "evaluate": ("model", "eval"),
 }

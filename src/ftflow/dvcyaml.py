@@ -43,10 +43,11 @@ PLOTS = {
         "template": "bar_horizontal",
     },
 }
-COARSE_DEPS = (paths.RAW, paths.MODELS, "conf/eval/tasks", "conf/data")
+COARSE_DEPS = (paths.RAW, paths.MODELS, "conf/eval/tasks", "conf/data", "conf/train")
 # Coarse deps that a stage has whatever the config, so that dvc.yaml keeps one shape: user
-# reader files live in conf/data/ (beside the data configs) and only some configs name one.
-FIXED_DEPS = {"normalize": ["conf/data"]}
+# reader files live in conf/data/ (beside the data configs), user GRPO rewards in conf/train/,
+# and only some configs name one.
+FIXED_DEPS = {"normalize": ["conf/data"], "train": ["conf/train"]}
 # DVC sets this while it runs a stage; the Snakefile then checks dvc.yaml against its DAG
 STAGE_ENV = "FTFLOW_DVC_STAGE"
 

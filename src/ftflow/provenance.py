@@ -1,28 +1,86 @@
-"""Where a result came from: code version, config fingerprint, data manifest."""
+"""Where a result came from: code version (+ uncommitted diff), config, packages, input data."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 from ftflow import paths
 
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "tokenizers",
+            "flash-attn", "bitsandbytes", "wandb", "lm-eval", "snakemake", "dvc", "ftflow")  # fmt: skip
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout
+
 
 def git_state(root: Path = Path(".")) -> dict:
-    """The commit of the code, and whether the working tree had uncommitted changes."""
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return out.stdout.strip()
+    """The commit of the code, and whether the working tree had uncommitted changes. (No remote
+    URL: those can carry credentials.)"""
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else None, "dirty": bool(status.strip()) if status is not None else None}
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+def git_diff(root: Path = Path(".")) -> str:
+    """The uncommitted changes to tracked files (what `dirty` means), as a patch."""
+    return _git(root, "diff", "HEAD", "--no-color") or ""
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def manifest_digest(root: Path = Path(".")) -> str | None:
     path = root / paths.MANIFEST
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+def tree_digest(folder: Path) -> str | None:
+    """sha256 over a folder's files (names and bytes, in name order)."""
+    if not folder.exists():
+        return None
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def input_hashes(root: Path = Path(".")) -> dict:
+    """The data a training run read: the download manifest and the packed splits, hashed."""
+    out: dict[str, str | None] = {"data/manifest.json": manifest_digest(root)}
+    pack = root / paths.PACK
+    if pack.exists():
+        for d in sorted(p for p in pack.iterdir() if p.is_dir()):
+            out[f"{paths.PACK}/{d.name}"] = tree_digest(d)
+    return out
+
+
+def provenance(cfg: dict, root: Path = Path(".")) -> dict:
+    return {"config": cfg, "git": git_state(root), "packages": package_versions(), "inputs": input_hashes(root)}
+
+
+def write_provenance(record: dict, diff: str, folder: Path) -> None:
+    """provenance.json (+ git.diff when the tree had uncommitted changes) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "provenance.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    if diff:
+        (folder / "git.diff").write_text(diff)

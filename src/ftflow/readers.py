@@ -222,12 +222,21 @@ def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
     """A built-in reader by name, or user code as "file.py:function"."""
     if spec in READERS:
         return READERS[spec][0]
-    file, func = reader_file(spec, base), spec.rsplit(":", 1)[1]
+    if ":" not in spec:
+        reader_file(spec)  # raises: unknown name
+    return load_function(spec, base, what="reader")
+
+
+def load_function(spec: str, base: Path, what: str) -> Callable:
+    """User code given as "file.py:function", the file relative to `base` (a conf/ folder)."""
+    if ":" not in spec:
+        raise ValueError(f"{what} {spec!r}: not a built-in; user code is given as 'file.py:function'")
+    file, func = base / spec.rsplit(":", 1)[0], spec.rsplit(":", 1)[1]
     if not file.is_file():
-        raise ValueError(f"reader {spec!r}: file {file} not found (user reader files are relative to {base}/)")
-    mod_spec = importlib.util.spec_from_file_location(f"ftflow_user_reader_{file.stem}", file)
+        raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
+    mod_spec = importlib.util.spec_from_file_location(f"ftflow_user_{what}_{file.stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     if not callable(getattr(module, func, None)):
-        raise ValueError(f"reader {spec!r}: {file} has no function {func!r}")
+        raise ValueError(f"{what} {spec!r}: {file} has no function {func!r}")
     return getattr(module, func)

@@ -1,12 +1,17 @@
-"""train: TRL SFT on the packed dataset, full fine-tuning or LoRA, under `accelerate launch`.
+"""train: a TRL trainer (train.method: sft | dpo | kto | grpo) on pack's rows, full weights or
+LoRA/QLoRA, under `accelerate launch` (single process, DDP, FSDP or DeepSpeed ZeRO).
 
-`launch()` is what the rule (and `ftflow train`) calls: it writes the stage config and starts
+`launch()` is what the rule (and `ftflow train`) runs: it writes the stage config and starts
 `accelerate launch -m ftflow.train <config>`, which runs `main()` in every process.
 
 Checkpoints live in results/train/checkpoints/<config fingerprint>/: a checkpoint belongs to
 one config (resuming a run from another learning rate's checkpoint would be wrong), and it is
 outside the rule's declared outputs so Snakemake does not delete it when a job fails; a rerun
-with the same config resumes from the last one.
+with the same config resumes from the last complete one.
+
+Preemption: SIGUSR1 or SIGTERM (what Slurm sends before a time limit or on preemption) makes
+every process finish its step, save a checkpoint and exit with PREEMPTED; the stage then
+fails with a message saying so, and the retry (Snakemake --retries, Slurm requeue) resumes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import csv
 import json
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,32 +30,107 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import Launcher, Model, Peft, Train, fingerprint, write_stage_config
+from ftflow.config import Launcher, Model, Peft, StageError, Tracking, Train, fingerprint, write_stage_config
 
 log = logging.getLogger(__name__)
 
 LOSS_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
+PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; run again to resume
+COMPLETE = "ftflow_complete"  # marker in a checkpoint folder once every process has saved its part
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-def launch(cfg: dict, root: Path = Path(".")) -> None:
-    """Run the stage: write its config and start training under accelerate."""
+class TrainError(StageError):
+    pass
+
+
+class Preempted(TrainError):
+    exit_status = PREEMPTED  # `ftflow train` exits with it
+
+
+def checkpoint_key(cfg: dict) -> str:
+    """The config a checkpoint belongs to: everything that shapes the weights (tracking does not)."""
+    return fingerprint({k: v for k, v in cfg.items() if k != "tracking"})
+
+
+# --- the stage: one launcher process per node -------------------------------------------------
+
+
+def launch(cfg: dict, root: Path = Path(".")) -> dict:
+    """Run the stage: write its config, start the training processes, wait for them."""
+    from ftflow.launcher import accelerate_command, launch_env
+    from ftflow.trainers import use_bf16
+
     out_dir = root / paths.TRAIN
     write_stage_config(cfg, out_dir)
-    own_files(root / paths.CHECKPOINTS / fingerprint(cfg))
-    launcher = Launcher.model_validate(cfg["launcher"])
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--num_processes", str(launcher.num_processes),
-        "--num_machines", "1",
-        "--mixed_precision", launcher.mixed_precision,
-        "--dynamo_backend", "no",
-        # every process gets its share of the cores (accelerate warns when this is left out)
-        "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // launcher.num_processes)),
-        *(["--cpu"] if launcher.cpu else []),
-        "-m", "ftflow.train", str(out_dir / "config.yaml"), str(root),
-    ]  # fmt: skip
+    train_cfg, launcher = Train.model_validate(cfg["train"]), Launcher.model_validate(cfg["launcher"])
+    check_peft_backend(Peft.model_validate(cfg["peft"]), launcher)
+    ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg)
+    own_files(ckpt_dir)
+    if os.environ.get("SLURM_NODEID", "0") == "0":  # one node cleans up, before anyone saves
+        remove_interrupted_saves(ckpt_dir)
+    (out_dir / "preempted.json").unlink(missing_ok=True)
+    env = launch_env(launcher)
+    cmd = accelerate_command(launcher, use_bf16(train_cfg, launcher),
+                             ["ftflow.train", str(out_dir / "config.yaml"), str(root)], env)  # fmt: skip
     log.info("Launching: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    returncode = run_forwarding_signals(cmd, env, out_dir / "workers")
+    preempted = out_dir / "preempted.json"
+    if preempted.exists():
+        info = json.loads(preempted.read_text())
+        raise Preempted(
+            f"training stopped on {info['signal']} at step {info['step']}; {info['checkpoint']} saved. "
+            "Run the stage again to resume from it (the Slurm profile retries it)."
+        )
+    if returncode != 0:
+        raise TrainError(f"training failed (exit status {returncode}); see the log above")
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path) -> int:
+    """Run the launcher; a stop signal that reaches this process is passed to the training
+    processes (whose pids they write to `pid_dir`). The launcher itself and torchrun ignore
+    SIGUSR1/SIGTERM (set here, inherited), so they wait for the workers' checkpoint instead of
+    dying first; the workers install their own handlers."""
+    shutil.rmtree(pid_dir, ignore_errors=True)
+    pid_dir.mkdir(parents=True)
+
+    def ignore_stop_signals():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def forward(signum, frame):
+        log.warning("Got %s: asking the training processes to checkpoint and stop", signal.Signals(signum).name)
+        for pid_file in pid_dir.glob("*.pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        with subprocess.Popen(cmd, env=env, preexec_fn=ignore_stop_signals) as proc:
+            return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
+    """QLoRA quantizes the base with bitsandbytes kernels, which need a CUDA GPU."""
+    if peft_cfg.method != "qlora":
+        return
+    import importlib.util
+
+    import torch
+
+    missing = []
+    if launcher.cpu or not torch.cuda.is_available():
+        missing.append("a CUDA GPU (launcher.cpu=false on a GPU node)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    if missing:
+        raise TrainError(f"peft=qlora needs {' and '.join(missing)}; use peft=lora on this machine")
 
 
 def own_files(ckpt_dir: Path) -> None:
@@ -65,6 +147,83 @@ def own_files(ckpt_dir: Path) -> None:
             path.write_bytes(data)
 
 
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    found = ckpt_dir.glob("checkpoint-*") if ckpt_dir.is_dir() else []
+    return sorted((p for p in found if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint every process finished writing (a process killed while saving
+    leaves a folder without the marker: never resumed from)."""
+    complete = [p for p in checkpoints(ckpt_dir) if (p / COMPLETE).exists()]
+    return complete[-1] if complete else None
+
+
+def remove_interrupted_saves(ckpt_dir: Path) -> None:
+    """Before the processes start: drop checkpoint folders whose save never completed."""
+    for partial in (p for p in checkpoints(ckpt_dir) if not (p / COMPLETE).exists()):
+        log.warning("Removing %s: its save was interrupted", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def run_callbacks(curve: Path):
+    """Callbacks: the loss curve CSV, checkpoint completion markers, and stop-on-signal."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class LossCurve(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            new = not curve.exists()
+            with curve.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
+                if new:
+                    writer.writeheader()
+                writer.writerow({"step": state.global_step, **logs})
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()  # every process has written its shards
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (folder / COMPLETE).write_text(json.dumps({"step": state.global_step}))
+
+    class StopOnSignal(TrainerCallback):
+        """Save and stop at the end of the step in which any process got a stop signal; all
+        processes agree (an all-reduce per step) so that they save the same step."""
+
+        def __init__(self):
+            self.signal: int | None = None
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, self._handle)
+
+        def _handle(self, signum, frame):
+            self.signal = signum
+
+        def on_step_end(self, args, state, control, **kwargs):
+            got = self.signal or 0
+            if dist.is_available() and dist.is_initialized():
+                device = args.device if dist.get_backend() == "nccl" else torch.device("cpu")
+                flag = torch.tensor([got], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                got = int(flag.item())
+            if got:
+                self.signal = got
+                control.should_save = True
+                control.should_training_stop = True
+
+    return [LossCurve(), MarkComplete(), StopOnSignal()]
+
+
+# --- one training process ------------------------------------------------------------------------
+
+
 def attn_implementation(requested: str) -> str:
     """auto: flash-attn 2 when it is installed and a GPU is there, else PyTorch sdpa."""
     if requested != "auto":
@@ -78,106 +237,59 @@ def attn_implementation(requested: str) -> str:
     return "sdpa"
 
 
-def init_scratch(model_cfg: Model, tok, seed: int, out: Path):
-    """A randomly initialised model of model.architecture, saved as the base for evaluation."""
+def init_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
+    """Save a randomly initialised model of model.architecture as the base (for evaluation and
+    merging too); every process then loads it like a downloaded base. The first process to get
+    the lock writes it (the same bytes each time: seeded), the others wait for it."""
+    from filelock import FileLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker, what = out / "ftflow_init.json", {"model": model_cfg.model_dump(), "vocab": len(tok), "seed": seed}
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not marker.exists() or json.loads(marker.read_text()) != what:
+            _write_scratch(model_cfg, tok, seed, out)
+            marker.write_text(json.dumps(what))
+
+
+def _write_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(model_cfg.architecture)
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **arch,
-    )
+        model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None, **arch,
+    )  # fmt: skip
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn_implementation(model_cfg.attn_implementation), dtype=getattr(torch, model_cfg.dtype)
-    )
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg.dtype))
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    return model
 
 
-def load_base(model_cfg: Model, tok, root: Path):
+def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int):
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if peft_cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        root / paths.base_model_dir(model_cfg.model_dump()),
+        path,
         dtype=getattr(torch, model_cfg.dtype),
         attn_implementation=attn_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
     )
-    if len(tok) > model.get_input_embeddings().num_embeddings:
+    if vocab > model.get_input_embeddings().num_embeddings:
         # pack added the chat template's marker tokens to the vocabulary
-        model.resize_token_embeddings(len(tok))
+        model.resize_token_embeddings(vocab)
     return model
-
-
-def lora_config(peft_cfg: Peft):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=peft_cfg.r,
-        lora_alpha=peft_cfg.alpha,
-        lora_dropout=peft_cfg.dropout,
-        target_modules=peft_cfg.target_modules,
-        task_type="CAUSAL_LM",
-    )
-
-
-def sft_config(train_cfg: Train, launcher: Launcher, output_dir: Path):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(output_dir),
-        seed=train_cfg.seed,
-        num_train_epochs=train_cfg.epochs,
-        max_steps=train_cfg.max_steps,
-        per_device_train_batch_size=train_cfg.per_device_batch_size,
-        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-        learning_rate=train_cfg.learning_rate,
-        lr_scheduler_type=train_cfg.lr_scheduler,
-        warmup_steps=train_cfg.warmup_steps,
-        weight_decay=train_cfg.weight_decay,
-        max_grad_norm=train_cfg.max_grad_norm,
-        bf16=train_cfg.bf16,
-        gradient_checkpointing=train_cfg.gradient_checkpointing,
-        logging_steps=train_cfg.logging_steps,
-        save_steps=train_cfg.save_steps,
-        save_total_limit=train_cfg.save_total_limit,
-        use_cpu=launcher.cpu,
-        report_to=[],
-        # pack already tokenized, masked and packed: TRL must consume the rows as they are.
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
-        # the collator flattens each batch and rebuilds per-sequence position ids from
-        # `seq_lengths`, so attention stays inside each packed conversation
-        padding_free=True,
-        remove_unused_columns=False,
-    )
-
-
-def loss_logger(path: Path):
-    """A callback that appends every logged training step to a CSV (the loss curve)."""
-    from transformers import TrainerCallback
-
-    class LossCurve(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            new = not path.exists()
-            with path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
-                if new:
-                    writer.writeheader()
-                writer.writerow({"step": state.global_step, **logs})
-
-    return LossCurve()
 
 
 def load_packed(path: Path):
@@ -197,64 +309,83 @@ def write_curve(path: Path, history: list[dict]) -> None:
         writer.writerows(h for h in history if "loss" in h)
 
 
-def main(config_path: str, root: str = ".") -> dict:
+def main(config_path: str, root: str = ".") -> dict | None:
     """Train in this process (one of the processes accelerate started)."""
-    import datasets
     from transformers import AutoTokenizer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTTrainer
+
+    from ftflow import tracking, trainers
+    from ftflow.provenance import git_diff, provenance, write_provenance
 
     root = Path(root)
     cfg = yaml.safe_load(Path(config_path).read_text())
     model_cfg, train_cfg = Model.model_validate(cfg["model"]), Train.model_validate(cfg["train"])
     peft_cfg, launcher = Peft.model_validate(cfg["peft"]), Launcher.model_validate(cfg["launcher"])
-    out_dir = root / paths.TRAIN
-    set_seed(train_cfg.seed)
+    out_dir, key = root / paths.TRAIN, checkpoint_key(cfg)
+    ckpt_dir = out_dir / "checkpoints" / key
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
+    (out_dir / "workers" / f"{rank}.pid").write_text(str(os.getpid()))
+    callbacks = run_callbacks(out_dir / "loss.csv")  # handlers installed before the slow part
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
+    base = root / paths.base_model_dir(model_cfg.model_dump())
     if model_cfg.source == "scratch":
-        log.info("Initialising <%s> from scratch", model_cfg.name)
-        model = init_scratch(model_cfg, tok, train_cfg.seed, out_dir / "init")
-    else:
-        log.info("Loading base model <%s>", model_cfg.name)
-        model = load_base(model_cfg, tok, root)
-    train_ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
+        init_scratch(model_cfg, tok, train_cfg.seed, base)
+    resume = last_complete_checkpoint(ckpt_dir)
+    set_seed(train_cfg.seed)
+    model = load_model(model_cfg, peft_cfg, base, len(tok))
+    # DPO/KTO without adapters compare against a frozen copy of the starting model (with
+    # adapters, the same model with the adapters off)
+    needs_ref = train_cfg.method in ("dpo", "kto") or (train_cfg.method == "grpo" and train_cfg.grpo.beta > 0)
+    ref_model = load_model(model_cfg, peft_cfg, base, len(tok)) if needs_ref and peft_cfg.method == "none" else None
+    train_ds = load_packed(root / paths.PACK / "train")
     eval_ds = load_packed(root / paths.PACK / "validation")
+    if train_cfg.method == "grpo":
+        train_ds, eval_ds = trainers.grpo_dataset(train_ds), None
 
-    ckpt_dir = root / paths.CHECKPOINTS / fingerprint(cfg)
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
-    curve = out_dir / "loss.csv"
-    if resume is None and curve.exists():
-        curve.unlink()  # a fresh run starts a fresh curve
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(train_cfg, launcher, ckpt_dir),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tok,
-        peft_config=lora_config(peft_cfg) if peft_cfg.method == "lora" else None,
-        callbacks=[loss_logger(curve)],
-    )
+    record = provenance(cfg, root)
+    report_to: list[str] = []
+    if rank == 0:
+        if resume is None:
+            (out_dir / "loss.csv").unlink(missing_ok=True)  # a fresh run starts a fresh curve
+        write_provenance(record, git_diff(root), ckpt_dir)
+        report_to = tracking.start(Tracking.model_validate(cfg["tracking"]), run_id=key,
+                                   name=f"{train_cfg.method}-{peft_cfg.method}-{key}", config=record,
+                                   files=[ckpt_dir / "provenance.json", ckpt_dir / "git.diff"],
+                                   folder=out_dir)  # fmt: skip
+    args = trainers.common_args(train_cfg, launcher, ckpt_dir, report_to, run_name=key)
+    trainer = trainers.build(train_cfg, peft_cfg, args, model, ref_model, tok, train_ds, eval_ds, callbacks)
     if resume:
         log.info("Resuming from %s", resume)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stop = callbacks[-1].signal
+    if stop:
+        if trainer.is_world_process_zero():
+            step = trainer.state.global_step
+            (out_dir / "preempted.json").write_text(json.dumps(
+                {"signal": signal.Signals(stop).name, "step": step, "checkpoint": f"checkpoint-{step}"}))  # fmt: skip
+        tracking.finish()
+        sys.exit(PREEMPTED)
     trainer.save_model(str(out_dir / "model"))  # the adapter for LoRA, full weights otherwise
     summary = {
+        "method": train_cfg.method,
         "train_loss": result.training_loss,
         "final_loss": _last_logged_loss(trainer.state.log_history),
         "steps": result.global_step,
         "train_runtime_s": round(time.time() - start, 1),
-        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "resumed_from": Path(resume).name if resume else None,
-        "config_fingerprint": fingerprint(cfg),
+        # ZeRO-3 leaves each process a shard: ds_numel is the whole parameter's size
+        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
+        "resumed_from": resume.name if resume else None,
+        "config_fingerprint": key,
     }
     if trainer.is_world_process_zero():
         # the whole curve, also the steps logged before a resume (restored with trainer_state.json)
-        write_curve(curve, trainer.state.log_history)
+        write_curve(out_dir / "loss.csv", trainer.state.log_history)
         tok.save_pretrained(out_dir / "model")
+        write_provenance(record, "", out_dir / "model")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         prune_other_configs(ckpt_dir)
+    tracking.finish()
     return summary
 
 
@@ -262,8 +393,6 @@ def prune_other_configs(keep: Path) -> None:
     """Once a run has finished, drop the checkpoints of other configs: they can never be resumed
     by this config, and DVC versions the checkpoints folder as one output, so each experiment's
     version holds only its own (multi-GB) checkpoints."""
-    import shutil
-
     for other in keep.parent.iterdir():
         if other != keep and other.is_dir():
             log.info("Removing checkpoints of another config: %s", other)

@@ -1,0 +1,110 @@
+"""The `accelerate launch` command line of a launcher config (conf/launcher/).
+
+One config says how many processes and nodes a training run has; the Slurm profile reads the
+same values for its resource request (issue: the two can never disagree). On a multi-node
+Slurm job each node runs this once (one task per node) and the machine rank and the head
+node's address come from Slurm's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from ftflow.config import Launcher, StageError
+
+
+class LaunchError(StageError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_hosts(nodelist: str) -> list[str]:
+    """Slurm's compressed node list (node[01-03]) expanded, as `scontrol show hostnames` does."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: {err}") from None
+    return out.stdout.split()
+
+
+def rendezvous(launcher: Launcher, env: dict[str, str]) -> tuple[int, str, int]:
+    """(machine rank, head address, port) of this node."""
+    if launcher.nodes == 1:
+        return 0, "127.0.0.1", launcher.main_process_port or free_port()
+    if "SLURM_JOB_NODELIST" not in env:
+        raise LaunchError(
+            f"launcher.nodes={launcher.nodes} needs Slurm: run the train rule through the Slurm profile "
+            "(one task per node), which provides SLURM_JOB_NODELIST and SLURM_NODEID"
+        )
+    hosts = slurm_hosts(env["SLURM_JOB_NODELIST"])
+    if len(hosts) != launcher.nodes:
+        raise LaunchError(f"launcher.nodes={launcher.nodes} but the Slurm job has {len(hosts)} nodes: {hosts}")
+    # the same port on every node, different for concurrent jobs
+    port = launcher.main_process_port or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return int(env["SLURM_NODEID"]), hosts[0], port
+
+
+def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], env: dict[str, str]) -> list[str]:
+    rank, head, port = rendezvous(launcher, env)
+    cores = len(os.sched_getaffinity(0))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(launcher.num_processes * launcher.nodes),
+        "--num_machines", str(launcher.nodes),
+        "--machine_rank", str(rank),
+        "--main_process_ip", head,
+        "--main_process_port", str(port),
+        "--mixed_precision", "bf16" if bf16 else "no",
+        "--dynamo_backend", "no",
+        # each process gets its share of this node's cores (Slurm's cpuset when under Slurm)
+        "--num_cpu_threads_per_process", str(max(1, cores // launcher.num_processes)),
+    ]  # fmt: skip
+    cmd += distributed_flags(launcher)
+    return cmd + ["-m", *module_args]
+
+
+def distributed_flags(launcher: Launcher) -> list[str]:
+    """accelerate's flags for the launcher's kind. Multi-process on CPU goes through the same
+    torchrun launcher as GPUs (--multi_gpu; `--cpu` would start a single process): the workers
+    then pick gloo because the trainer is told to use the CPU."""
+    if launcher.distributed == "none":
+        return ["--cpu"] if launcher.cpu else []
+    if launcher.distributed == "ddp":
+        return ["--multi_gpu"]
+    if launcher.distributed == "deepspeed":
+        ds = launcher.deepspeed
+        flags = ["--use_deepspeed", "--zero_stage", str(ds.zero_stage),
+                 "--offload_optimizer_device", ds.offload_optimizer]  # fmt: skip
+        if ds.zero_stage == 3:
+            # full 16-bit weights gathered at save time: train/model is a loadable model
+            flags += ["--offload_param_device", ds.offload_params, "--zero3_init_flag", "false",
+                      "--zero3_save_16bit_model", "true"]  # fmt: skip
+        return flags
+    fs = launcher.fsdp
+    return [
+        "--use_fsdp", "--fsdp_version", "2",
+        "--fsdp_reshard_after_forward", str(fs.sharding in ("FULL_SHARD", "HYBRID_SHARD")).lower(),
+        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+        "--fsdp_offload_params", str(fs.cpu_offload).lower(),
+        "--fsdp_cpu_ram_efficient_loading", "false",
+    ]  # fmt: skip
+
+
+def launch_env(launcher: Launcher) -> dict[str, str]:
+    """Environment for the launcher and its workers."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # torchrun would turn SIGTERM (Slurm's preemption signal) into killing the workers
+    # 30 s later; the workers handle it themselves (checkpoint, then exit)
+    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    if launcher.distributed == "deepspeed" and launcher.cpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would pick a visible GPU
+    return env

@@ -1,0 +1,289 @@
+"""The train stage for real: TRL's SFT/DPO/KTO/GRPO trainers on a tiny model on CPU, the DDP and
+DeepSpeed ZeRO-3 launchers on 2 processes (gloo), resume after SIGKILL, checkpoint on SIGUSR1,
+and no secret in anything a run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftflow import paths
+from ftflow.config import compose, stage_params
+from ftflow.normalize import normalize
+from ftflow.pack import pack
+from ftflow.train import COMPLETE, PREEMPTED, checkpoint_key
+
+from conftest import BIN, copy_repo, env, ftflow, job_stats, snakemake
+
+pytestmark = pytest.mark.slow
+
+# small and fast: 200 demo conversations, 128-token rows, no tracker unless a test wants one
+BASE = ["+data.sources.0.limit=200", "pack.max_length=128", "tracking=none", "train.logging_steps=1"]
+
+
+def prepared(root: Path, overrides: list[str]) -> Path:
+    """A copy of the workflow with the data of `overrides` normalized and packed."""
+    copy_repo(root)
+    tree = compose(overrides, root / "conf")
+    for s in tree["data"]["sources"]:
+        (root / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
+    normalize(stage_params(tree, "normalize"), root)
+    pack(stage_params(tree, "pack"), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    return prepared(tmp_path_factory.mktemp("sft") / "repo", BASE)
+
+
+def clone(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def losses(root: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader((root / paths.TRAIN / "loss.csv").open())]
+
+
+def summary(root: Path) -> dict:
+    return json.loads((root / paths.TRAIN / "summary.json").read_text())
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    model = root / paths.TRAIN / "model"
+    name = "adapter_model.safetensors" if (model / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(model / name)
+
+
+def falls(curve: list[float]) -> bool:
+    """The last quarter of a loss curve is clearly below its first quarter."""
+    q = max(1, len(curve) // 4)
+    return sum(curve[-q:]) / q < 0.9 * sum(curve[:q]) / q
+
+
+# --- each trainer -----------------------------------------------------------------------------
+
+
+def test_sft_full_fine_tuning_learns_and_loads(conversations, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root = clone(conversations, tmp_path / "repo")
+    ftflow("train", *BASE, "train.max_steps=16", "train.save_steps=8", cwd=root)
+    curve = losses(root)
+    assert len(curve) == 16 and falls(curve), curve
+    s = summary(root)
+    assert s["method"] == "sft" and s["steps"] == 16
+    model = AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "model")
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    assert s["trainable_params"] == model.num_parameters() == sum(t.numel() for t in init.values())
+
+
+def test_dpo_with_lora_prefers_the_chosen_answers(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    overrides = ["train=dpo", "peft=lora", "+data.sources.0.limit=16", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=12", "train.learning_rate=5e-3", "train.save_steps=100"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides)
+    ftflow("train", *overrides, cwd=root)
+    curve = losses(root)
+    # DPO's loss starts at ln 2 (policy = reference) and falls as chosen answers gain on rejected
+    assert abs(curve[0] - 0.6931) < 1e-3 and falls(curve), curve
+    state = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-12/trainer_state.json")).read_text())
+    assert state["log_history"][-2]["rewards/accuracies"] > 0.5
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init"),
+                                      root / paths.TRAIN / "model")  # fmt: skip
+    assert any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_kto_full_fine_tuning_trains(tmp_path):
+    overrides = ["train=kto", "+data.sources.0.limit=16", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=12", "train.learning_rate=1e-3", "train.save_steps=100"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides)
+    ftflow("train", *overrides, cwd=root)
+    curve = losses(root)
+    assert abs(curve[0] - 0.5) < 0.05 and falls(curve), curve  # KTO's loss starts at 0.5 (policy = reference)
+    assert summary(root)["method"] == "kto"
+
+
+def test_grpo_samples_rewards_and_updates(tmp_path):
+    overrides = ["train=grpo", "+data.sources.0.limit=64", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=3", "train.save_steps=100", "train.learning_rate=1e-3",
+                 "train.grpo.max_completion_length=6", "train.grpo.num_generations=4",
+                 "train.grpo.rewards=[{name:exact_match},{name:regex_match,pattern:'(\\w+)'},{name:'my_rewards.py:short'}]"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides[:-1])
+    # a user reward beside the train configs: favours completions of fewer characters (random
+    # tokens differ in length, so the rewards in a group differ from the start)
+    (root / "conf/train/my_rewards.py").write_text(
+        "def short(completions, **kwargs):\n"
+        "    return [-len(c) / 50 for c in completions]\n"
+    )
+    ftflow("train", *overrides, cwd=root)
+    state = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-3/trainer_state.json")).read_text())
+    logged = state["log_history"][0]
+    assert {"rewards/exact_match/mean", "rewards/regex_match/mean", "rewards/short/mean"} <= set(logged)
+    assert 0 < logged["completions/mean_length"] <= 6 and logged["rewards/short/std"] > 0
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    tuned = weights(root)
+    # the rewards differ within groups: non-zero advantages moved the weights
+    assert any(not torch.equal(init[k], tuned[k]) for k in init)
+
+
+def test_qlora_without_cuda_is_a_clear_error(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    proc = ftflow("train", *BASE, "peft=qlora", "train.max_steps=1", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "peft=qlora needs a CUDA GPU" in proc.stderr and "use peft=lora" in proc.stderr
+
+
+# --- launchers: 2 processes over gloo -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_two_process_launchers_train_and_save_a_loadable_model(conversations, tmp_path, launcher):
+    from transformers import AutoModelForCausalLM
+
+    root = clone(conversations, tmp_path / "repo")
+    ftflow("train", *BASE, f"launcher={launcher}", "train.max_steps=12", "train.save_steps=6", cwd=root)
+    assert sorted(p.name for p in (root / paths.TRAIN / "workers").iterdir()) == ["0.pid", "1.pid"]
+    if launcher == "zero3":
+        ckpt = next((root / paths.CHECKPOINTS).glob("*/checkpoint-12"))
+        shards = sorted(p.name for p in ckpt.rglob("*model_states.pt"))
+        # ZeRO-3 wrote one parameter shard per process (consolidate's input), and gathered the
+        # full weights into train/model at the end
+        assert shards == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    curve = losses(root)
+    assert len(curve) == 12 and falls(curve), curve
+    model = AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "model")
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    assert model.num_parameters() == sum(t.numel() for t in init.values())
+    assert summary(root)["trainable_params"] == model.num_parameters()
+
+
+# --- interruptions ----------------------------------------------------------------------------------
+
+KILL = [*BASE, "train.max_steps=24", "train.save_steps=2", "train.save_total_limit=2", "train.warmup_steps=2"]
+
+
+def start_stage(root: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "ftflow"), "train", *overrides], cwd=root, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((root / paths.CHECKPOINTS).glob(f"*/checkpoint-{step}/{COMPLETE}")):
+            return
+        assert proc.poll() is None, f"training ended before checkpoint-{step}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint-{step} after {timeout} s")
+
+
+def test_killed_three_times_resumes_to_the_same_weights(conversations, tmp_path):
+    """SIGKILL (no chance to save) at three points; each rerun resumes from the last complete
+    checkpoint, and the final weights and loss curve are bitwise those of an uninterrupted run:
+    on CPU every step is deterministic, and the checkpoint restores model, optimizer, scheduler,
+    RNG states and the data order (the sampler's epoch seed plus the batches already seen)."""
+    straight = clone(conversations, tmp_path / "straight")
+    ftflow("train", *KILL, cwd=straight)
+
+    root = clone(conversations, tmp_path / "killed")
+    resumed = []
+    for step in (2, 8, 14):
+        proc = start_stage(root, KILL)
+        wait_for_checkpoint(root, step, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        last = max(int(p.name.split("-")[1]) for p in (root / paths.CHECKPOINTS).glob("*/checkpoint-*"))
+        resumed.append(last)
+    ftflow("train", *KILL, cwd=root)
+    s = summary(root)
+    assert s["steps"] == 24 and s["resumed_from"] is not None
+    first = summary(straight)
+    assert first["resumed_from"] is None
+    # each kill came later than the one before and before the end
+    assert resumed == sorted(resumed) and resumed[0] >= 2 and resumed[-1] < 24, resumed
+    a, b = weights(straight), weights(root)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(root) == losses(straight)
+
+
+def test_sigusr1_checkpoints_and_the_workflow_retry_resumes(conversations, tmp_path):
+    """Slurm signals a job before its time limit (--signal=USR1@...): the stage saves a checkpoint
+    at the end of the current step, exits non-zero, and Snakemake's retry resumes from it."""
+    root = clone(conversations, tmp_path / "repo")
+    overrides = [*BASE, "train.max_steps=200", "train.save_steps=1000"]
+    ftflow("compose", *overrides, cwd=root)
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--profile", "profiles/local", "--retries", "1",
+                             f"{paths.TRAIN}/summary.json"], cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    pids = root / paths.TRAIN / "workers"
+    deadline = time.time() + 120
+    while not list((root / paths.CHECKPOINTS).glob("*")) or not losses_logged(root):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(int((pids / "0.pid").read_text()), signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    log = (root / paths.LOGS / "train.log").read_text()
+    first = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-*/trainer_state.json")).read_text())
+    s = summary(root)
+    # the signal's checkpoint (save_steps is 1000: no other) is where the retry resumed
+    assert s["resumed_from"] is not None and s["steps"] == 200, s
+    step = int(s["resumed_from"].split("-")[1])
+    assert 0 < step < 200
+    assert job_stats(out).get("train") == 1 and "Trying to restart job" in out, out[-3000:]
+    assert f"training stopped on SIGUSR1 at step {step}" in out + log
+    assert first["global_step"] in (step, 200)
+
+
+def losses_logged(root: Path) -> bool:
+    curve = root / paths.TRAIN / "loss.csv"
+    return curve.exists() and len(curve.read_text().splitlines()) > 3
+
+
+# --- tracking and secrets ------------------------------------------------------------------------
+
+FAKE_WANDB_KEY = "f3a9c1d27b4e8a6052c9e1f4b7d3a8c6e2f5b9d1"  # 40 hex characters, as wandb keys are
+FAKE_HF_TOKEN = "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"
+
+
+def test_tracked_run_writes_provenance_and_no_secret(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", "--allow-empty"],
+                   cwd=root, check=True)  # fmt: skip
+    # a remote URL with a token in it, as some users configure: it must not be recorded
+    subprocess.run(["git", "remote", "add", "origin", f"https://user:{FAKE_HF_TOKEN}@example.com/r.git"], cwd=root, check=True)
+    secrets = {"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_HF_TOKEN}
+    overrides = [*BASE[:-2], "train.logging_steps=1", "tracking=wandb", "tracking.mode=offline",
+                 "tracking.tags=[demo,ci]", "train.max_steps=4", "train.save_steps=2"]  # fmt: skip
+    proc = ftflow("train", *overrides, cwd=root, env_extra=secrets)
+    ckpt = next((root / paths.CHECKPOINTS).glob("*"))
+    record = json.loads((ckpt / "provenance.json").read_text())
+    assert record["git"]["commit"] and record["config"]["train"]["max_steps"] == 4
+    assert record["packages"]["trl"] and record["inputs"]["results/pack/train"]
+    assert (root / paths.TRAIN / "model" / "provenance.json").exists()
+    runs = list((root / paths.TRAIN / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    written = [p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    assert len(written) > 50
+    texts = [proc.stdout, proc.stderr] + [p.read_bytes().decode("utf-8", "replace") for p in written]
+    for secret in (FAKE_WANDB_KEY, FAKE_HF_TOKEN):
+        leaks = [str(p) for p, t in zip(["stdout", "stderr", *written], texts) if secret in t]
+        assert not leaks, leaks
