@@ -62,6 +62,9 @@ def plain_trl(work: Path, tree: dict, queue) -> None:
 
     from ftflow import paths
 
+    # the threads ftflow's launcher gives its one process (--num_cpu_threads_per_process): a
+    # spawned child would otherwise take torch's default, which may differ
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     train, model_cfg = tree["train"], tree["model"]
     tok = AutoTokenizer.from_pretrained(work / paths.PACK / "tokenizer")
     arch = dict(model_cfg["architecture"])
@@ -72,26 +75,28 @@ def plain_trl(work: Path, tree: dict, queue) -> None:
     args = SFTConfig(output_dir=str(work / "trl"), seed=train["seed"], max_steps=train["max_steps"],
                      per_device_train_batch_size=train["per_device_batch_size"], learning_rate=train["learning_rate"],
                      lr_scheduler_type=train["lr_scheduler"], warmup_steps=train["warmup_steps"],
-                     logging_steps=train["logging_steps"], save_strategy="no", use_cpu=True, bf16=False,
+                     logging_steps=train["logging_steps"], save_steps=train["save_steps"],
+                     save_total_limit=train["save_total_limit"], use_cpu=True, bf16=False,
                      report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
                      padding_free=True, remove_unused_columns=False)  # fmt: skip
     ds = datasets.load_from_disk(str(work / paths.PACK / "train"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     start = time.perf_counter()
     trainer.train()
-    queue.put(time.perf_counter() - start)
+    queue.put((time.perf_counter() - start, torch.get_num_threads()))
 
 
-def run_trl(work: Path, tree: dict) -> float:
+def run_trl(work: Path, tree: dict) -> tuple[float, int]:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=plain_trl, args=(work, tree, queue))
     proc.start()
-    seconds = queue.get()
+    seconds, threads = queue.get()
     proc.join()
-    return seconds
+    shutil.rmtree(work / "trl", ignore_errors=True)
+    return seconds, threads
 
 
 def run_ftflow(work: Path, tree: dict) -> tuple[float, float]:
@@ -124,20 +129,22 @@ def main() -> None:
         tokens = rows_tokens(work, args.steps * batch)
         print(f"data: demo, {tokens:,} tokens in {args.steps} steps of {batch} packed rows of <= {args.max_length}; "
               f"tiny Llama from scratch; {os.cpu_count()} cores\n")  # fmt: skip
+        print("both: checkpoints every 20 steps, loss logged every 10; ftflow also tracks the run in wandb (offline)\n")
 
         # alternated, twice each, the best kept: the machine's other load shifts both alike
         trl_runs, ftflow_runs = [], []
         for _ in range(args.repeats):
             trl_runs.append(run_trl(work, tree))
             ftflow_runs.append(run_ftflow(work, tree))
-        trl_s = min(trl_runs)
+        trl_s = min(r[0] for r in trl_runs)
         loop_s, stage_s = min(r[0] for r in ftflow_runs), min(r[1] for r in ftflow_runs)
 
         print(f"{'':44}{'seconds':>9}{'tokens/s':>11}")
         for name, sec in [("TRL SFTTrainer.train()", trl_s), ("ftflow train stage: trainer.train()", loop_s),
                           ("ftflow train stage: whole (launch to exit)", stage_s)]:  # fmt: skip
             print(f"{name:44}{sec:9.2f}{tokens / sec:11,.0f}")
-        print(f"\nftflow loop / TRL  = {trl_s / loop_s:.2f}x   (target >= 0.95x)")
+        print(f"\ntorch threads: TRL {trl_runs[0][1]}, ftflow {len(os.sched_getaffinity(0))} (its launcher's share of the cores)")
+        print(f"ftflow loop / TRL  = {trl_s / loop_s:.2f}x   (target >= 0.95x)")
         print(f"ftflow stage / TRL = {trl_s / stage_s:.2f}x   (process start, model init and saving included)")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -96,6 +96,7 @@ def test_experiment_overrides_groups_and_keys():
         (["train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
         (["train=dpo", "data=demo"], "train.method=dpo trains on preference data but data.kind is conversation"),
         (["launcher.num_processes=2"], "launcher.distributed=none runs one process"),
+        (["launcher=fsdp", "launcher.cpu=true"], "launcher.distributed=fsdp needs GPUs"),
         (["launcher=zero2", "+launcher.deepspeed.offload_params=cpu"], "offload_params needs zero_stage 3"),
         (["train.method=grpo", "data=demo_prompts"], "train.method=grpo needs train.grpo.rewards"),
     ],

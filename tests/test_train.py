@@ -287,3 +287,9 @@ def test_tracked_run_writes_provenance_and_no_secret(conversations, tmp_path):
     for secret in (FAKE_WANDB_KEY, FAKE_HF_TOKEN):
         leaks = [str(p) for p, t in zip(["stdout", "stderr", *written], texts) if secret in t]
         assert not leaks, leaks
+
+
+def test_gpu_launchers_without_gpus_are_a_clear_error(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    proc = ftflow("train", *BASE, "launcher=fsdp", cwd=root, check=False)
+    assert proc.returncode == 1 and "needs as many GPUs; this node has 0" in proc.stderr, proc.stderr[-2000:]

@@ -241,6 +241,9 @@ class Launcher(Section):
             raise ValueError("launcher.distributed=none runs one process: pick ddp, fsdp or deepspeed")
         if self.deepspeed.offload_params != "none" and self.deepspeed.zero_stage != 3:
             raise ValueError("launcher.deepspeed.offload_params needs zero_stage 3")
+        if self.distributed == "fsdp" and self.cpu:
+            # accelerate runs FSDP on accelerators only; on CPU it would quietly train DDP
+            raise ValueError("launcher.distributed=fsdp needs GPUs (launcher.cpu=false); on CPU use ddp or deepspeed")
         return self
 
 

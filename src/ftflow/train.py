@@ -65,6 +65,7 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
     write_stage_config(cfg, out_dir)
     train_cfg, launcher = Train.model_validate(cfg["train"]), Launcher.model_validate(cfg["launcher"])
     check_peft_backend(Peft.model_validate(cfg["peft"]), launcher)
+    check_accelerators(launcher)
     ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg)
     own_files(ckpt_dir)
     if os.environ.get("SLURM_NODEID", "0") == "0":  # one node cleans up, before anyone saves
@@ -131,6 +132,21 @@ def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
         missing.append("bitsandbytes (pip install bitsandbytes)")
     if missing:
         raise TrainError(f"peft=qlora needs {' and '.join(missing)}; use peft=lora on this machine")
+
+
+def check_accelerators(launcher: Launcher) -> None:
+    """A launcher that asks for GPUs gets them or stops here (accelerate would quietly fall back
+    to CPU, FSDP to DDP)."""
+    if launcher.cpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < launcher.num_processes:
+        raise TrainError(
+            f"launcher.cpu=false with {launcher.num_processes} processes per node needs as many GPUs; "
+            f"this node has {have}. On a CPU machine use launcher=local, ddp or zero3."
+        )
 
 
 def own_files(ckpt_dir: Path) -> None:
