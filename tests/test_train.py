@@ -293,3 +293,49 @@ def test_gpu_launchers_without_gpus_are_a_clear_error(conversations, tmp_path):
     root = clone(conversations, tmp_path / "repo")
     proc = ftflow("train", *BASE, "launcher=fsdp", cwd=root, check=False)
     assert proc.returncode == 1 and "needs as many GPUs; this node has 0" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- the launcher's command line and the tracker's mode ---------------------------------------------
+
+
+def launcher_flags(*overrides: str) -> list[str]:
+    from ftflow.config import Launcher
+    from ftflow.launcher import accelerate_command
+
+    tree = compose(list(overrides), Path(__file__).parents[1] / "conf")
+    return accelerate_command(Launcher.model_validate(tree["launcher"]), False, ["ftflow.train"], {})
+
+
+def test_each_launcher_becomes_its_accelerate_flags():
+    local = launcher_flags()
+    assert "--cpu" in local and local[local.index("--num_processes") + 1] == "1"
+    ddp = launcher_flags("launcher=ddp")
+    assert "--multi_gpu" in ddp and "--cpu" not in ddp and ddp[ddp.index("--num_processes") + 1] == "2"
+    z3 = " ".join(launcher_flags("launcher=zero3_offload"))
+    assert "--use_deepspeed --zero_stage 3 --offload_optimizer_device cpu --offload_param_device cpu" in z3
+    assert "--zero3_save_16bit_model true" in z3
+    fsdp = " ".join(launcher_flags("launcher=fsdp", "launcher.num_processes=4", "launcher.fsdp.sharding=SHARD_GRAD_OP"))
+    assert "--use_fsdp --fsdp_version 2 --fsdp_reshard_after_forward false" in fsdp and "--num_processes 4" in fsdp
+
+
+def test_multi_node_needs_slurm():
+    from ftflow.launcher import LaunchError
+
+    with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm"):
+        launcher_flags("launcher=gpu", "launcher.nodes=2")
+
+
+def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):
+    from ftflow.config import Tracking
+    from ftflow.tracking import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(Tracking()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    assert wandb_mode(Tracking()) == "online"
+    assert wandb_mode(Tracking(mode="offline")) == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_WANDB_KEY}\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode(Tracking()) == "online"
