@@ -105,6 +105,21 @@ def launch_env(launcher: Launcher) -> dict[str, str]:
     # torchrun would turn SIGTERM (Slurm's preemption signal) into killing the workers
     # 30 s later; the workers handle it themselves (checkpoint, then exit)
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
-    if launcher.distributed == "deepspeed" and launcher.cpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would pick a visible GPU
+    if launcher.distributed == "deepspeed":
+        if launcher.cpu:
+            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would pick a visible GPU
+        remove_stale_build_locks()
     return env
+
+
+def remove_stale_build_locks(max_age_s: float = 600) -> None:
+    """DeepSpeed compiles some ops on first use (on CPU: its shared-memory collective) under a
+    lock file in torch's extension cache; a build killed midway leaves the lock behind and every
+    later run waits on it forever. A build takes about a minute: older locks are stale."""
+    import time
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    for lock in root.glob("**/lock") if root.is_dir() else []:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink(missing_ok=True)

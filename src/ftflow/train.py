@@ -339,6 +339,12 @@ def main(config_path: str, root: str = ".") -> dict | None:
     out_dir, key = root / paths.TRAIN, checkpoint_key(cfg)
     ckpt_dir = out_dir / "checkpoints" / key
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
+    if launcher.distributed == "deepspeed":
+        import deepspeed
+
+        # before any model is built: TRL prepares DPO's reference model with DeepSpeed, which
+        # otherwise sees a world of one process
+        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
     (out_dir / "workers" / f"{rank}.pid").write_text(str(os.getpid()))
     callbacks = run_callbacks(out_dir / "loss.csv")  # handlers installed before the slow part
 
@@ -381,6 +387,7 @@ def main(config_path: str, root: str = ".") -> dict | None:
             (out_dir / "preempted.json").write_text(json.dumps(
                 {"signal": signal.Signals(stop).name, "step": step, "checkpoint": f"checkpoint-{step}"}))  # fmt: skip
         tracking.finish()
+        end_process_group()
         sys.exit(PREEMPTED)
     trainer.save_model(str(out_dir / "model"))  # the adapter for LoRA, full weights otherwise
     summary = {
@@ -402,7 +409,18 @@ def main(config_path: str, root: str = ".") -> dict | None:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         prune_other_configs(ckpt_dir)
     tracking.finish()
+    end_process_group()
     return summary
+
+
+def end_process_group() -> None:
+    """Leave the process group cleanly: torch can abort at interpreter exit otherwise, and the
+    launcher then reports a finished run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def prune_other_configs(keep: Path) -> None:
