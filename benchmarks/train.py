@@ -6,7 +6,8 @@ Packs the demo data (examples/demo, ChatML, a trained tokenizer) once, then trai
 demo's tiny Llama from scratch for the same number of steps:
   - ftflow: the train stage as its rule runs it (`accelerate launch` of ftflow.train: process
     start, model init, checkpoints, loss curve, summary),
-  - TRL: SFTTrainer in this process, on the same rows with the same arguments, nothing else.
+  - TRL: a plain SFTTrainer script in a fresh process, on the same rows with the same
+    arguments (checkpoints, logging, threads, gradient checkpointing as configured), nothing else.
 Each runs in a fresh process, alternately, `--repeats` times; the best time of each is kept.
 It prints tokens/s of the training loop of each (trainer.train() only) and of ftflow's whole
 stage, and the ratios (target: ftflow >= 0.95x TRL).
@@ -52,9 +53,12 @@ def rows_tokens(work: Path, rows: int) -> int:
     return sum(lengths[i % len(lengths)] for i in range(rows))
 
 
-def plain_trl(work: Path, tree: dict, queue) -> None:
+def plain_trl(work: Path, tree: dict) -> None:
     """Seconds of trainer.train() for plain TRL on the same rows and arguments (in a fresh
     process, as ftflow's stage runs in one)."""
+    # the threads ftflow's launcher gives its one process (--num_cpu_threads_per_process sets
+    # OMP_NUM_THREADS before torch starts): a spawned child would otherwise take torch's default
+    os.environ["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     import datasets
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -62,9 +66,6 @@ def plain_trl(work: Path, tree: dict, queue) -> None:
 
     from ftflow import paths
 
-    # the threads ftflow's launcher gives its one process (--num_cpu_threads_per_process): a
-    # spawned child would otherwise take torch's default, which may differ
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
     train, model_cfg = tree["train"], tree["model"]
     tok = AutoTokenizer.from_pretrained(work / paths.PACK / "tokenizer")
     arch = dict(model_cfg["architecture"])
@@ -77,26 +78,32 @@ def plain_trl(work: Path, tree: dict, queue) -> None:
                      lr_scheduler_type=train["lr_scheduler"], warmup_steps=train["warmup_steps"],
                      logging_steps=train["logging_steps"], save_steps=train["save_steps"],
                      save_total_limit=train["save_total_limit"], use_cpu=True, bf16=False,
+                     # SFTConfig turns gradient checkpointing on by default; the config says off
+                     gradient_checkpointing=train["gradient_checkpointing"],
                      report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
                      padding_free=True, remove_unused_columns=False)  # fmt: skip
     ds = datasets.load_from_disk(str(work / paths.PACK / "train"))
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     start = time.perf_counter()
     trainer.train()
-    queue.put((time.perf_counter() - start, torch.get_num_threads()))
+    seconds = time.perf_counter() - start
+    trainer.save_model(str(work / "trl" / "model"))  # the final model, as the stage saves it
+    (work / "trl_result.json").write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads()}))
 
 
-def run_trl(work: Path, tree: dict) -> tuple[float, int]:
-    import multiprocessing
+def run_trl(work: Path, tree: dict) -> tuple[float, float, int]:
+    """(trainer.train() seconds, whole process seconds, torch threads) of plain_trl, in a fresh
+    interpreter as ftflow's training process is."""
+    import subprocess
+    import sys
 
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=plain_trl, args=(work, tree, queue))
-    proc.start()
-    seconds, threads = queue.get()
-    proc.join()
+    (work / "tree.json").write_text(json.dumps(tree))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--trl-child", str(work)], check=True)
+    whole = time.perf_counter() - start
+    result = json.loads((work / "trl_result.json").read_text())
     shutil.rmtree(work / "trl", ignore_errors=True)
-    return seconds, threads
+    return result["seconds"], whole, result["threads"]
 
 
 def run_ftflow(work: Path, tree: dict) -> tuple[float, float]:
@@ -117,7 +124,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trl-child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trl_child:
+        return plain_trl(args.trl_child, json.loads((args.trl_child / "tree.json").read_text()))
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-train-"))
     try:
@@ -136,16 +146,18 @@ def main() -> None:
         for _ in range(args.repeats):
             trl_runs.append(run_trl(work, tree))
             ftflow_runs.append(run_ftflow(work, tree))
-        trl_s = min(r[0] for r in trl_runs)
+        trl_s, trl_whole = min(r[0] for r in trl_runs), min(r[1] for r in trl_runs)
         loop_s, stage_s = min(r[0] for r in ftflow_runs), min(r[1] for r in ftflow_runs)
 
         print(f"{'':44}{'seconds':>9}{'tokens/s':>11}")
         for name, sec in [("TRL SFTTrainer.train()", trl_s), ("ftflow train stage: trainer.train()", loop_s),
+                          ("TRL script: whole (process start to exit)", trl_whole),
                           ("ftflow train stage: whole (launch to exit)", stage_s)]:  # fmt: skip
             print(f"{name:44}{sec:9.2f}{tokens / sec:11,.0f}")
-        print(f"\ntorch threads: TRL {trl_runs[0][1]}, ftflow {len(os.sched_getaffinity(0))} (its launcher's share of the cores)")
+        print(f"\ntorch threads: TRL {trl_runs[0][2]}, ftflow {len(os.sched_getaffinity(0))} (its launcher's share of the cores)")
         print(f"ftflow loop / TRL  = {trl_s / loop_s:.2f}x   (target >= 0.95x)")
-        print(f"ftflow stage / TRL = {trl_s / stage_s:.2f}x   (process start, model init and saving included)")
+        print(f"ftflow stage / TRL script = {trl_whole / stage_s:.2f}x   (process start, model init and saving included:"
+              f" accelerate launch, provenance, wandb)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
