@@ -7,6 +7,7 @@ from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
 from ftflow.download import local_files
 from ftflow.readers import reader_file
+from ftflow.evaluate import task_data_files
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
 PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)

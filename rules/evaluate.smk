@@ -3,7 +3,7 @@ rule evaluate:
         tuned=rules.consolidate.output.model,
         base=base_model(),
         tokenizer=rules.pack.output.tokenizer,
-        test=f"{paths.NORMALIZE}/test.parquet",
+        data=task_data_files(PARAMS["eval"]["tasks"]),  # the tasks' local data files
         tasks=expand("conf/eval/tasks/{task}.yaml", task=PARAMS["eval"]["tasks"]),
         code=code("evaluate"),
     output:

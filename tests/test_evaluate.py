@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftflow.evaluate import flat_scores, task_config
+from ftflow.evaluate import flat_scores, task_config, task_data_files
 
 from conftest import REPO
 
@@ -12,7 +12,8 @@ from conftest import REPO
 def test_shipped_task_resolves_its_data_files_against_the_root(tmp_path):
     task = task_config("demo_words", REPO)
     assert task["task"] == "demo_words" and task["output_type"] == "generate_until"
-    assert task["dataset_kwargs"]["data_files"]["test"] == str(REPO / "results/normalize/test.parquet")
+    assert task["dataset_kwargs"]["data_files"]["test"] == str(REPO / "examples/demo/test.jsonl")
+    assert task_data_files(["demo_words"], REPO) == ["examples/demo/test.jsonl"]
 
 
 def test_unknown_task_lists_the_shipped_ones():

@@ -1,9 +1,10 @@
 """evaluate: lm-evaluation-harness on the base and the tuned model; one flat metrics.json.
 
 Tasks are lm-eval task YAMLs shipped in conf/eval/tasks/. Their `dataset_kwargs.data_files`
-may name pipeline outputs (the demo task reads results/normalize/test.parquet); relative
-paths are resolved against the repository root here, and the task config actually run is
-written beside the results.
+may name local files (the demo task reads examples/demo/test.jsonl, the held-out records, so
+it evaluates whatever trainer and data kind produced the model); relative paths are resolved
+against the repository root here, those files are the rule's inputs, and the task config
+actually run is written beside the results.
 """
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def task_config(name: str, root: Path) -> dict:
     if isinstance(files, dict):
         task["dataset_kwargs"]["data_files"] = {k: str((root / v).resolve()) for k, v in files.items()}
     return task
+
+
+def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
+    """The local data files the tasks read (the evaluate rule's inputs), repository-relative."""
+    out = []
+    for name in names:
+        path = root / TASKS_DIR / f"{name}.yaml"
+        task = yaml.safe_load(path.read_text()) if path.exists() else {}
+        files = (task.get("dataset_kwargs") or {}).get("data_files") or {}
+        for value in files.values() if isinstance(files, dict) else [files]:
+            out += [v for v in ([value] if isinstance(value, str) else value) if not Path(v).is_absolute()]
+    return sorted(set(out))
 
 
 def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
