@@ -1,12 +1,14 @@
 rule consolidate:
     input:
         trained=rules.train.output.model,
+        probe=rules.train.output.probe,
         tokenizer=rules.pack.output.tokenizer,
         base=base_model(),
         code=code("consolidate"),
     output:
         model=directory(f"{paths.CONSOLIDATE}/model"),
         summary=f"{paths.CONSOLIDATE}/summary.json",
+        verification=f"{paths.CONSOLIDATE}/verification.json",
     log:
         f"{paths.LOGS}/consolidate.log",
     params:

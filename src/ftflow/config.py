@@ -218,6 +218,10 @@ class DeepSpeed(Section):
     zero_stage: Literal[2, 3] = 3
     offload_optimizer: Literal["none", "cpu"] = "none"  # optimizer states in host memory
     offload_params: Literal["none", "cpu"] = "none"  # ZeRO-3 only: parameters in host memory
+    # ZeRO-3: gather the full weights into one process at the final save (it must hold the
+    # whole model); false leaves the shards and consolidate gathers them on CPU (adapters are
+    # always gathered: they are small)
+    gather_weights_on_save: bool = False
 
 
 class Fsdp(Section):
@@ -259,6 +263,9 @@ class Tracking(Section):
 class Consolidate(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_shard_size: str = "5GB"
+    # largest |log p| difference, on the probe, between the written model and the trained one
+    # (None: 1e-3 for float32, 0.1 for 16-bit weights or training)
+    verify_tolerance: float | None = Field(default=None, gt=0)
 
 
 class Eval(Section):

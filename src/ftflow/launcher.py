@@ -52,7 +52,8 @@ def rendezvous(launcher: Launcher, env: dict[str, str]) -> tuple[int, str, int]:
     return int(env["SLURM_NODEID"]), hosts[0], port
 
 
-def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], env: dict[str, str]) -> list[str]:
+def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], env: dict[str, str],
+                       adapters: bool = False) -> list[str]:  # fmt: skip
     rank, head, port = rendezvous(launcher, env)
     cores = len(os.sched_getaffinity(0))
     cmd = [
@@ -67,11 +68,11 @@ def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], e
         # each process gets its share of this node's cores (Slurm's cpuset when under Slurm)
         "--num_cpu_threads_per_process", str(max(1, cores // launcher.num_processes)),
     ]  # fmt: skip
-    cmd += distributed_flags(launcher)
+    cmd += distributed_flags(launcher, gather=adapters or launcher.deepspeed.gather_weights_on_save)
     return cmd + ["-m", *module_args]
 
 
-def distributed_flags(launcher: Launcher) -> list[str]:
+def distributed_flags(launcher: Launcher, gather: bool = False) -> list[str]:
     """accelerate's flags for the launcher's kind. Multi-process on CPU goes through the same
     torchrun launcher as GPUs (--multi_gpu; `--cpu` would start a single process): the workers
     then pick gloo because the trainer is told to use the CPU."""
@@ -84,9 +85,9 @@ def distributed_flags(launcher: Launcher) -> list[str]:
         flags = ["--use_deepspeed", "--zero_stage", str(ds.zero_stage),
                  "--offload_optimizer_device", ds.offload_optimizer]  # fmt: skip
         if ds.zero_stage == 3:
-            # full 16-bit weights gathered at save time: train/model is a loadable model
+            # gathered: train/model is a loadable model; else it holds the shards for consolidate
             flags += ["--offload_param_device", ds.offload_params, "--zero3_init_flag", "false",
-                      "--zero3_save_16bit_model", "true"]  # fmt: skip
+                      "--zero3_save_16bit_model", str(gather).lower()]  # fmt: skip
         return flags
     fs = launcher.fsdp
     return [

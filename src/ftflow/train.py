@@ -72,8 +72,9 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
         remove_interrupted_saves(ckpt_dir)
     (out_dir / "preempted.json").unlink(missing_ok=True)
     env = launch_env(launcher)
+    adapters = cfg["peft"]["method"] != "none"
     cmd = accelerate_command(launcher, use_bf16(train_cfg, launcher),
-                             ["ftflow.train", str(out_dir / "config.yaml"), str(root)], env)  # fmt: skip
+                             ["ftflow.train", str(out_dir / "config.yaml"), str(root)], env, adapters)  # fmt: skip
     log.info("Launching: %s", " ".join(cmd))
     returncode = run_forwarding_signals(cmd, env, out_dir / "workers")
     preempted = out_dir / "preempted.json"
@@ -339,12 +340,6 @@ def main(config_path: str, root: str = ".") -> dict | None:
     out_dir, key = root / paths.TRAIN, checkpoint_key(cfg)
     ckpt_dir = out_dir / "checkpoints" / key
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
-    if launcher.distributed == "deepspeed":
-        import deepspeed
-
-        # before any model is built: TRL prepares DPO's reference model with DeepSpeed, which
-        # otherwise sees a world of one process
-        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
     (out_dir / "workers" / f"{rank}.pid").write_text(str(os.getpid()))
     callbacks = run_callbacks(out_dir / "loss.csv")  # handlers installed before the slow part
 
@@ -353,6 +348,13 @@ def main(config_path: str, root: str = ".") -> dict | None:
     if model_cfg.source == "scratch":
         init_scratch(model_cfg, tok, train_cfg.seed, base)
     resume = last_complete_checkpoint(ckpt_dir)
+    if launcher.distributed == "deepspeed":
+        import deepspeed
+
+        # before the models are loaded (after the scratch init: with a process group, only rank
+        # 0's save_pretrained writes): TRL prepares DPO's reference model with DeepSpeed, which
+        # otherwise sees a world of one process
+        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
     set_seed(train_cfg.seed)
     model = load_model(model_cfg, peft_cfg, base, len(tok))
     # DPO/KTO without adapters compare against a frozen copy of the starting model (with
@@ -390,6 +392,7 @@ def main(config_path: str, root: str = ".") -> dict | None:
         end_process_group()
         sys.exit(PREEMPTED)
     trainer.save_model(str(out_dir / "model"))  # the adapter for LoRA, full weights otherwise
+    record_probe(trainer, tok, out_dir / PROBE_FILE)
     summary = {
         "method": train_cfg.method,
         "train_loss": result.training_loss,
@@ -421,6 +424,33 @@ def end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# A fixed conversation whose next-token logits the trained model records; consolidate checks
+# that the model it writes gives the same (a merge, a shard conversion or a corrupted file that
+# changes the weights shows up here).
+PROBE = [{"role": "user", "content": "Which word comes last: red, cat, sea?"}]
+PROBE_FILE = "probe.safetensors"
+PROBE_POSITIONS = 8  # the last positions' logits are kept (a row of vocabulary size each)
+
+
+def probe_ids(tok):
+    return tok.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
+def record_probe(trainer, tok, path: Path) -> None:
+    """The trained model's logits on the probe, from the model in memory (every process runs
+    the forward: under ZeRO-3 it gathers the sharded parameters)."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+    ids = probe_ids(tok).to(trainer.args.device)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -PROBE_POSITIONS:].float().cpu()
+    if trainer.is_world_process_zero():
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
 
 
 def prune_other_configs(keep: Path) -> None:

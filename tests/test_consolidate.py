@@ -1,0 +1,94 @@
+"""consolidate from full weights and from an FSDP sharded checkpoint (ZeRO-3 shards and LoRA are
+in test_train.py and test_train_consolidate.py), each checked against the logits the trained
+model recorded; a damaged weight file fails the stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftflow import paths
+from ftflow.launcher import free_port
+
+from conftest import REPO, env, ftflow
+from test_train import BASE, clone, prepared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = prepared(tmp_path_factory.mktemp("full") / "repo", BASE)
+    ftflow("train", *BASE, "train.max_steps=4", "train.save_steps=100", cwd=root)
+    return root
+
+
+def verification(root: Path) -> dict:
+    return json.loads((root / paths.CONSOLIDATE / "verification.json").read_text())
+
+
+def probe_logits(model_dir: Path, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    probe = load_file(root / paths.TRAIN / "probe.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        got = model(input_ids=probe["input_ids"][None]).logits[0, -probe["logits"].shape[0]:]
+    return got, probe["logits"]
+
+
+def test_full_weights_consolidate_into_a_verified_model(trained, tmp_path):
+    root = clone(trained, tmp_path / "repo")
+    ftflow("consolidate", *BASE, cwd=root)
+    check = verification(root)
+    assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5, check
+    got, want = probe_logits(root / paths.CONSOLIDATE / "model", root)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
+    root = clone(trained, tmp_path / "repo")
+    weights = root / paths.TRAIN / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + struct.unpack("<Q", data[:8])[0]
+    # a run of large floats in the middle of the tensor data, as a bad disk or copy would leave
+    middle = header + (len(data) - header) // 2
+    data[middle : middle + 4096] = struct.pack("<f", 1e4) * 1024
+    weights.write_bytes(bytes(data))
+    proc = ftflow("consolidate", *BASE, cwd=root, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "verification failed: the consolidated model's log-probabilities on the probe differ" in proc.stderr
+    assert verification(root)["ok"] is False
+    assert not (root / paths.CONSOLIDATE / "model").exists()  # nothing written that looks usable
+
+
+def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
+    """accelerate runs FSDP on GPUs only: a 2-process gloo job with torch's own FSDP2 writes the
+    sharded checkpoint (torch.distributed.checkpoint) that FSDP training leaves."""
+    root = clone(trained, tmp_path / "repo")
+    shutil.rmtree(root / paths.TRAIN / "model")
+    (root / paths.TRAIN / "probe.safetensors").unlink()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()),
+                           str(REPO / "tests" / "fsdp_checkpoint.py"), str(root)],
+                          cwd=root, env=env(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FSDP: " in proc.stdout and " 0 of " not in proc.stdout, proc.stdout  # really sharded
+    shards = sorted(p.name for p in (root / paths.TRAIN / "model" / "pytorch_model_fsdp_0").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+    ftflow("consolidate", *BASE, cwd=root)
+    check = verification(root)
+    assert check["ok"] and check["max_abs_logprob_diff"] < 1e-4, check
+    got, want = probe_logits(root / paths.CONSOLIDATE / "model", root)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    tuned = load_file(next((root / paths.CONSOLIDATE / "model").glob("*.safetensors")))
+    assert any(not torch.equal(init[k], tuned[k]) for k in init)  # the FSDP steps' weights, not the init
