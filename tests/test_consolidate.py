@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = prepared(tmp_path_factory.mktemp("full") / "repo", BASE)
-    ftflow("train", *BASE, "train.max_steps=4", "train.save_steps=100", cwd=root)
+    # long enough (about 4 epochs of 200 conversations) to learn that an answer ends the turn
+    ftflow("train", *BASE, "train.max_steps=80", "train.save_steps=100", "train.logging_steps=10", cwd=root)
     return root
 
 
@@ -92,3 +93,36 @@ def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
     init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
     tuned = load_file(next((root / paths.CONSOLIDATE / "model").glob("*.safetensors")))
     assert any(not torch.equal(init[k], tuned[k]) for k in init)  # the FSDP steps' weights, not the init
+
+
+def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
+    """generate() with the saved generation config stops at the template's <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = clone(trained, tmp_path / "repo")
+    ftflow("consolidate", *BASE, cwd=root)
+    out = root / paths.CONSOLIDATE / "model"
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.eos_token_id == eot != tok.eos_token_id or eot == tok.eos_token_id
+    stopped = 0
+    for words in ("red cat sea", "owl fig snow pink", "sun bee kiwi"):
+        ids = tok.apply_chat_template([{"role": "user", "content": f"What is the last word?\n{words}"}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+        new = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        stopped += new[-1] == eot and len(new) < 24
+    assert stopped == 3
+
+
+def test_evaluate_scores_base_and_tuned_on_both_task_kinds(trained, tmp_path):
+    root = clone(trained, tmp_path / "repo")
+    ftflow("consolidate", *BASE, cwd=root)
+    ftflow("evaluate", *BASE, "eval.limit=40", cwd=root)
+    metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())
+    for label in ("base", "tuned"):
+        assert f"{label}/demo_words/exact_match" in metrics  # generative
+        assert f"{label}/demo_words_choice/acc" in metrics  # multiple choice by log-likelihood
+    # (80 steps on 200 records learn the format, not the task: the demo pipeline's full run does)
+    assert all(0 <= v <= 1 for k, v in metrics.items() if not k.startswith("delta/")), metrics
+    samples = [json.loads(line) for line in (root / paths.EVALUATE / "tuned" / "samples.jsonl").open()]
+    assert {s["task"] for s in samples} == {"demo_words", "demo_words_choice"} and len(samples) == 80

@@ -59,8 +59,14 @@ def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
 @pytest.mark.slow
 def test_rerun_resumes_from_the_last_checkpoint_of_the_same_config(trained):
     root, tree = trained
+    before = (root / paths.TRAIN / "model" / "adapter_model.safetensors").read_bytes()
     launch(stage_params(tree, "train"), root)
-    assert json.loads((root / paths.TRAIN / "summary.json").read_text())["resumed_from"] == "checkpoint-4"
+    summary = json.loads((root / paths.TRAIN / "summary.json").read_text())
+    assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 4
+    # the last checkpoint was the end: nothing more is trained (no step 5), the same adapter
+    ckpt_dir = root / paths.TRAIN / "checkpoints" / checkpoint_key(stage_params(tree, "train"))
+    assert sorted(p.name for p in ckpt_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (root / paths.TRAIN / "model" / "adapter_model.safetensors").read_bytes() == before
 
 
 @pytest.mark.slow
@@ -85,7 +91,11 @@ def test_consolidate_merges_lora_into_a_plain_model(trained):
         want, got, before = adapter(ids).logits, merged(ids).logits, base(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, before, atol=1e-4)  # training did change the model
-    assert "config fingerprint" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "config fingerprint" in card and "training: sft, lora; 4 steps" in card and "verified: max |log p|" in card
+    # the demo model ties its output embedding to the input one: still tied after the merge
+    assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert "lm_head.weight" not in names
 
 
 def _tensors(path):

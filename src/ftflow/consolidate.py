@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import yaml
+
 from ftflow import paths
 from ftflow.config import Consolidate, Model, Peft, StageError, Template, fingerprint, write_stage_config
 from ftflow.provenance import git_state, manifest_digest
@@ -135,23 +137,42 @@ def set_generation_eos(model, tok, eos_token: str | None) -> int:
     return eos_id
 
 
-def model_card(cfg: dict, root: Path) -> str:
+def model_card(cfg: dict, root: Path, check: dict) -> str:
+    """README.md of the model: where it came from (base + revision, code, config, data) and how
+    it was trained, from train's provenance record and summary."""
     git = git_state(root)
-    return "\n".join([
+    train_dir = root / paths.TRAIN
+    record = _json_or_none(train_dir / "model" / "provenance.json") or {}
+    summary = _json_or_none(train_dir / "summary.json") or {}
+    train_cfg = (record.get("config") or {}).get("train", {})
+    model = cfg["model"]
+    lines = [
         "---",
         "library_name: transformers",
         "tags: [ftflow]",
         "---",
-        f"# {cfg['model']['name']} fine-tuned with ftflow",
+        f"# {model['name']} fine-tuned with ftflow",
         "",
-        f"- base model: {cfg['model']['source']} `{cfg['model'].get('hub_id') or cfg['model'].get('path') or cfg['model']['name']}`"
-        + (f" @ `{cfg['model']['revision']}`" if cfg["model"].get("revision") else ""),
-        f"- fine-tuning: {cfg['peft']['method'] if cfg['peft']['method'] != 'none' else 'full'}",
+        f"- base model: {model['source']} `{model.get('hub_id') or model.get('path') or model['name']}`"
+        + (f" @ `{model['revision']}`" if model.get("revision") else ""),
+        f"- training: {train_cfg.get('method', '?')}, {cfg['peft']['method'] if cfg['peft']['method'] != 'none' else 'full weights'}"
+        + (f"; {summary.get('steps')} steps, final loss {summary.get('final_loss'):.4g}" if summary.get("final_loss") is not None else ""),
         f"- code: commit `{git['commit']}`" + (" (uncommitted changes)" if git["dirty"] else ""),
         f"- config fingerprint: `{fingerprint(cfg)}`; data manifest sha256: `{manifest_digest(root)}`",
         "- chat template: in tokenizer_config; generation eos = the template's end-of-turn token",
-        "",
-    ])  # fmt: skip
+        f"- verified: max |log p| difference {check['max_abs_logprob_diff']:.2g} from the trained model on a probe",
+    ]  # fmt: skip
+    if record.get("inputs"):
+        lines += ["", "## Training data (sha256)", ""] + [f"- `{k}`: `{v}`" for k, v in record["inputs"].items()]
+    if record.get("packages"):
+        lines += ["", "## Packages", ""] + [f"- {k} {v}" for k, v in record["packages"].items() if v]
+    if train_cfg:
+        lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(record["config"], sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _json_or_none(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def consolidate(cfg: dict, root: Path = Path(".")) -> dict:
@@ -179,7 +200,7 @@ def consolidate(cfg: dict, root: Path = Path(".")) -> dict:
     log.info("Saving the consolidated model to %s", out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cons.max_shard_size)
     tok.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(model_card(cfg, root))
+    (out_dir / "README.md").write_text(model_card(cfg, root, check))
     write_stage_config(cfg, out_dir.parent)
     summary = {"eos_token_id": eos_id, "parameters": model.num_parameters(), "merged_lora": peft_cfg.method != "none",
                "verification": check}  # fmt: skip

@@ -328,7 +328,8 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 def main(config_path: str, root: str = ".") -> dict | None:
     """Train in this process (one of the processes accelerate started)."""
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, TrainerState, set_seed
+    from transformers.trainer_utils import TrainOutput
 
     from ftflow import tracking, trainers
     from ftflow.provenance import git_diff, provenance, write_provenance
@@ -381,7 +382,15 @@ def main(config_path: str, root: str = ".") -> dict | None:
     if resume:
         log.info("Resuming from %s", resume)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and finished(resume) and not trainer.is_deepspeed_enabled:
+        # the last checkpoint is the end of training: load it, train nothing (resuming would
+        # take one more step: the trainer checks for the end only after a step)
+        log.info("%s is the end of training: loading it, nothing left to train", resume.name)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        result = TrainOutput(trainer.state.global_step, _last_logged(trainer.state.log_history, "train_loss"), {})
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stop = callbacks[-1].signal
     if stop:
         if trainer.is_world_process_zero():
@@ -464,8 +473,17 @@ def prune_other_configs(keep: Path) -> None:
 
 
 def _last_logged_loss(history: list[dict]) -> float | None:
-    losses = [h["loss"] for h in history if "loss" in h]
-    return losses[-1] if losses else None
+    return _last_logged(history, "loss")
+
+
+def _last_logged(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def finished(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["max_steps"] > 0 and state["global_step"] >= state["max_steps"]
 
 
 if __name__ == "__main__":
