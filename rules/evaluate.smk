@@ -9,6 +9,7 @@ rule evaluate:
     output:
         metrics=f"{paths.EVALUATE}/metrics.json",
         comparison=f"{paths.EVALUATE}/comparison.json",
+        table=f"{paths.EVALUATE}/comparison.md",  # base | tuned | delta per task and metric
         base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
         tuned=directory(f"{paths.EVALUATE}/tuned"),
     log:

@@ -16,9 +16,13 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import Eval, Model, write_stage_config
+from ftflow.config import Eval, Model, StageError, write_stage_config
 
 log = logging.getLogger(__name__)
+
+
+class EvaluateError(StageError):
+    pass
 
 TASKS_DIR = Path("conf/eval/tasks")
 # lm-eval reports metrics as "<metric>,<filter>"; these keys are bookkeeping, not scores
@@ -100,13 +104,8 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     model_cfg, eval_cfg = Model.model_validate(cfg["model"]), Eval.model_validate(cfg["eval"])
     out_dir = root / paths.EVALUATE
     tasks = [task_config(name, root) for name in eval_cfg.tasks]
-    tokenizer = root / paths.PACK / "tokenizer"  # the base's tokenizer with the pipeline's template
-    models = {
-        "base": root / paths.base_model_dir(model_cfg.model_dump()),
-        "tuned": root / paths.CONSOLIDATE / "model",
-    }
     metrics: dict[str, float] = {}
-    for label, model_dir in models.items():
+    for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
         log.info("Evaluating the %s model <%s> on %s", label, model_dir, eval_cfg.tasks)
         results = run_lm_eval(load_for_eval(model_dir, tokenizer, eval_cfg.batch_size), tasks, eval_cfg)
         (out_dir / label).mkdir(parents=True, exist_ok=True)
@@ -122,10 +121,41 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
             metrics["delta/" + key.removeprefix("tuned/")] = metrics[key] - metrics[base_key]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out_dir / "comparison.json").write_text(json.dumps(comparison(metrics), indent=2))
+    table = comparison_table(metrics)
+    (out_dir / "comparison.md").write_text(table)
     (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
     write_stage_config(cfg, out_dir)
-    log.info("Metrics: %s", json.dumps(metrics))
+    log.info("Scores:\n%s", table)
     return metrics
+
+
+def models_to_evaluate(model_cfg: Model, eval_cfg: Eval, root: Path) -> dict[str, tuple[Path, Path]]:
+    """label -> (model directory, tokenizer directory)."""
+    if eval_cfg.models:
+        out = {}
+        for label, folder in eval_cfg.models.items():
+            path = Path(folder) if Path(folder).is_absolute() else root / folder
+            if not (path / "config.json").exists():
+                raise EvaluateError(f"eval.models.{label}: {path} is not a Hugging Face model directory (no config.json)")
+            out[label] = (path, path)  # a model directory carries its own tokenizer
+        return out
+    tokenizer = root / paths.PACK / "tokenizer"  # the base's tokenizer with the pipeline's template
+    return {
+        "base": (root / paths.base_model_dir(model_cfg.model_dump()), tokenizer),
+        "tuned": (root / paths.CONSOLIDATE / "model", tokenizer),
+    }
+
+
+def comparison_table(metrics: dict[str, float]) -> str:
+    """One markdown table: a row per task and metric, a column per model (+ delta)."""
+    labels = list(dict.fromkeys(k.split("/", 1)[0] for k in metrics))
+    scores = sorted({k.split("/", 1)[1] for k in metrics})
+    lines = ["| task / metric | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for score in scores:
+        cells = [f"{metrics[f'{m}/{score}']:+.4f}" if m == "delta" and f"{m}/{score}" in metrics
+                 else f"{metrics[f'{m}/{score}']:.4f}" if f"{m}/{score}" in metrics else "" for m in labels]  # fmt: skip
+        lines.append(f"| {score} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison(metrics: dict[str, float]) -> list[dict]:
