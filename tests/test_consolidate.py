@@ -133,10 +133,10 @@ def test_evaluate_any_model_directory(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     ftflow("consolidate", *BASE, cwd=root)
     mine = str(root / paths.CONSOLIDATE / "model")
-    ftflow("evaluate", *BASE, "eval.limit=8", "eval.tasks=[demo_words_choice]", f"+eval.models={{mine: '{mine}'}}", cwd=root)
+    ftflow("evaluate", *BASE, "eval.limit=8", "eval.tasks=[demo_words_choice]", f"eval.models={{mine: '{mine}'}}", cwd=root)
     metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())
     assert set(metrics) == {"mine/demo_words_choice/acc", "mine/demo_words_choice/acc_norm"}
     table = (root / paths.EVALUATE / "comparison.md").read_text()
     assert table.splitlines()[0] == "| task / metric | mine |" and "| demo_words_choice/acc | " in table
-    proc = ftflow("evaluate", *BASE, "+eval.models={x: /nonexistent}", cwd=root, check=False)
+    proc = ftflow("evaluate", *BASE, "eval.models={x: /nonexistent}", cwd=root, check=False)
     assert proc.returncode == 1 and "eval.models.x: /nonexistent is not a Hugging Face model directory" in proc.stderr

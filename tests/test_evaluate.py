@@ -17,7 +17,7 @@ def test_shipped_task_resolves_its_data_files_against_the_root(tmp_path):
 
 
 def test_unknown_task_lists_the_shipped_ones():
-    with pytest.raises(FileNotFoundError, match=r"eval task 'nope'.*shipped tasks: \['demo_words'\]"):
+    with pytest.raises(FileNotFoundError, match=r"eval task 'nope'.*shipped tasks: \['demo_words', 'demo_words_choice'\]"):
         task_config("nope", REPO)
 
 
@@ -42,3 +42,11 @@ def test_base_with_a_smaller_vocabulary_is_resized_like_train_does(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     lm = load_for_eval(tmp_path / "base", tmp_path / "tok", batch_size=4)
     assert lm.model.get_input_embeddings().num_embeddings == len(tok) == 42
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error():
+    from ftflow.evaluate import EvaluateError, eval_backend
+
+    assert eval_backend("auto") == "hf"  # no vLLM / GPU here
+    with pytest.raises(EvaluateError, match=r"eval.backend=vllm needs vLLM installed .* use eval.backend=hf"):
+        eval_backend("vllm")

@@ -276,8 +276,9 @@ class Eval(Section):
     max_gen_toks: int = Field(default=32, ge=1)
     apply_chat_template: bool = True
     seed: int = 0
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed and a GPU is there
     # label -> HF model directory (with its tokenizer) to evaluate instead of the pipeline's
-    # base and tuned models: `ftflow evaluate '+eval.models={mine: /models/x}'`
+    # base and tuned models: `ftflow evaluate 'eval.models={mine: /models/x}'`
     models: dict[str, str] | None = None
 
 

@@ -53,6 +53,25 @@ def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
     return sorted(set(out))
 
 
+def eval_backend(requested: str) -> str:
+    """hf (transformers, the default) or vllm (pip install -e '.[vllm]', CUDA only)."""
+    import importlib.util
+
+    import torch
+
+    has_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    if requested == "vllm" and not has_vllm:
+        raise EvaluateError("eval.backend=vllm needs vLLM installed (pip install -e '.[vllm]') and a CUDA GPU; use eval.backend=hf")
+    return "vllm" if requested == "vllm" or (requested == "auto" and has_vllm) else "hf"
+
+
+def load_vllm(model_dir: Path, tokenizer_dir: Path, cfg: Eval):
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(pretrained=str(model_dir), tokenizer=str(tokenizer_dir), batch_size="auto",
+                max_gen_toks=cfg.max_gen_toks, seed=cfg.seed)  # fmt: skip
+
+
 def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
     """lm-eval's HF wrapper around a model we load ourselves: a base model whose vocabulary
     lacks the template's marker tokens gets its embeddings resized, exactly as train did."""
@@ -104,10 +123,15 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     model_cfg, eval_cfg = Model.model_validate(cfg["model"]), Eval.model_validate(cfg["eval"])
     out_dir = root / paths.EVALUATE
     tasks = [task_config(name, root) for name in eval_cfg.tasks]
+    backend = eval_backend(eval_cfg.backend)
     metrics: dict[str, float] = {}
     for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
         log.info("Evaluating the %s model <%s> on %s", label, model_dir, eval_cfg.tasks)
-        results = run_lm_eval(load_for_eval(model_dir, tokenizer, eval_cfg.batch_size), tasks, eval_cfg)
+        if backend == "vllm":
+            lm = load_vllm(model_dir, tokenizer, eval_cfg)
+        else:
+            lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
+        results = run_lm_eval(lm, tasks, eval_cfg)
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         (out_dir / label / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
         with (out_dir / label / "samples.jsonl").open("w") as f:
