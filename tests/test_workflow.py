@@ -26,11 +26,13 @@ def finished(tmp_path_factory):
 @pytest.mark.slow
 def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     metrics = json.loads((finished / "results/eval/metrics.json").read_text())
-    assert set(metrics) == {"base/demo_words/exact_match", "tuned/demo_words/exact_match", "delta/demo_words/exact_match"}
+    scores = ("demo_words/exact_match", "demo_words_choice/acc", "demo_words_choice/acc_norm")  # generative, multiple choice
+    assert set(metrics) == {f"{m}/{s}" for m in ("base", "tuned", "delta") for s in scores}
     for stage in ("normalize", "pack", "train", "consolidate", "eval"):  # each wrote its config
         assert (finished / "results" / stage / "config.yaml").exists()
     samples = (finished / "results/eval/tuned/samples.jsonl").read_text().splitlines()
-    assert len(samples) == 8  # eval.limit of the smoke experiment
+    assert len(samples) == 16  # eval.limit of the smoke experiment, for each of the two tasks
+    assert "| demo_words_choice/acc |" in (finished / "results/eval/comparison.md").read_text()
     assert json.loads((finished / "data/manifest.json").read_text())["sources"]["demo_train"]["files"]
 
 
