@@ -10,6 +10,7 @@ rule evaluate:
         metrics=f"{paths.EVALUATE}/metrics.json",
         comparison=f"{paths.EVALUATE}/comparison.json",
         table=f"{paths.EVALUATE}/comparison.md",  # base | tuned | delta per task and metric
+        card=f"{paths.EVALUATE}/model_card.md",  # the consolidated model's card + these results
         base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
         tuned=directory(f"{paths.EVALUATE}/tuned"),
     log:

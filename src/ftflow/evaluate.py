@@ -147,6 +147,11 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     (out_dir / "comparison.json").write_text(json.dumps(comparison(metrics), indent=2))
     table = comparison_table(metrics)
     (out_dir / "comparison.md").write_text(table)
+    # the model card to publish: consolidate's provenance card + these results (consolidate runs
+    # before evaluate, so its own card cannot hold them)
+    card = root / paths.CONSOLIDATE / "model" / "README.md"
+    head = card.read_text() if card.exists() and not eval_cfg.models else "# Evaluation\n"
+    (out_dir / "model_card.md").write_text(head + "\n## Evaluation (lm-eval)\n\n" + table)
     (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
     write_stage_config(cfg, out_dir)
     log.info("Scores:\n%s", table)
