@@ -23,6 +23,24 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def prepared(root: Path, overrides: list[str]) -> Path:
+    """A copy of the workflow with the data of `overrides` in data/raw (as download leaves a
+    local source), normalized and packed: the starting point of train tests."""
+    from ftflow import paths
+    from ftflow.config import compose, stage_params
+    from ftflow.normalize import normalize
+    from ftflow.pack import pack
+
+    copy_repo(root)
+    tree = compose(overrides, root / "conf")
+    for s in tree["data"]["sources"]:
+        (root / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
+    normalize(stage_params(tree, "normalize"), root)
+    pack(stage_params(tree, "pack"), root)
+    return root
+
+
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch) -> Path:
     """A copy of the workflow in a temporary directory, which is also the working directory."""

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from ftflow import paths
 from ftflow.launcher import free_port
 
-from conftest import REPO, env, ftflow
-from test_train import BASE, clone, prepared
+from conftest import REPO, env, ftflow, prepared
+from test_train import BASE, clone
 
 pytestmark = pytest.mark.slow
 

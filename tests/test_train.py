@@ -18,29 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 from ftflow import paths
-from ftflow.config import compose, stage_params
-from ftflow.normalize import normalize
-from ftflow.pack import pack
-from ftflow.train import COMPLETE, PREEMPTED, checkpoint_key
+from ftflow.config import compose
+from ftflow.train import COMPLETE
 
-from conftest import BIN, copy_repo, env, ftflow, job_stats, snakemake
+from conftest import BIN, env, ftflow, job_stats, prepared
 
 pytestmark = pytest.mark.slow
 
 # small and fast: 200 demo conversations, 128-token rows, no tracker unless a test wants one
 BASE = ["+data.sources.0.limit=200", "pack.max_length=128", "tracking=none", "train.logging_steps=1"]
-
-
-def prepared(root: Path, overrides: list[str]) -> Path:
-    """A copy of the workflow with the data of `overrides` normalized and packed."""
-    copy_repo(root)
-    tree = compose(overrides, root / "conf")
-    for s in tree["data"]["sources"]:
-        (root / paths.RAW / s["name"]).mkdir(parents=True)
-        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
-    normalize(stage_params(tree, "normalize"), root)
-    pack(stage_params(tree, "pack"), root)
-    return root
 
 
 @pytest.fixture(scope="module")

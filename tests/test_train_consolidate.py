@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,11 +13,9 @@ from safetensors import safe_open
 from ftflow import paths
 from ftflow.config import compose, stage_params
 from ftflow.consolidate import consolidate
-from ftflow.normalize import normalize
-from ftflow.pack import pack
 from ftflow.train import checkpoint_key, launch
 
-from conftest import REPO
+from conftest import prepared
 
 OVERRIDES = ["peft=lora", "+data.sources.0.limit=200", "pack.max_length=128", "train.max_steps=4",
              "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=3e-3"]  # fmt: skip
@@ -26,14 +23,8 @@ OVERRIDES = ["peft=lora", "+data.sources.0.limit=200", "pack.max_length=128", "t
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    shutil.copytree(REPO / "examples", root / "examples")
-    tree = compose(OVERRIDES, REPO / "conf")
-    for s in tree["data"]["sources"]:
-        (root / paths.RAW / s["name"]).mkdir(parents=True)
-        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
-    normalize(stage_params(tree, "normalize"), root)
-    pack(stage_params(tree, "pack"), root)
+    root = prepared(tmp_path_factory.mktemp("train") / "repo", OVERRIDES)
+    tree = compose(OVERRIDES, root / "conf")
     launch(stage_params(tree, "train"), root)
     return root, tree
 
