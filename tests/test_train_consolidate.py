@@ -43,7 +43,7 @@ def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
     assert summary["steps"] == 4 and summary["resumed_from"] is None
     total = sum(t.numel() for t in _tensors(out / "init" / "model.safetensors").values())
     assert 0 < summary["trainable_params"] < total / 2  # only the adapters train
-    ckpts = sorted(p.name for p in (out / "checkpoints" / checkpoint_key(stage_params(tree, "train"))).glob("checkpoint-*"))
+    ckpts = sorted(p.name for p in (out / "checkpoints" / checkpoint_key(stage_params(tree, "train"), root)).glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -55,7 +55,7 @@ def test_rerun_resumes_from_the_last_checkpoint_of_the_same_config(trained):
     summary = json.loads((root / paths.TRAIN / "summary.json").read_text())
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 4
     # the last checkpoint was the end: nothing more is trained (no step 5), the same adapter
-    ckpt_dir = root / paths.TRAIN / "checkpoints" / checkpoint_key(stage_params(tree, "train"))
+    ckpt_dir = root / paths.TRAIN / "checkpoints" / checkpoint_key(stage_params(tree, "train"), root)
     assert sorted(p.name for p in ckpt_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (root / paths.TRAIN / "model" / "adapter_model.safetensors").read_bytes() == before
 

@@ -4,8 +4,9 @@ LoRA/QLoRA, under `accelerate launch` (single process, DDP, FSDP or DeepSpeed Ze
 `launch()` is what the rule (and `ftflow train`) runs: it writes the stage config and starts
 `accelerate launch -m ftflow.train <config>`, which runs `main()` in every process.
 
-Checkpoints live in results/train/checkpoints/<config fingerprint>/: a checkpoint belongs to
-one config (resuming a run from another learning rate's checkpoint would be wrong), and it is
+Checkpoints live in results/train/checkpoints/<key>/, the key a fingerprint of the stage config
+and of the data: a checkpoint belongs to one config and one dataset (resuming a run from
+another learning rate's or another dataset's checkpoint would be wrong), and it is
 outside the rule's declared outputs so Snakemake does not delete it when a job fails; a rerun
 with the same config resumes from the last complete one.
 
@@ -17,6 +18,7 @@ fails with a message saying so, and the retry (Snakemake --retries, Slurm requeu
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -48,9 +50,17 @@ class Preempted(TrainError):
     exit_status = PREEMPTED  # `ftflow train` exits with it
 
 
-def checkpoint_key(cfg: dict) -> str:
-    """The config a checkpoint belongs to: everything that shapes the weights (tracking does not)."""
-    return fingerprint({k: v for k, v in cfg.items() if k != "tracking"})
+# small files that pin down the packed data: normalize's stats (sha256 of every normalized file)
+# and pack's config and stats; pack is deterministic, so these identify its output without
+# hashing gigabytes of rows
+DATA_RECORDS = (f"{paths.NORMALIZE}/stats.json", f"{paths.PACK}/config.yaml", f"{paths.PACK}/stats.json")
+
+
+def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
+    """What a checkpoint belongs to: the config that shapes the weights (tracking does not) and
+    the data it trains on. Another learning rate or another dataset never resumes it."""
+    data = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in DATA_RECORDS if (root / name).exists()}
+    return fingerprint({"config": {k: v for k, v in cfg.items() if k != "tracking"}, "data": data})
 
 
 # --- the stage: one launcher process per node -------------------------------------------------
@@ -66,7 +76,7 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
     train_cfg, launcher = Train.model_validate(cfg["train"]), Launcher.model_validate(cfg["launcher"])
     check_peft_backend(Peft.model_validate(cfg["peft"]), launcher)
     check_accelerators(launcher)
-    ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg)
+    ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg, root)
     own_files(ckpt_dir)
     if os.environ.get("SLURM_NODEID", "0") == "0":  # one node cleans up, before anyone saves
         remove_interrupted_saves(ckpt_dir)
@@ -338,7 +348,7 @@ def main(config_path: str, root: str = ".") -> dict | None:
     cfg = yaml.safe_load(Path(config_path).read_text())
     model_cfg, train_cfg = Model.model_validate(cfg["model"]), Train.model_validate(cfg["train"])
     peft_cfg, launcher = Peft.model_validate(cfg["peft"]), Launcher.model_validate(cfg["launcher"])
-    out_dir, key = root / paths.TRAIN, checkpoint_key(cfg)
+    out_dir, key = root / paths.TRAIN, checkpoint_key(cfg, root)
     ckpt_dir = out_dir / "checkpoints" / key
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
     (out_dir / "workers" / f"{rank}.pid").write_text(str(os.getpid()))
