@@ -3,6 +3,7 @@ from pathlib import Path
 
 from ftflow import config as ftconfig
 from ftflow import paths
+from ftflow import slurm as ftslurm
 from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
 from ftflow.download import local_files
@@ -18,6 +19,11 @@ SCRATCH = MODEL["source"] == "scratch"
 def params_of(stage):
     """The config sections a stage reads: a change elsewhere does not rerun it."""
     return ftconfig.stage_params(PARAMS, stage)
+
+
+def slurm_resources(stage):
+    """The stage's Slurm job (conf/slurm/, and launcher for train's GPUs and nodes)."""
+    return ftslurm.resources(PARAMS, stage)
 
 
 def code(*modules):

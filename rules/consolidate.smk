@@ -13,7 +13,9 @@ rule consolidate:
         f"{paths.LOGS}/consolidate.log",
     params:
         cfg=params_of("consolidate"),
+    resources:
+        **slurm_resources("consolidate"),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/train.yaml"
     script:
         "../scripts/consolidate.py"

@@ -24,7 +24,7 @@ rule download_source:
     params:
         cfg=lambda wildcards: source_params(wildcards.source),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/data.yaml"
     script:
         "../scripts/download.py"
 
@@ -41,7 +41,7 @@ rule download_model:
     params:
         cfg=params_of("download")["model"],
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/data.yaml"
     script:
         "../scripts/download.py"
 
@@ -58,6 +58,6 @@ rule download:
     params:
         cfg=params_of("download"),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/data.yaml"
     script:
         "../scripts/download.py"

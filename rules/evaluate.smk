@@ -17,7 +17,9 @@ rule evaluate:
         f"{paths.LOGS}/evaluate.log",
     params:
         cfg=params_of("evaluate"),
+    resources:
+        **slurm_resources("evaluate"),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/eval.yaml"
     script:
         "../scripts/evaluate.py"

@@ -11,7 +11,9 @@ rule normalize:
         f"{paths.LOGS}/normalize.log",
     params:
         cfg=params_of("normalize"),
+    resources:
+        **slurm_resources("normalize"),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/data.yaml"
     script:
         "../scripts/normalize.py"

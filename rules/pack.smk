@@ -12,7 +12,9 @@ rule pack:
         f"{paths.LOGS}/pack.log",
     params:
         cfg=params_of("pack"),
+    resources:
+        **slurm_resources("pack"),
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/data.yaml"
     script:
         "../scripts/pack.py"

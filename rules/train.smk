@@ -18,9 +18,8 @@ rule train:
     params:
         cfg=params_of("train"),
     resources:
-        gpus=0 if PARAMS["launcher"]["cpu"] else PARAMS["launcher"]["num_processes"],
-        nodes=PARAMS["launcher"]["nodes"],
+        **slurm_resources("train"),  # GPUs per node and nodes from launcher (see ftflow.slurm)
     conda:
-        "../envs/ftflow.yaml"
+        "../envs/train.yaml"
     script:
         "../scripts/train.py"

@@ -41,6 +41,26 @@ def prepared(root: Path, overrides: list[str]) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory) -> Path:
+    """A repository copy in which `ftflow run experiment=smoke` has completed (on this machine).
+    Tests that change it put it back as it was."""
+    root = copy_repo(tmp_path_factory.mktemp("wf") / "repo")
+    ftflow("run", "experiment=smoke", cwd=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm cluster on this host (tests/slurm_cluster.py), for the session.
+    Without the Slurm packages this fails with the install command: CI must never skip it."""
+    from slurm_cluster import LocalSlurm
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch) -> Path:
     """A copy of the workflow in a temporary directory, which is also the working directory."""

@@ -169,3 +169,28 @@ def test_comment_only_conf_edit_keeps_recorded_params_valid(tmp_path):
     config.write_params(compose([], conf), [], params)
     (conf / "pack" / "default.yaml").write_text((conf / "pack" / "default.yaml").read_text() + "# a note\n")
     assert config.load_checked(params, conf)["pack"]["max_length"] == 512
+
+
+def test_slurm_resources_come_from_the_slurm_section_and_the_launcher():
+    from ftflow.slurm import resources
+
+    tree = compose(["launcher=gpu", "launcher.num_processes=4", "launcher.nodes=2", "slurm.account=proj",
+                    "slurm.partition=cpu", "slurm.jobs.train.partition=gpu", "slurm.qos=high"], CONF)  # fmt: skip
+    train, pack = resources(tree, "train"), resources(tree, "pack")
+    # GPUs per node and nodes from the launcher (the processes accelerate starts), per stage job size
+    assert train == {"slurm_partition": "gpu", "slurm_account": "proj", "qos": "high", "cpus_per_task": 8,
+                     "mem_mb": 64000, "runtime": 1440, "nodes": 2, "gres": "gpu:4", "mpi": "srun", "tasks": 2,
+                     "tasks_per_gpu": 0, "slurm_extra": "--signal=TERM@300"}  # fmt: skip
+    assert pack == {"slurm_partition": "cpu", "slurm_account": "proj", "qos": "high", "cpus_per_task": 4,
+                    "mem_mb": 16000, "runtime": 120}  # fmt: skip
+    # one CPU node: no GPUs, no srun of its own; a retry asks for more time when configured
+    cpu = resources(compose(["slurm.runtime_growth=2", "slurm.jobs.train.runtime=30"], CONF), "train")
+    assert cpu["nodes"] == 1 and not {"gres", "mpi", "tasks"} & cpu.keys()
+    assert [cpu["runtime"](None, attempt) for attempt in (1, 2, 3)] == [30, 60, 120]
+    # the slurm section is no stage's params: changing it reruns nothing
+    assert all("slurm" not in config.stage_params(tree, s) for s in config.STAGE_SECTIONS)
+
+
+def test_a_misspelt_slurm_key_is_an_error():
+    with pytest.raises(ConfigError, match="slurm.jobs.train.memory"):
+        compose(["+slurm.jobs.train.memory=10"], CONF)

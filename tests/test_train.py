@@ -318,6 +318,11 @@ def test_multi_node_needs_slurm():
 
     with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm"):
         launcher_flags("launcher=gpu", "launcher.nodes=2")
+    from ftflow.config import Launcher
+    from ftflow.launcher import node_tasks_command
+
+    with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm: run the train rule through the Slurm profile"):
+        node_tasks_command(Launcher(distributed="ddp", nodes=2), ["config.yaml", "."], {})
 
 
 def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):

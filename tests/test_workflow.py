@@ -13,16 +13,6 @@ from conftest import ftflow, planned_jobs, snakemake
 AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "all": 1}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A repository copy in which `ftflow run experiment=smoke` has completed."""
-    from conftest import copy_repo
-
-    root = copy_repo(tmp_path_factory.mktemp("wf") / "repo")
-    ftflow("run", "experiment=smoke", cwd=root)
-    return root
-
-
 @pytest.mark.slow
 def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     metrics = json.loads((finished / "results/eval/metrics.json").read_text())

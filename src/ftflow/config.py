@@ -282,6 +282,36 @@ class Eval(Section):
     models: dict[str, str] | None = None
 
 
+class SlurmJob(Section):
+    """One stage's Slurm job (profiles/slurm). None: the top-level value, or the cluster's
+    default. GPUs and nodes of the train job are not here: they come from launcher."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    cpus: int | None = Field(default=None, ge=1)  # per task (train: per node)
+    mem_mb: int | None = Field(default=None, ge=1)  # per node
+    runtime: int | None = Field(default=None, ge=1)  # minutes
+
+
+# the stages that run as Slurm jobs; download runs where Snakemake runs (login nodes have internet)
+SLURM_STAGES = ("normalize", "pack", "train", "consolidate", "evaluate")
+
+
+class Slurm(Section):
+    partition: str | None = None  # for every stage unless its job says otherwise
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    # train asks for SIGTERM this long before its time limit: it checkpoints, exits, and the
+    # profile's retry resumes it (Slurm sends SIGTERM at the limit too, but only KillWait before SIGKILL)
+    stop_signal_s: int = Field(default=300, ge=1)
+    # a retried job asks for runtime x runtime_growth^(attempt-1): more time after a time limit
+    runtime_growth: float = Field(default=1.0, ge=1.0)
+    jobs: dict[Literal["normalize", "pack", "train", "consolidate", "evaluate"], SlurmJob] = {}
+
+
 class Config(Section):
     conf_digest: str | None = None  # which conf/ this tree was composed from (see conf_digest())
     data: Data
@@ -295,6 +325,7 @@ class Config(Section):
     tracking: Tracking
     consolidate: Consolidate
     eval: Eval
+    slurm: Slurm = Slurm()  # read by the rules' resources only: no stage reruns when it changes
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

@@ -9,9 +9,11 @@ node's address come from Slurm's environment.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from ftflow.config import Launcher, StageError
 
@@ -49,7 +51,14 @@ def rendezvous(launcher: Launcher, env: dict[str, str]) -> tuple[int, str, int]:
         raise LaunchError(f"launcher.nodes={launcher.nodes} but the Slurm job has {len(hosts)} nodes: {hosts}")
     # the same port on every node, different for concurrent jobs
     port = launcher.main_process_port or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-    return int(env["SLURM_NODEID"]), hosts[0], port
+    return int(env["SLURM_NODEID"]), node_address(hosts[0]), port
+
+
+def node_address(node: str) -> str:
+    """Where a Slurm node is reached: its NodeAddr (the node name unless slurm.conf says otherwise)."""
+    out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True)
+    found = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    return found.group(1) if found else node
 
 
 def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], env: dict[str, str],
@@ -84,6 +93,8 @@ def distributed_flags(launcher: Launcher, gather: bool = False) -> list[str]:
         ds = launcher.deepspeed
         flags = ["--use_deepspeed", "--zero_stage", str(ds.zero_stage),
                  "--offload_optimizer_device", ds.offload_optimizer]  # fmt: skip
+        if launcher.nodes > 1:  # torchrun on each node (started by srun), not DeepSpeed's pdsh/ssh
+            flags += ["--deepspeed_multinode_launcher", "standard"]
         if ds.zero_stage == 3:
             # gathered: train/model is a loadable model; else it holds the shards for consolidate
             flags += ["--offload_param_device", ds.offload_params, "--zero3_init_flag", "false",
@@ -98,6 +109,45 @@ def distributed_flags(launcher: Launcher, gather: bool = False) -> list[str]:
         "--fsdp_offload_params", str(fs.cpu_offload).lower(),
         "--fsdp_cpu_ram_efficient_loading", "false",
     ]  # fmt: skip
+
+
+def node_tasks_command(launcher: Launcher, node_args: list[str], env: dict[str, str]) -> list[str]:
+    """srun starting `python -m ftflow.launcher <node_args>` once per node of this Slurm job;
+    each of those starts the node's `accelerate launch` with its own machine rank."""
+    if "SLURM_JOB_ID" not in env:
+        raise LaunchError(
+            f"launcher.nodes={launcher.nodes} needs Slurm: run the train rule through the Slurm profile "
+            "(snakemake --profile profiles/slurm), which asks for the nodes"
+        )
+    # --label: each log line starts with the task (= node) that wrote it
+    cmd = ["srun", f"--nodes={launcher.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
+    cpus = job_cpus_per_task(env["SLURM_JOB_ID"])
+    if cpus:  # the step would otherwise get one CPU per task
+        cmd.append(f"--cpus-per-task={cpus}")
+    return cmd + [sys.executable, "-m", "ftflow.launcher", *node_args]
+
+
+def job_cpus_per_task(job_id: str) -> int | None:
+    """CPUs per task of the allocation (the train job's slurm.jobs.train.cpus), from scontrol:
+    Snakemake's Slurm plugin removes the SLURM_* variables that would carry it."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    found = re.search(r"\bCPUs/Task=(\d+)", out.stdout)
+    return int(found.group(1)) if found else None
+
+
+def node_main(config_path: str, root: str) -> None:
+    """One node's task (srun): start this node's `accelerate launch` of the training workers."""
+    import yaml
+
+    from ftflow.train import accelerate_launch, ignore_stop_signals
+
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    env = launch_env(Launcher.model_validate(cfg["launcher"]))
+    cmd = accelerate_launch(cfg, Path(root), env)
+    node = env.get("SLURMD_NODENAME", socket.gethostname())
+    print(f"node {env.get('SLURM_NODEID')} on {node}: {' '.join(cmd)}", flush=True)
+    ignore_stop_signals()
+    os.execve(cmd[0], cmd, env)
 
 
 def launch_env(launcher: Launcher) -> dict[str, str]:
@@ -124,3 +174,7 @@ def remove_stale_build_locks(max_age_s: float = 600) -> None:
     for lock in root.glob("**/lock") if root.is_dir() else []:
         if time.time() - lock.stat().st_mtime > max_age_s:
             lock.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    node_main(*sys.argv[1:])

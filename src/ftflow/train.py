@@ -68,8 +68,7 @@ def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
 
 def launch(cfg: dict, root: Path = Path(".")) -> dict:
     """Run the stage: write its config, start the training processes, wait for them."""
-    from ftflow.launcher import accelerate_command, launch_env
-    from ftflow.trainers import use_bf16
+    from ftflow.launcher import launch_env, node_tasks_command
 
     out_dir = root / paths.TRAIN
     write_stage_config(cfg, out_dir)
@@ -82,11 +81,12 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
         remove_interrupted_saves(ckpt_dir)
     (out_dir / "preempted.json").unlink(missing_ok=True)
     env = launch_env(launcher)
-    adapters = cfg["peft"]["method"] != "none"
-    cmd = accelerate_command(launcher, use_bf16(train_cfg, launcher),
-                             ["ftflow.train", str(out_dir / "config.yaml"), str(root)], env, adapters)  # fmt: skip
+    if launcher.nodes > 1:  # one `accelerate launch` per node, each started by srun
+        cmd = node_tasks_command(launcher, [str(out_dir / "config.yaml"), str(root)], env)
+    else:
+        cmd = accelerate_launch(cfg, root, env)
     log.info("Launching: %s", " ".join(cmd))
-    returncode = run_forwarding_signals(cmd, env, out_dir / "workers")
+    returncode = run_forwarding_signals(cmd, env, out_dir / "workers", via_srun=launcher.nodes > 1)
     preempted = out_dir / "preempted.json"
     if preempted.exists():
         info = json.loads(preempted.read_text())
@@ -99,30 +99,65 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
 
 
-def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path) -> int:
+def accelerate_launch(cfg: dict, root: Path, env: dict) -> list[str]:
+    """`accelerate launch -m ftflow.train <stage config>` for this node."""
+    from ftflow.launcher import accelerate_command
+    from ftflow.trainers import use_bf16
+
+    launcher = Launcher.model_validate(cfg["launcher"])
+    bf16 = use_bf16(Train.model_validate(cfg["train"]), launcher)
+    worker = ["ftflow.train", str(root / paths.TRAIN / "config.yaml"), str(root)]
+    return accelerate_command(launcher, bf16, worker, env, adapters=cfg["peft"]["method"] != "none")
+
+
+def ignore_stop_signals() -> None:
+    """For the launcher processes (inherited across exec): accelerate's and torchrun's processes
+    then wait for the workers' checkpoint instead of dying first."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: bool = False) -> int:
     """Run the launcher; a stop signal that reaches this process is passed to the training
-    processes (whose pids they write to `pid_dir`). The launcher itself and torchrun ignore
-    SIGUSR1/SIGTERM (set here, inherited), so they wait for the workers' checkpoint instead of
-    dying first; the workers install their own handlers."""
+    processes: on this node through the pids they write to `pid_dir` once their handler is in
+    place, across nodes through srun (which signals every process of its step). A signal that
+    comes before the workers are ready (Slurm's may come at any time) is passed on when they are."""
     shutil.rmtree(pid_dir, ignore_errors=True)
     pid_dir.mkdir(parents=True)
+    stop: list[int] = []  # the signal, once one came
+    told: set[str] = set()
+    proc: subprocess.Popen | None = None
 
-    def ignore_stop_signals():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+    def tell_workers():
+        if via_srun:
+            if proc is not None:
+                proc.send_signal(signal.SIGUSR1)
+            return
+        for pid_file in pid_dir.glob("*.pid"):
+            if pid_file.name not in told:
+                told.add(pid_file.name)
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+                except (ProcessLookupError, ValueError):
+                    pass
 
     def forward(signum, frame):
         log.warning("Got %s: asking the training processes to checkpoint and stop", signal.Signals(signum).name)
-        for pid_file in pid_dir.glob("*.pid"):
-            try:
-                os.kill(int(pid_file.read_text()), signal.SIGUSR1)
-            except (ProcessLookupError, ValueError):
-                pass
+        stop.append(signum)
+        tell_workers()
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        with subprocess.Popen(cmd, env=env, preexec_fn=ignore_stop_signals) as proc:
-            return proc.wait()
+        with subprocess.Popen(cmd, env=env, preexec_fn=None if via_srun else ignore_stop_signals) as proc:
+            waited = 0
+            while True:
+                try:
+                    return proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    waited += 1
+                    # workers that registered since; through srun, again every 10 s
+                    if stop and (not via_srun or waited % 10 == 0):
+                        tell_workers()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -351,8 +386,11 @@ def main(config_path: str, root: str = ".") -> dict | None:
     out_dir, key = root / paths.TRAIN, checkpoint_key(cfg, root)
     ckpt_dir = out_dir / "checkpoints" / key
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
-    (out_dir / "workers" / f"{rank}.pid").write_text(str(os.getpid()))
     callbacks = run_callbacks(out_dir / "loss.csv")  # handlers installed before the slow part
+    # then the pid file: the stage signals a process once it is listed there
+    pid_file = out_dir / "workers" / f"{rank}.pid"
+    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+    pid_file.with_suffix(".tmp").rename(pid_file)
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     base = root / paths.base_model_dir(model_cfg.model_dump())

@@ -1,0 +1,177 @@
+"""The conda envs (envs/, one per stage family) agree with pyproject.toml, hold what their stages
+import, and every rule uses its family's env. Text only (no env is built): well under a second."""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from conftest import REPO
+
+ENVS = REPO / "envs"
+SRC = REPO / "src" / "ftflow"
+EDITABLE = "-e .."  # ftflow itself, from the checkout (relative to envs/)
+
+# family -> its rules (and the modules those rules run)
+RULES = {
+    "data": {"download_source", "download_model", "download", "normalize", "pack"},
+    "train": {"train", "consolidate"},
+    "eval": {"evaluate"},
+}
+MODULES = {"data": ("download", "normalize", "pack"), "train": ("train", "consolidate"), "eval": ("evaluate",)}
+# what ftflow needs wherever it is installed: its config (`ftflow <stage>` composes conf/), and the
+# Snakemake and DVC front ends of its CLI (run, dispatch, dvc-yaml, sync, pull)
+COMMON = ("config", "dvcyaml", "sync")
+# needed although no ftflow module imports them: train runs under `python -m accelerate...`;
+# lm-eval's HF backend imports transformers and accelerate (its hf extra, not requested)
+UNIMPORTED = {"train": {"accelerate"}, "eval": {"transformers", "accelerate"}}
+ACTIONS = ("script", "shell", "run", "wrapper", "notebook", "cwl")
+
+
+def canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+DEPS = {canon(r.name): r for r in map(Requirement, PROJECT["dependencies"])}
+EXTRAS = {canon(r.name): r for reqs in PROJECT["optional-dependencies"].values() for r in map(Requirement, reqs)}
+TORCH = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)  # the venv's pin
+
+
+def env(family: str) -> tuple[list[str], list[str]]:
+    """An env file's conda entries and pip entries, in order."""
+    deps = yaml.safe_load((ENVS / f"{family}.yaml").read_text())["dependencies"]
+    pips = [d["pip"] for d in deps if isinstance(d, dict)]
+    assert len(pips) == 1, f"{family}.yaml: one pip: list"
+    return [d for d in deps if isinstance(d, str)], pips[0]
+
+
+def listed(family: str) -> dict[str, Requirement]:
+    """The packages an env names (conda or pip), torch and ftflow's own line aside."""
+    conda, pip = env(family)
+    reqs = [Requirement(c) for c in conda if canon(re.match(r"[\w.-]+", c).group()) in DEPS | EXTRAS]
+    reqs += [Requirement(p) for p in pip if p != EDITABLE]
+    names = [canon(r.name) for r in reqs]
+    assert len(names) == len(set(names)), f"{family}.yaml lists a package twice: {names}"
+    return {n: r for n, r in zip(names, reqs) if n != "torch"}
+
+
+def test_one_env_file_per_family():
+    assert sorted(p.name for p in ENVS.iterdir()) == sorted(f"{f}.yaml" for f in RULES)
+
+
+@pytest.mark.parametrize("family", RULES)
+def test_packages_carry_pyprojects_specifiers(family):
+    for name, req in listed(family).items():
+        want = DEPS.get(name) or EXTRAS.get(name)
+        assert want is not None, f"{family}.yaml: {req} is not a pyproject.toml dependency"
+        # exactly pyproject's: the same specifier set (in any order), extras and markers
+        assert (req.specifier, req.extras, req.marker) == (want.specifier, want.extras, want.marker), (
+            f"{family}.yaml: {req}, pyproject.toml: {want}")
+
+
+@pytest.mark.parametrize("family", RULES)
+def test_torch_pinned_first_and_ftflow_installed_from_the_checkout(family):
+    conda, pip = env(family)
+    # pinned before anything that requires it, or pip resolves a torch of its own choosing
+    assert pip[0] == TORCH and TORCH.startswith("torch=="), f"{family}.yaml: pip list starts with {pip[0]!r}, not {TORCH}"
+    assert Version(TORCH.split("==")[1]) in DEPS["torch"].specifier
+    assert pip.count(EDITABLE) == 1 and pip.index(EDITABLE) > 0
+    root = (ENVS / EDITABLE.split()[1]).resolve()
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"] == "ftflow"
+    python = [c for c in conda if re.match(r"python\b", c)]
+    assert python == ["python=3.11"] and "pip" in conda
+    assert Version("3.11") in SpecifierSet(PROJECT["requires-python"])
+
+
+def test_every_dependency_is_in_an_env():
+    names = set().union(*(listed(f) for f in RULES)) | {"torch"}
+    assert set(DEPS) - names == set()
+
+
+def imported_modules(roots: tuple[str, ...]) -> set[str]:
+    """Top-level modules that these ftflow modules, and the ftflow modules they import, import
+    (inside functions too: most heavy imports are deferred)."""
+    seen, todo, found = set(), list(roots), set()
+    while todo:
+        mod = todo.pop()
+        if mod in seen:
+            continue
+        seen.add(mod)
+        for node in ast.walk(ast.parse((SRC / f"{mod}.py").read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "ftflow":
+                names = [f"ftflow.{a.name}" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                if name.startswith("ftflow."):
+                    sub = name.split(".")[1]
+                    if (SRC / f"{sub}.py").exists():
+                        todo.append(sub)
+                else:
+                    found.add(name.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("family", RULES)
+def test_env_lists_what_its_stages_import(family):
+    dists = packages_distributions()
+    needed = {canon(d) for m in imported_modules(COMMON + MODULES[family]) for d in dists.get(m, [])}
+    needed = (needed | UNIMPORTED.get(family, set())) & set(DEPS)
+    assert needed - set(listed(family)) - {"torch"} == set()
+
+
+def rule_envs() -> dict[str, str | None]:
+    """Each rule's `conda:` value (None: none), from the rule files' text: parsing them through
+    Snakemake runs common.smk (the config, the stage modules), seconds. Rules without an action
+    (`all`) are left out."""
+    found = {}
+    for smk in [*sorted((REPO / "rules").glob("*.smk")), REPO / "workflow" / "Snakefile"]:
+        lines = smk.read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"rule (\w+):", line)
+            if not m:
+                continue
+            body = []
+            for nxt in lines[i + 1:]:
+                if nxt.strip() and not nxt.startswith(" "):
+                    break
+                body.append(nxt)
+            directives = {}
+            for j, b in enumerate(body):
+                if d := re.match(r" {4}(\w+):", b):
+                    directives[d[1]] = j
+            if not directives.keys() & set(ACTIONS):
+                continue
+            assert m[1] not in found, f"rule {m[1]} defined twice"
+            value = None
+            if "conda" in directives:
+                j = directives["conda"]
+                inline = body[j].split(":", 1)[1].strip()
+                value = ast.literal_eval(inline or body[j + 1].strip())
+                value = str((smk.parent / value).resolve())  # relative to the rule's own file
+            found[m[1]] = value
+    return found
+
+
+def test_every_rule_uses_its_familys_env():
+    envs = rule_envs()
+    assert all(envs.values()), f"rules without a conda env: {[r for r, e in envs.items() if not e]}"
+    by_family = {}
+    for rule, path in envs.items():
+        path = Path(path)
+        assert path.parent == ENVS and path.exists(), f"rule {rule}: {path}"
+        by_family.setdefault(path.stem, set()).add(rule)
+    assert by_family == RULES
