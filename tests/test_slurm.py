@@ -161,3 +161,12 @@ def test_gpu_train_job_carries_the_configured_resources(slurm_demo, slurm_cluste
     log = root / f"logs/slurm/rule_train/{job_id}.log"
     assert re.search(rf"Error in rule train:\n    message: SLURM-job '{job_id}' failed.*(\n .*)*\n    log: .*{re.escape(str(log))}", out)
     assert "needs as many GPUs; this node has 0" in log.read_text()
+
+
+def test_missing_slurm_packages_fail_loudly(tmp_path, monkeypatch):
+    """Without the daemons the Slurm tests fail (CI must never skip them), naming the install."""
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster, "DAEMONS", ("slurmd-not-installed",))
+    with pytest.raises(RuntimeError, match=r"missing: slurmd-not-installed\. Install them with `apt-get install -y slurmctld slurmd slurm-client munge`"):
+        slurm_cluster.LocalSlurm(tmp_path).start()
