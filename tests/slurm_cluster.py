@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ftflow.launcher import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
 INSTALL = "apt-get install -y slurmctld slurmd slurm-client munge"
 NODES = ("n1", "n2")
@@ -34,12 +36,6 @@ FEATURE = "bigmem"  # a node feature, for a job constraint
 
 def missing() -> list[str]:
     return [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalSlurm:

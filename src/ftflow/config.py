@@ -309,7 +309,7 @@ class Slurm(Section):
     stop_signal_s: int = Field(default=300, ge=1)
     # a retried job asks for runtime x runtime_growth^(attempt-1): more time after a time limit
     runtime_growth: float = Field(default=1.0, ge=1.0)
-    jobs: dict[Literal["normalize", "pack", "train", "consolidate", "evaluate"], SlurmJob] = {}
+    jobs: dict[Literal[SLURM_STAGES], SlurmJob] = {}  # type: ignore[valid-type]  # (a tuple: the same as listing them)
 
 
 class Config(Section):

@@ -48,7 +48,7 @@ def train_resources(launcher: Launcher, stop_signal_s: int) -> dict:
     if not launcher.cpu:
         out["gres"] = f"gpu:{launcher.num_processes}"  # --gres counts per node (--gpus would be per job)
     if launcher.nodes > 1:
-        # one task per node, started by the stage itself with srun (launcher.node_command); the
+        # one task per node, started by the stage itself with srun (launcher.node_tasks_command); the
         # `mpi` resource makes the plugin run the stage in the batch step rather than inside a
         # one-task step that would hold the first node's resources
         out.update(mpi="srun", tasks=launcher.nodes)

@@ -63,7 +63,7 @@ def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
     return fingerprint({"config": {k: v for k, v in cfg.items() if k != "tracking"}, "data": data})
 
 
-# --- the stage: one launcher process per node -------------------------------------------------
+# --- the stage: once per job (several nodes: srun starts one launcher per node) -------------
 
 
 def launch(cfg: dict, root: Path = Path(".")) -> dict:
@@ -72,13 +72,12 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
 
     out_dir = root / paths.TRAIN
     write_stage_config(cfg, out_dir)
-    train_cfg, launcher = Train.model_validate(cfg["train"]), Launcher.model_validate(cfg["launcher"])
+    launcher = Launcher.model_validate(cfg["launcher"])
     check_peft_backend(Peft.model_validate(cfg["peft"]), launcher)
     check_accelerators(launcher)
     ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg, root)
     own_files(ckpt_dir)
-    if os.environ.get("SLURM_NODEID", "0") == "0":  # one node cleans up, before anyone saves
-        remove_interrupted_saves(ckpt_dir)
+    remove_interrupted_saves(ckpt_dir)  # once per job (srun starts the nodes after this), before anyone saves
     (out_dir / "preempted.json").unlink(missing_ok=True)
     env = launch_env(launcher)
     if launcher.nodes > 1:  # one `accelerate launch` per node, each started by srun
