@@ -1,4 +1,9 @@
 # Config loading, paths and input functions shared by the rules.
+#
+# Inputs name the outputs they read by path (ftflow.paths), not by reference to the producing
+# step's output object: Snakemake follows such a reference even under --allowed-rules, so
+# `ftflow dispatch` (a DVC stage's command, exactly one step) would rerun an upstream step
+# whose outputs DVC relinked to an older cached copy. tests/test_dvc.py checks it.
 from pathlib import Path
 
 from ftflow import config as ftconfig

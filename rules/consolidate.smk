@@ -1,8 +1,8 @@
 rule consolidate:
     input:
-        trained=rules.train.output.model,
-        probe=rules.train.output.probe,
-        tokenizer=rules.pack.output.tokenizer,
+        trained=f"{paths.TRAIN}/model",
+        probe=f"{paths.TRAIN}/probe.safetensors",
+        tokenizer=f"{paths.PACK}/tokenizer",
         base=base_model(),
         code=code("consolidate"),
     output:

@@ -1,8 +1,8 @@
 rule evaluate:
     input:
-        tuned=rules.consolidate.output.model,
+        tuned=f"{paths.CONSOLIDATE}/model",
         base=base_model(),
-        tokenizer=rules.pack.output.tokenizer,
+        tokenizer=f"{paths.PACK}/tokenizer",
         data=task_data_files(PARAMS["eval"]["tasks"]),  # the tasks' local data files
         tasks=expand("conf/eval/tasks/{task}.yaml", task=PARAMS["eval"]["tasks"]),
         code=code("evaluate"),

@@ -1,7 +1,7 @@
 rule normalize:
     input:
         raw=raw_dirs(),
-        manifest=rules.download.output.manifest,
+        manifest=paths.MANIFEST,
         code=code("normalize", "formats", "readers", "messages", "parallel"),
         readers=user_readers(),
     output:

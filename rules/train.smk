@@ -2,8 +2,8 @@
 # Snakemake deletes the outputs of a failed job, and a rerun must resume from them.
 rule train:
     input:
-        packed=rules.pack.output.packed,
-        tokenizer=rules.pack.output.tokenizer,
+        packed=[f"{paths.PACK}/{s}" for s in PACKED_SPLITS],
+        tokenizer=f"{paths.PACK}/tokenizer",
         base=[] if SCRATCH else [base_model()],
         code=code("train", "trainers", "launcher", "rewards", "tracking", "provenance"),
         rewards=reward_files(PARAMS["train"]),

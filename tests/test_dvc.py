@@ -21,7 +21,7 @@ import yaml
 from conftest import BIN, REPO, copy_repo, ftflow, job_stats, planned_jobs, run, snakemake
 
 # what a DVC-enabled checkout has besides the workflow itself
-DVC_PARTS = (".dvc/config", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "hydra_plugins")
+DVC_PARTS = (".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "hydra_plugins")
 
 
 def dvc(*args: str, cwd: Path, check: bool = True):
@@ -73,7 +73,7 @@ def project(tmp_path_factory) -> Path:
     git("add", "-A", cwd=root)
     git("commit", "-qm", "data", cwd=root)
     proc = dvc("repro", cwd=root)
-    assert stages_run(proc) == ["compose", "normalize", "pack", "train", "consolidate", "evaluate"]
+    assert stages_run(proc) == ["compose", "normalize", "pack", "train", "consolidate", "evaluate", "report"]
     git("add", "-A", cwd=root)
     git("commit", "-qm", "reproduced", cwd=root)
     return root
@@ -156,6 +156,13 @@ def test_dispatch_runs_one_rule_with_the_profile_in_snakemake_profile(tmp_path):
     out = proc.stdout + proc.stderr
     assert f"Using profile {profile}" in out
     assert job_stats(out) == {"normalize": 1}  # that rule alone
+    # an upstream rule that looks out of date to Snakemake does not run either: DVC judged it
+    # (after DVC relinks an output to an older cached copy, Snakemake sees such dates)
+    code = root / "src/ftflow/download.py"
+    code.write_text(code.read_text() + "\n# an edit\n")
+    assert planned_jobs(root)["download"] == 1
+    proc = run([str(BIN / "ftflow"), "dispatch", "normalize"], root, env_extra={"SNAKEMAKE_PROFILE": str(profile)})
+    assert job_stats(proc.stdout + proc.stderr) == {"normalize": 1}
     # an upstream output missing is an error, never a reason to run another rule
     proc = run([str(BIN / "ftflow"), "dispatch", "pack"], root, check=False)
     assert proc.returncode != 0 and "MissingInputException" in proc.stdout + proc.stderr
@@ -169,7 +176,7 @@ def test_after_repro_dvc_and_snakemake_have_nothing_to_do(project):
     assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
     assert planned_jobs(project) == {}
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"compose", "normalize", "pack", "train", "consolidate", "evaluate"}
+    assert set(lock["stages"]) == {"compose", "normalize", "pack", "train", "consolidate", "evaluate", "report"}
     assert any(o["path"] == "results/train/checkpoints" for o in lock["stages"]["train"]["outs"])
     metrics = json.loads((project / "results/eval/metrics.json").read_text())
     assert "tuned/demo_words/exact_match" in metrics
@@ -178,21 +185,32 @@ def test_after_repro_dvc_and_snakemake_have_nothing_to_do(project):
 # --- 3. rerun minimality, by the stages dvc repro runs ------------------------------------
 
 
+def report_inputs(root: Path) -> dict[str, str]:
+    """sha256 of every file the report stage depends on (dvc.yaml's deps of `report`)."""
+    deps = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["report"]["deps"]
+    files = [f for d in deps for f in ([root / d] if (root / d).is_file() else sorted((root / d).rglob("*")))]
+    return {str(f): digest(f) for f in files if f.is_file() and f.name != ".snakemake_timestamp"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides,expected",
     [
         ([], []),
         (["eval.max_gen_toks=8"], ["evaluate"]),
-        (["peft=lora"], ["train", "consolidate", "evaluate"]),
+        # (a train setting: the experiments below, and peft=lora in test_workflow's Snakemake plans)
         (["data.sources.0.limit=150"], ["normalize", "pack", "train", "consolidate", "evaluate"]),
     ],
-    ids=["nothing", "eval", "lora", "normalize"],
+    ids=["nothing", "eval", "normalize"],
 )
 def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expected):
     try:
         ftflow("compose", *overrides, cwd=project)
-        assert stages_run(dvc("repro", cwd=project)) == expected
+        before = report_inputs(project)
+        ran = stages_run(dvc("repro", cwd=project))
+        # report reads no config: it reruns when what it reads changed (an eval setting may leave
+        # the scores as they were)
+        assert ran == expected + (["report"] if report_inputs(project) != before else [])
         # DVC relinked the outputs (an unchanged file takes its cached copy's time): after
         # `ftflow sync`, Snakemake agrees
         ftflow("sync", cwd=project)
@@ -275,35 +293,45 @@ def exp_rows(root: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_experiments_in_the_workspace_and_queued(project):
-    for name, lr in (("lr-a", "5e-4"), ("lr-b", "2e-3")):
-        proc = dvc("exp", "run", "-n", name, "-S", f"train.learning_rate={lr}", cwd=project)
-        assert stages_run(proc) == ["train", "consolidate", "evaluate"]
-    for name, lr in (("q-a", "1e-4"), ("q-b", "3e-3")):
-        dvc("exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={lr}", cwd=project)
+    proc = dvc("exp", "run", "-n", "lr-a", "-S", "train.learning_rate=5e-4", cwd=project)
+    assert stages_run(proc) == ["train", "consolidate", "evaluate", "report"]
+    dvc("exp", "run", "--queue", "-n", "lr-b", "-S", "train.learning_rate=2e-3", cwd=project)
     dvc("queue", "start", "-j", "1", cwd=project)
     status = ""
-    for _ in range(120):  # the worker runs them one after the other
+    for _ in range(120):  # a worker runs it in a temporary copy of the repository
         status = dvc("queue", "status", cwd=project).stdout
-        if status.count("Success") == 2 or "Failed" in status:
+        if "Success" in status or "Failed" in status:
             break
         time.sleep(5)
-    assert status.count("Success") == 2, status + dvc("queue", "logs", "q-a", cwd=project, check=False).stdout
+    assert "Success" in status, status + dvc("queue", "logs", "lr-b", cwd=project, check=False).stdout
 
     rows = exp_rows(project)
-    assert {name: row["lr"] for name, row in rows.items()} == {"lr-a": 5e-4, "lr-b": 2e-3, "q-a": 1e-4, "q-b": 3e-3}
+    assert {name: row["lr"] for name, row in rows.items()} == {"lr-a": 5e-4, "lr-b": 2e-3}
     for row in rows.values():  # each with its own eval and training metrics
         assert isinstance(row["tuned"], float) and isinstance(row["final_loss"], float)
-    assert len({row["final_loss"] for row in rows.values()}) == 4
+    assert rows["lr-a"]["final_loss"] != rows["lr-b"]["final_loss"]
 
     plots = json.loads(dvc("plots", "diff", "lr-a", "lr-b", "--json", cwd=project).stdout)["data"]
     curve = plots["Training loss"][0]
     assert curve["revisions"] == ["lr-a", "lr-b"]
     values = curve["content"]["data"]["values"]
     assert {v["rev"] for v in values} == {"lr-a", "lr-b"} and len(values) == 8  # 4 logged steps each
+    # ftflow's templates (.dvc/plots/): the loss on a log scale, a line per experiment; the scores
+    # in a base and a tuned column, a bar per experiment for each score
+    encoding = curve["content"]["encoding"]
+    assert encoding["y"]["scale"]["type"] == "log" and encoding["color"]["field"] == "rev"
+    (bars,) = plots["Evaluation: base vs tuned"]
+    assert bars["content"]["facet"]["column"]["field"] == "model"
+    assert bars["content"]["spec"]["encoding"]["yOffset"]["field"] == "rev"
+    scores = {(v["rev"], v["model"], v["score"]): v["value"] for v in bars["content"]["data"]["values"]}
+    names = ("demo_words/exact_match", "demo_words_choice/acc", "demo_words_choice/acc_norm")
+    assert set(scores) == {(r, m, n) for r in ("lr-a", "lr-b") for m in ("base", "tuned") for n in names}
+    for rev in ("lr-a", "lr-b"):  # each experiment's own scores
+        assert scores[(rev, "tuned", "demo_words/exact_match")] == rows[rev]["tuned"]
     html = project / "plots"
     dvc("plots", "diff", "lr-a", "lr-b", "-o", str(html), cwd=project)
     assert "Training loss" in (html / "index.html").read_text()
-    dvc("exp", "apply", "lr-b", cwd=project)  # the workspace is lr-b's again, as after its run
+    dvc("exp", "apply", "lr-b", cwd=project)  # the workspace takes lr-b (queued: it ran in a copy)
     ftflow("sync", cwd=project)
 
 

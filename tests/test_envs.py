@@ -23,11 +23,11 @@ EDITABLE = "-e .."  # ftflow itself, from the checkout (relative to envs/)
 
 # family -> its rules (and the modules those rules run)
 RULES = {
-    "data": {"download_source", "download_model", "download", "normalize", "pack"},
+    "data": {"download_source", "download_model", "download", "normalize", "pack", "report"},
     "train": {"train", "consolidate"},
     "eval": {"evaluate"},
 }
-MODULES = {"data": ("download", "normalize", "pack"), "train": ("train", "consolidate"), "eval": ("evaluate",)}
+MODULES = {"data": ("download", "normalize", "pack", "report"), "train": ("train", "consolidate"), "eval": ("evaluate",)}
 # what ftflow needs wherever it is installed: its config (`ftflow <stage>` composes conf/), and the
 # Snakemake and DVC front ends of its CLI (run, dispatch, dvc-yaml, sync, pull)
 COMMON = ("config", "dvcyaml", "sync")

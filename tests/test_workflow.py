@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ftflow, planned_jobs, snakemake
 
-AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "all": 1}
+AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_second_run_has_nothing_to_do(finished):
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["eval.max_gen_toks=8"], {"evaluate": 1, "all": 1}),
+        (["eval.max_gen_toks=8"], {"evaluate": 1, "report": 1, "all": 1}),
         (["train.learning_rate=5e-4"], AFTER_TRAIN),
         (["peft=lora"], {**AFTER_TRAIN}),
         (["data.sources.0.limit=100"], {"normalize": 1, "pack": 1, **AFTER_TRAIN}),

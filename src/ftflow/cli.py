@@ -1,7 +1,9 @@
 """The `ftflow` command.
 
     ftflow compose [overrides...]        compose conf/ (+ overrides) into params.yaml
-    ftflow run [overrides...] [-- snakemake args]   compose, then run the DAG with Snakemake
+    ftflow run [overrides...] [-- snakemake args]   compose, run the DAG with Snakemake, then
+                                         write its report: results/report.html
+    ftflow report [-- snakemake args]    bring the report's files up to date, write the report
     ftflow <stage> [overrides...]        run one stage by hand (same code as its rule)
     ftflow inspect [packed dir] [--rows N]   packed rows with trained / masked tokens marked
 
@@ -18,7 +20,6 @@ Overrides are Hydra's: `train.learning_rate=1e-4`, `peft=lora`, `experiment=demo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 
 from ftflow import config
+from ftflow.progress import setup_logging  # noqa: F401 (the rule scripts' entry: ftflow.cli)
 
 STAGES = ("download", "normalize", "pack", "train", "consolidate", "evaluate")
 
@@ -44,13 +46,11 @@ def run_stage(stage: str, params: dict, root: Path = Path(".")):
         from ftflow.consolidate import consolidate as fn
     elif stage == "evaluate":
         from ftflow.evaluate import evaluate as fn
+    elif stage == "report":
+        from ftflow.report import report as fn
     else:
         raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
     return fn(params, root)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
 
 
 def compose_and_write(overrides: list[str]) -> dict:
@@ -73,9 +73,28 @@ def dispatch(rule: str, extra: list[str]) -> int:
 
     if rule not in dvcyaml.STAGES:
         raise config.ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {dvcyaml.STAGES})")
+    # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
+    # missing one is an error); this holds because rules name their inputs by path (common.smk)
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
     print(" ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
+
+
+def html_report(extra: list[str] = ()) -> int:
+    """Snakemake's report of the finished run, its first page showing the headline figures.
+    Not after a dry run, nor after a run of part of the DAG that left the report's files out."""
+    from ftflow import paths
+    from ftflow.report import HTML, OUTPUTS
+
+    if {"-n", "--dry-run", "--dryrun"} & set(extra):
+        return 0
+    if not all((Path(paths.REPORT) / name).exists() for name in OUTPUTS):
+        print(f"report: not written ({paths.REPORT}/ is incomplete); `ftflow report` makes it", file=sys.stderr)
+        return 0
+    rc = subprocess.call(snakemake_cmd("--report", HTML))
+    if rc == 0:
+        print(f"report: {HTML}", file=sys.stderr)
+    return rc
 
 
 def check_params() -> None:
@@ -85,7 +104,7 @@ def check_params() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("compose", "run", *STAGES, "dispatch", "dvc-yaml", "sync", "pull", "inspect"))
+    parser.add_argument("command", choices=("compose", "run", *STAGES, "report", "dispatch", "dvc-yaml", "sync", "pull", "inspect"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
     parser.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
@@ -100,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             compose_and_write(args.overrides)
         elif args.command == "run":
             compose_and_write(args.overrides)
-            return subprocess.call(snakemake_cmd(*extra))
+            return subprocess.call(snakemake_cmd(*extra)) or html_report(extra)
+        elif args.command == "report":
+            return subprocess.call(snakemake_cmd(*extra, "--", "report")) or html_report()
         elif args.command == "dispatch":
             if len(args.overrides) != 1:
                 parser.error("dispatch takes one rule name")

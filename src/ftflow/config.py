@@ -351,6 +351,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("model", "train", "peft", "launcher", "tracking"),
     "consolidate": ("model", "peft", "template", "consolidate"),
     "evaluate": ("model", "eval"),
+    "report": (),  # it reads the stages' outputs (and the config.yaml each wrote), no config
 }
 
 # Keys that say *where* data comes from; the rest (limit, reader, split) is normalize's business

@@ -19,6 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ftflow import paths
 from ftflow.config import StageError
 
@@ -38,8 +40,14 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file (a model's weights: minutes for a large one, hence the progress)."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
-    return {str(p.relative_to(root) if p != root else p.name): sha256(p) for p in files}
+    hashes = {}
+    with tqdm(total=sum(p.stat().st_size for p in files), desc=f"hash {root.name}", unit="B", unit_scale=True) as bar:
+        for p in files:
+            hashes[str(p.relative_to(root) if p != root else p.name)] = sha256(p)
+            bar.update(p.stat().st_size)
+    return hashes
 
 
 def fetch_hub(repo_id: str, revision: str | None, repo_type: str, dest: Path, allow_patterns=None) -> str:

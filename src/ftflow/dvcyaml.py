@@ -30,17 +30,20 @@ import yaml
 from ftflow import config, paths
 
 DVC_YAML = "dvc.yaml"
-STAGES = ("normalize", "pack", "train", "consolidate", "evaluate")  # every rule after download
+STAGES = ("normalize", "pack", "train", "consolidate", "evaluate", "report")  # every rule after download
 COMPOSE_STAGE = {"cmd": "ftflow compose --check", "deps": ["conf"]}
 PERSIST = {"train": [paths.CHECKPOINTS]}
 METRICS = (f"{paths.TRAIN}/summary.json", f"{paths.EVALUATE}/metrics.json")
+# Plots across experiments (`dvc plots diff exp-a exp-b`), with ftflow's templates in .dvc/plots/:
+# loss on a log scale, one line per experiment; eval scores in a base and a tuned column, one bar
+# per experiment for each score
 PLOTS = {
-    f"{paths.TRAIN}/loss.csv": {"title": "Training loss", "x": "step", "y": "loss", "template": "linear"},
+    f"{paths.TRAIN}/loss.csv": {"title": "Training loss", "x": "step", "y": "loss", "template": "ftflow_loss"},
     f"{paths.EVALUATE}/comparison.json": {
         "title": "Evaluation: base vs tuned",
         "x": "value",
-        "y": "name",
-        "template": "bar_horizontal",
+        "y": "score",
+        "template": "ftflow_eval",
     },
 }
 COARSE_DEPS = (paths.RAW, paths.MODELS, "conf/eval/tasks", "conf/data", "conf/train")
@@ -97,11 +100,9 @@ def render(graph: dict[str, dict[str, list[str]]]) -> dict:
     stages: dict[str, dict] = {"compose": dict(COMPOSE_STAGE)}
     for name in STAGES:
         outs = graph[name]["outs"]
-        stage: dict = {
-            "cmd": f"ftflow dispatch {name}",
-            "deps": graph[name]["deps"],
-            "params": list(config.STAGE_SECTIONS[name]),
-        }
+        stage: dict = {"cmd": f"ftflow dispatch {name}", "deps": graph[name]["deps"]}
+        if config.STAGE_SECTIONS[name]:  # report reads no config
+            stage["params"] = list(config.STAGE_SECTIONS[name])
         plain = [o for o in outs if o not in METRICS and o not in PLOTS]
         stage["outs"] = [{o: {"persist": True}} if o in PERSIST.get(name, []) else o for o in plain]
         for key, kind in (("metrics", METRICS), ("plots", PLOTS)):

@@ -32,6 +32,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ftflow import paths
 from ftflow.config import Data, Source, StageError, write_stage_config
@@ -379,8 +380,10 @@ class SplitWriter:
 def normalize_source(source: Source, data: Data, root: Path, writer: SplitWriter) -> SourceRun:
     run = SourceRun(source, data, root)
     try:
-        for table in run.tables(root / paths.RAW / source.name):
-            writer.write(table)
+        with tqdm(total=source.limit, desc=f"normalize {source.name}", unit="records") as bar:
+            for table in run.tables(root / paths.RAW / source.name):
+                writer.write(table)
+                bar.update(run.read - bar.n)
     except (FileFormatError, FileNotFoundError) as err:
         raise NormalizeError(f"source {source.name!r}: {err}") from None
     return run

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
@@ -452,8 +453,11 @@ def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
     shards = ShardWriter(out, cfg.max_length)
     counts: dict = {}
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
-    for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
-        shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
+    total = parquet_file(parquet).metadata.num_rows
+    with tqdm(total=total, desc=f"pack {parquet.stem}", unit="conversations") as bar:
+        for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
+            shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
+            bar.update(len(enc.lengths))
     return shards.close(cfg.strategy, counts)
 
 

@@ -15,6 +15,7 @@ TRAIN = "results/train"  # model/, init/ (scratch), checkpoints/, loss.csv, summ
 CHECKPOINTS = f"{TRAIN}/checkpoints"  # <config fingerprint>/checkpoint-<step>/: resume points
 CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
 EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
+REPORT = "results/report"  # the report's files; the HTML report itself: results/report.html
 LOGS = "logs"
 
 

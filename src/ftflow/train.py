@@ -534,5 +534,7 @@ def finished(checkpoint: Path) -> bool:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from ftflow.progress import setup_logging
+
+    setup_logging()
     main(*sys.argv[1:])

@@ -1,0 +1,64 @@
+# The report's files, from the stages' outputs; `ftflow report` (or `snakemake --report
+# results/report.html`) embeds them in one HTML file.
+from ftflow.report import headline
+
+localrules:
+    report,
+
+# the headline figures of the report's first page (workflow/report/workflow.rst)
+config["report"] = headline()
+
+
+rule report:
+    input:
+        normalize=f"{paths.NORMALIZE}/stats.json",
+        pack=f"{paths.PACK}/stats.json",
+        curve=f"{paths.TRAIN}/loss.csv",
+        train=f"{paths.TRAIN}/summary.json",
+        model=f"{paths.TRAIN}/model",  # its provenance.json
+        consolidate=f"{paths.CONSOLIDATE}/summary.json",
+        evaluate=f"{paths.EVALUATE}/comparison.json",
+        manifest=paths.MANIFEST,
+        code=code("report"),
+    output:
+        normalize=report(
+            f"{paths.REPORT}/normalize.html",
+            caption="../workflow/report/normalize.rst",
+            category="1. Data",
+            subcategory="normalize",
+            labels={"stage": "normalize", "figure": "records per source"},
+        ),
+        pack=report(
+            f"{paths.REPORT}/pack.html",
+            caption="../workflow/report/pack.rst",
+            category="1. Data",
+            subcategory="pack",
+            labels={"stage": "pack", "figure": "tokens and packing"},
+        ),
+        loss=report(
+            f"{paths.REPORT}/loss.svg",
+            caption="../workflow/report/loss.rst",
+            category="2. Training",
+            labels={"stage": "train", "figure": "loss curve"},
+        ),
+        evaluate=report(
+            f"{paths.REPORT}/eval.html",
+            caption="../workflow/report/eval.rst",
+            category="3. Evaluation",
+            labels={"stage": "evaluate", "figure": "base vs tuned"},
+        ),
+        provenance=report(
+            f"{paths.REPORT}/provenance.html",
+            caption="../workflow/report/provenance.rst",
+            category="4. Provenance",
+            labels={"stage": "train", "figure": "what produced the model"},
+        ),
+        summary=f"{paths.REPORT}/summary.yaml",  # the first page's figures
+    log:
+        f"{paths.LOGS}/report.log",
+    params:
+        cfg=params_of("report"),
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/report.py"

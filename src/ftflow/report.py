@@ -1,0 +1,287 @@
+"""report: the run at a glance, as files that Snakemake's report embeds (`ftflow report`, or
+`snakemake --report results/report.html`).
+
+It reads what the stages wrote and recomputes nothing, so every figure in the report is the
+figure on disk. results/report/ holds:
+
+    normalize.html   records per source and split: read, kept, dropped per reason
+    pack.html        per split: conversations, sequences, rows, tokens, packing efficiency,
+                     sequences over max_length (truncated or dropped), no trained token
+    loss.svg         training loss per step (log scale), learning rate, gradient norm
+    eval.html        base vs tuned per task and metric, with the difference
+    provenance.html  what produced the model: git commit, the config of every stage, the
+                     hashes of the data and of the files training read, package versions
+    summary.yaml     the headline figures on the report's first page (see headline())
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from jinja2 import Environment
+
+from ftflow import paths
+
+log = logging.getLogger(__name__)
+
+HTML = "results/report.html"  # `ftflow report` writes the report here
+OUTPUTS = ("normalize.html", "pack.html", "loss.svg", "eval.html", "provenance.html", "summary.yaml")
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+    note: str = ""
+
+
+def kind(value) -> str:
+    """A cell's class: figures align right, long or multi-line text is set as code."""
+    text = str(value)
+    if re.fullmatch(r"[+-]?[\d,]+(\.\d+)?%?", text):
+        return "number"
+    return "text" if len(text) > 40 or "\n" in text else ""
+
+
+ENV = Environment(autoescape=True)
+ENV.filters["kind"] = kind
+PAGE = ENV.from_string("""\
+<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>
+  body { font: 14px/1.45 system-ui, sans-serif; color: #1f2328; margin: 1.2em; }
+  h1 { font-size: 1.3em; margin: 0 0 .6em; } h2 { font-size: 1.05em; margin: 1.4em 0 .4em; }
+  table { border-collapse: collapse; margin-bottom: .4em; }
+  th, td { border-bottom: 1px solid #d0d7de; padding: .3em .8em; text-align: left; white-space: nowrap; }
+  th { background: #f6f8fa; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
+  td.text { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+  p.note { color: #59636e; margin: 0; }
+</style></head>
+<body><h1>{{ title }}</h1>
+{% for t in tables %}
+<h2>{{ t.title }}</h2>
+<table><thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in t.rows %}<tr>{% for v in row %}<td class="{{ v|kind }}">{{ v }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{% if t.note %}<p class="note">{{ t.note }}</p>{% endif %}
+{% endfor %}
+</body></html>
+""")
+
+
+def page(title: str, tables: list[Table]) -> str:
+    return PAGE.render(title=title, tables=tables)
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+def share(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def score(x: float) -> str:
+    return f"{x:.4f}"
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def normalize_table(stats: dict) -> Table:
+    """One row per source (and a total per split); one column per drop reason that occurred."""
+    splits = stats["splits"]
+    reasons = sorted({r for s in splits.values() for src in s["sources"].values() for r in src["dropped"]})
+    table = Table("Records per source", ["split", "source", "reader", "read", "kept", "dropped", *reasons])
+    for split, s in splits.items():
+        for name, src in s["sources"].items():
+            dropped = src["dropped"]
+            table.rows.append([split, name, src["reader"], count(src["records_in"]), count(src["records_out"]),
+                               count(sum(dropped.values())), *(count(dropped.get(r, 0)) for r in reasons)])  # fmt: skip
+        if len(s["sources"]) > 1:
+            table.rows.append([split, "(all)", "", count(s["records_in"]), count(s["records_out"]),
+                               count(sum(s["dropped"].values())), *(count(s["dropped"].get(r, 0)) for r in reasons)])  # fmt: skip
+    table.note = f"kind: {stats['kind']}. read = kept + dropped, for every source."
+    if not reasons:
+        table.note += " No record was dropped."
+    return table
+
+
+PACK_COLUMNS = {
+    "conversations": "conversations",
+    "sequences": "sequences",
+    "rows": "packed rows",
+    "tokens": "tokens",
+    "trained_tokens": "trained tokens",
+    "packing_efficiency": "packing efficiency",
+    "over_max_length": "over max_length",
+    "dropped_no_target": "no trained token",
+}
+
+
+def pack_table(stats: dict) -> Table:
+    """One row per packed split: what went in, how many rows it became, how full they are."""
+    table = Table(f"Packed splits (max_length {stats['max_length']}, vocabulary {count(stats['vocab_size'])})",
+                  ["split", *PACK_COLUMNS.values()])  # fmt: skip
+    for split, s in stats["splits"].items():
+        cells = [share(s[k]) if k == "packing_efficiency" else count(s[k]) if k in s else "" for k in PACK_COLUMNS]
+        table.rows.append([split, *cells])
+    table.note = ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
+                  "padding). over max_length: sequences longer than max_length, truncated, dropped or split as pack.overflow "
+                  "says. no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
+    return table
+
+
+def read_curve(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def loss_figure(curve: list[dict], out: Path) -> dict:
+    """loss.svg: loss (log scale), learning rate and gradient norm against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "ftflow"  # stable element ids (else random per run)
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: searchable, and smaller
+    import matplotlib.pyplot as plt
+
+    panels = [(k, label) for k, label in (("loss", "training loss"), ("learning_rate", "learning rate"),
+                                          ("grad_norm", "gradient norm")) if any(k in r for r in curve)]  # fmt: skip
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 1.9 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], panels):
+        points = [(r["step"], r[key]) for r in curve if key in r]
+        ax.plot(*zip(*points), marker="o" if len(points) < 40 else None, markersize=3, linewidth=1.5)
+        if key == "loss" and min(v for _, v in points) > 0:
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    losses = [(r["step"], r["loss"]) for r in curve if "loss" in r]
+    figures = {"steps": int(losses[-1][0]), "first_loss": losses[0][1], "final_loss": losses[-1][1]}
+    fig.suptitle(f"loss {figures['first_loss']:.4g} at step {int(losses[0][0])} → {figures['final_loss']:.4g} "
+                 f"at step {figures['steps']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out, format="svg", metadata={"Date": None})  # no date: the same curve, the same file
+    plt.close(fig)
+    return figures
+
+
+def eval_table(comparison: list[dict]) -> Table:
+    """comparison.json (one entry per score and model) as base | tuned | delta per score."""
+    scores: dict[str, dict[str, float]] = {}
+    for entry in comparison:
+        scores.setdefault(entry["score"], {})[entry["model"]] = entry["value"]
+    table = Table("Base vs tuned", ["task", "metric", "base", "tuned", "delta"])
+    for name, by_model in scores.items():
+        task, metric = name.rsplit("/", 1)
+        base, tuned = by_model.get("base"), by_model.get("tuned")
+        delta = f"{tuned - base:+.4f}" if base is not None and tuned is not None else ""
+        table.rows.append([task, metric, "" if base is None else score(base), "" if tuned is None else score(tuned), delta])
+    table.note = "lm-eval on the held-out data; base: the model before training, tuned: the consolidated model."
+    return table
+
+
+def provenance_tables(prov: dict, train_summary: dict, consolidated: dict, manifest: dict,
+                      normalized: dict, stage_configs: dict[str, str]) -> list[Table]:  # fmt: skip
+    """What produced the model: code, config, data."""
+    git = prov.get("git") or {}
+    commit = git.get("commit") or "(not a git checkout)"
+    code = Table("Code and run", ["what", "value"], [
+        ["git commit", commit + (" (uncommitted changes: see provenance.diff beside the model)" if git.get("dirty") else "")],
+        ["config fingerprint (train)", train_summary.get("config_fingerprint", "")],
+        ["method", train_summary.get("method", "")],
+        ["steps", count(train_summary["steps"]) if "steps" in train_summary else ""],
+        ["resumed from", train_summary.get("resumed_from") or "(a fresh run)"],
+        ["trainable parameters", count(train_summary["trainable_params"]) if "trainable_params" in train_summary else ""],
+        ["consolidated model", f"{count(consolidated['parameters'])} parameters, merged LoRA: {consolidated.get('merged_lora')}"],
+        ["consolidation check", verification(consolidated.get("verification") or {})],
+    ])  # fmt: skip
+    data = Table("Data", ["what", "sha256"], note="Raw files as downloaded (data/manifest.json), normalized splits "
+                 "(results/normalize/stats.json), and the inputs training read (results/train/model/provenance.json).")  # fmt: skip
+    for kind in ("sources", "models"):
+        for name, entry in sorted(manifest.get(kind, {}).items()):
+            where = entry.get("uri", "") + (f"@{entry['revision']}" if entry.get("revision") else "")
+            for file, digest in sorted(entry.get("files", {}).items()):
+                data.rows.append([f"{kind[:-1]} {name}: {where} / {file}", digest])
+    for split, s in normalized["splits"].items():
+        data.rows.append([f"normalized {split} ({count(s['rows'])} rows)", s["sha256"]])
+    for path, digest in sorted((prov.get("inputs") or {}).items()):
+        data.rows.append([f"training input {path}", digest])
+    config = Table("Config of each stage (the config.yaml it wrote beside its outputs)", ["stage", "config"],
+                   [[stage, text] for stage, text in stage_configs.items()])  # fmt: skip
+    packages = Table("Packages", ["package", "version"],
+                     [[k, v or "(not installed)"] for k, v in sorted((prov.get("packages") or {}).items())])  # fmt: skip
+    return [code, data, config, packages]
+
+
+def verification(v: dict) -> str:
+    if not v:
+        return ""
+    state = "ok" if v.get("ok") else "FAILED"
+    return f"{state}: max |log p difference| {v['max_abs_logprob_diff']:.3g} (tolerance {v['tolerance']:g}) over {v['positions']} positions"
+
+
+def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, evaluation: Table, prov: dict) -> dict:
+    """The headline figures of the report's first page: {label: text}."""
+    out = {}
+    for split, s in normalized["splits"].items():
+        if s["records_in"]:
+            out[f"{split} records kept"] = f"{count(s['records_out'])} of {count(s['records_in'])}"
+    for split, s in packed["splits"].items():
+        out[f"{split} packing"] = f"{count(s['tokens'])} tokens in {count(s['rows'])} rows, {share(s['packing_efficiency'])} full"
+    out["training loss"] = (f"{figures['first_loss']:.4g} → {figures['final_loss']:.4g} (logged at step "
+                            f"{count(figures['steps'])} of {count(train_summary['steps'])})")  # fmt: skip
+    for task, metric, base, tuned, delta in evaluation.rows:
+        out[f"{task}/{metric}"] = f"{base} → {tuned} ({delta})"
+    out["git commit"] = (prov.get("git") or {}).get("commit") or "(not a git checkout)"
+    return out
+
+
+def headline(root: Path = Path(".")) -> dict:
+    """summary.yaml, for the report's first page (workflow/report/workflow.rst reads it from
+    Snakemake's `config`, the one thing that page can read); {} before the report stage ran.
+    Not --report-metadata: Snakemake 9 garbles its text values."""
+    path = root / paths.REPORT / "summary.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def report(cfg: dict, root: Path = Path(".")) -> dict:
+    """Run the stage: write results/report/ from the other stages' outputs (`cfg` is empty)."""
+    out = root / paths.REPORT
+    out.mkdir(parents=True, exist_ok=True)
+    normalized = read_json(root / paths.NORMALIZE / "stats.json")
+    packed = read_json(root / paths.PACK / "stats.json")
+    prov = read_json(root / paths.TRAIN / "model" / "provenance.json")
+    evaluation = eval_table(read_json(root / paths.EVALUATE / "comparison.json"))
+    stage_configs = {stage: (root / folder / "config.yaml").read_text()
+                     for stage, folder in (("normalize", paths.NORMALIZE), ("pack", paths.PACK), ("train", paths.TRAIN),
+                                           ("consolidate", paths.CONSOLIDATE), ("evaluate", paths.EVALUATE))
+                     if (root / folder / "config.yaml").exists()}  # fmt: skip
+
+    (out / "normalize.html").write_text(page("normalize: records per source", [normalize_table(normalized)]))
+    (out / "pack.html").write_text(page("pack: tokens and packing", [pack_table(packed)]))
+    figures = loss_figure(read_curve(root / paths.TRAIN / "loss.csv"), out / "loss.svg")
+    (out / "eval.html").write_text(page("evaluate: base vs tuned", [evaluation]))
+    train_summary = read_json(root / paths.TRAIN / "summary.json")
+    tables = provenance_tables(prov, train_summary,
+                               read_json(root / paths.CONSOLIDATE / "summary.json"),
+                               read_json(root / paths.MANIFEST), normalized, stage_configs)  # fmt: skip
+    (out / "provenance.html").write_text(page("provenance of the model", tables))
+    headline = summary(normalized, packed, figures, train_summary, evaluation, prov)
+    (out / "summary.yaml").write_text(yaml.safe_dump(headline, sort_keys=False, allow_unicode=True))
+    log.info("Report files in %s: %s", out, ", ".join(OUTPUTS))
+    return headline
