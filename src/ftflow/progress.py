@@ -70,8 +70,8 @@ def line(bar: tqdm.std.tqdm) -> str:
     stats["unit"] = (stats.get("unit") or "it").strip()
     known = bool(stats["total"]) and stats["n"] <= stats["total"]
     fmt = KNOWN_TOTAL if known else UNKNOWN_TOTAL
-    if stats.get("prefix"):
-        fmt = "{desc}: " + fmt
+    if stats.get("prefix"):  # "desc: " (datasets' descriptions end with a colon already)
+        fmt = "{desc} " + fmt if stats["prefix"].rstrip().endswith(":") else "{desc}: " + fmt
     return re.sub(r"  +", " ", tqdm.std.tqdm.format_meter(**{**stats, "bar_format": fmt}))  # tqdm pads rates
 
 
