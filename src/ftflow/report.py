@@ -194,7 +194,8 @@ def provenance_tables(prov: dict, train_summary: dict, consolidated: dict, manif
     git = prov.get("git") or {}
     commit = git.get("commit") or "(not a git checkout)"
     code = Table("Code and run", ["what", "value"], [
-        ["git commit", commit + (" (uncommitted changes: see provenance.diff beside the model)" if git.get("dirty") else "")],
+        ["git commit", commit + (f" with uncommitted changes: {paths.CHECKPOINTS}/{train_summary.get('config_fingerprint')}/git.diff"
+                                 if git.get("dirty") else "")],  # fmt: skip
         ["config fingerprint (train)", train_summary.get("config_fingerprint", "")],
         ["method", train_summary.get("method", "")],
         ["steps", count(train_summary["steps"]) if "steps" in train_summary else ""],
