@@ -24,7 +24,8 @@ import shutil
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -38,6 +39,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from ftflow import paths
 from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
 from ftflow.parallel import ordered_map
+from ftflow.spans import Renderer, Span, TemplateError, end_tokens, renderer, trained_messages
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +230,8 @@ def build_tokenizer(model: Model, tok_cfg: Tokenizer, tpl: Template, parquet: Pa
         if named.bos:
             tok.bos_token = named.bos
         tok.eos_token = tpl.eos_token
-    elif not tok.chat_template or "{% generation %}" not in tok.chat_template.replace("{%- generation %}", "{% generation %}"):
-        raise PackError(
-            "template=model needs the tokenizer's chat template to mark assistant spans with "
-            "{% generation %} ... {% endgeneration %}; this one does not. Use template=chatml or llama3."
-        )
+    else:  # the model's own template, unchanged: its spans are found and verified (spans.py)
+        log.info("Chat template of <%s>: trained spans by %s", tok.name_or_path, span_method(tok))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -248,23 +247,25 @@ class Encoded:
     ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where not trained
     lengths: np.ndarray  # int64
+    audit: Counter = field(default_factory=Counter)  # the masking audit's counts (see mask_audit)
 
 
-def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant") -> Encoded:
-    """What apply_chat_template(conv, tools=..., tokenize=True, return_assistant_tokens_mask=True)
-    gives for each conversation, as flat arrays; `train_on` picks the trained spans: the
-    template's generation spans (assistant), the last of them, or every token."""
-    texts, spans = render_with_spans(convs, tools, tok)
-    if train_on == "last_assistant":
-        spans = [s[-1:] for s in spans]
+def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant", first: int = 0,
+           name: str = "the data") -> Encoded:  # fmt: skip
+    """What apply_chat_template(conv, tools=..., tokenize=True) gives for each conversation, as
+    flat arrays, with the loss on the spans that `train_on` picks (assistant turns, the last of
+    them, or every token); `first` and `name` say where the chunk comes from, for errors."""
+    texts, spans = render_with_spans(convs, tools, tok, train_on, first, name)
     encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     per_text = [np.array(e.ids, np.int32) for e in encodings]
     lengths = np.fromiter(map(len, per_text), np.int64, len(per_text))
     ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
     if train_on == "all":
-        return Encoded(ids, ids.copy(), lengths)
-    mask = overlap_mask(encodings, texts, spans, lengths)
-    return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths)
+        return Encoded(ids, ids.copy(), lengths, Counter({"trained_tokens/all": len(ids)}))
+    offsets = token_offsets(encodings, texts, lengths)
+    mask = overlap_mask(offsets, texts, [[(s.start, s.end) for s in conv] for conv in spans])
+    audit = mask_audit(offsets, texts, spans, ids, tok, first, name)
+    return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths, audit)
 
 
 def encode_text(texts: list[str], tok) -> Encoded:
@@ -278,7 +279,35 @@ def encode_text(texts: list[str], tok) -> Encoded:
 def encode_piece(parquet: Path, piece: tuple[int, int, int], kind: str, tok, train_on: str) -> Encoded:
     if kind == "text":
         return encode_text(piece_table(parquet, piece, ["text"]).column("text").to_pylist(), tok)
-    return encode(*read_piece(parquet, piece), tok, train_on)
+    first = sum(parquet_file(parquet).metadata.row_group(g).num_rows for g in range(piece[0])) + piece[1]
+    return encode(*read_piece(parquet, piece), tok, train_on, first, str(parquet))
+
+
+def render_with_spans(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant", first: int = 0,
+                      name: str = "the data") -> tuple[list[str], list[list[Span]]]:  # fmt: skip
+    """Rendered texts and trained spans. ftflow's own templates have a plain-Python twin
+    (templates.py), ~20x faster than Jinja's sandbox: the first conversation of every chunk is
+    rendered both ways and must agree. Any other template goes through spans.Renderer, which
+    verifies the spans of every conversation (and derives the chunk's first from prefixes)."""
+    fast = fast_renderer(tok)
+    if fast is None:
+        r = span_renderer(tok)
+        out = [r.render(c, t, train_on, f"conversation {first + k} of {name}", check=k == 0)
+               for k, (c, t) in enumerate(zip(convs, tools))]  # fmt: skip
+        return [t for t, _ in out], [s for _, s in out]
+    out = [fast(c, t, tok.bos_token or "") for c, t in zip(convs, tools)]
+    if out and out[0] != (expected := jinja_render(convs[0], tools[0], tok)):
+        raise PackError(f"the fast renderer of this template disagrees with its Jinja text: {out[0]!r} != {expected!r}")
+    texts, spans = [t for t, _ in out], []
+    for conv, (text, conv_spans) in zip(convs, out):
+        roles = [conv[i]["role"] for i in sorted(trained_messages(conv, "assistant"))]
+        if len(roles) != len(conv_spans):  # one block per trained message is how ftflow's templates are written
+            raise PackError(f"{len(conv_spans)} trained blocks for {len(roles)} trained messages in {text[:80]!r}")
+        conv_spans = [Span(a, b, role) for (a, b), role in zip(conv_spans, roles)]
+        spans.append(conv_spans[-1:] if train_on == "last_assistant" else conv_spans)
+    if train_on == "all":
+        spans = [[Span(0, len(t), "all")] for t in texts]
+    return texts, spans
 
 
 def jinja_render(conv: list[dict], tools, tok) -> tuple[str, list]:
@@ -290,20 +319,6 @@ def jinja_render(conv: list[dict], tools, tok) -> tuple[str, list]:
     return text[0], [tuple(s) for s in spans[0]]
 
 
-def render_with_spans(convs: list[list[dict]], tools: list, tok) -> tuple[list[str], list[list]]:
-    """Rendered texts and generation spans. The shipped templates have a plain-Python twin
-    (templates.py) that is ~20x faster than Jinja's sandbox; the first conversation of every
-    chunk is rendered both ways and must agree, so a drift between the twins fails loudly."""
-    fast = fast_renderer(tok)
-    if fast is None:
-        out = [jinja_render(c, t, tok) for c, t in zip(convs, tools)]
-    else:
-        out = [fast(c, t, tok.bos_token or "") for c, t in zip(convs, tools)]
-        if out and out[0] != (expected := jinja_render(convs[0], tools[0], tok)):
-            raise PackError(f"the fast renderer of this template disagrees with its Jinja text: {out[0]!r} != {expected!r}")
-    return [t for t, _ in out], [s for _, s in out]
-
-
 def fast_renderer(tok):
     from ftflow import templates
 
@@ -313,23 +328,70 @@ def fast_renderer(tok):
     return None
 
 
-def overlap_mask(encodings, texts: list[str], spans: list[list], lengths: np.ndarray) -> np.ndarray:
-    """A token is trained when its characters overlap a generation span, as in transformers (so a
-    span cut by truncation keeps its tokens). Done for the whole chunk at once: offsets and spans
-    are shifted into one character axis (text after text), where spans stay sorted and a token
-    can only overlap spans of its own text."""
-    total = int(lengths.sum())
+_RENDERERS: dict[int, tuple] = {}
+
+
+def span_renderer(tok) -> Renderer:
+    """One spans.Renderer per tokenizer (and process): its method is decided once."""
+    if id(tok) not in _RENDERERS:
+        _RENDERERS[id(tok)] = (tok, renderer(tok))  # the tokenizer is kept, so its id stays its own
+    return _RENDERERS[id(tok)][1]
+
+
+def span_method(tok) -> str:
+    return "ftflow" if fast_renderer(tok) else span_renderer(tok).method
+
+
+def token_offsets(encodings, texts: list[str], lengths: np.ndarray) -> np.ndarray:
+    """Every token's (start, end) characters on one axis: the chunk's texts one after another."""
     offsets = np.concatenate([np.array(e.offsets, np.int64).reshape(-1, 2) for e in encodings] or [np.zeros((0, 2), np.int64)])
-    text_start = np.cumsum([0] + [len(t) for t in texts[:-1]])
-    offsets += np.repeat(text_start, lengths)[:, None]
-    span_arr = np.array([(a + s, b + s) for s, conv_spans in zip(text_start, spans) for a, b in conv_spans],
+    return offsets + np.repeat(text_starts(texts), lengths)[:, None]
+
+
+def text_starts(texts: list[str]) -> np.ndarray:
+    return np.cumsum([0] + [len(t) for t in texts[:-1]]).astype(np.int64)
+
+
+def overlap_mask(offsets: np.ndarray, texts: list[str], spans: list[list]) -> np.ndarray:
+    """A token is trained when its characters overlap a span, as in transformers' assistant mask
+    (so a span cut by truncation keeps its tokens). Done for the whole chunk at once: offsets and
+    spans on one character axis (text after text), where spans stay sorted and a token can only
+    overlap spans of its own text."""
+    span_arr = np.array([(a + s, b + s) for s, conv_spans in zip(text_starts(texts), spans) for a, b in conv_spans],
                         dtype=np.int64).reshape(-1, 2)  # fmt: skip
     if not len(span_arr):
-        return np.zeros(total, bool)
+        return np.zeros(len(offsets), bool)
     first_open = np.searchsorted(span_arr[:, 1], offsets[:, 0], side="right")  # first span ending after the token starts
     inside = first_open < len(span_arr)
     starts = span_arr[np.minimum(first_open, len(span_arr) - 1), 0]
     return inside & (offsets[:, 1] > starts)
+
+
+def mask_audit(offsets: np.ndarray, texts: list[str], spans: list[list[Span]], ids: np.ndarray, tok, first: int,
+               name: str) -> Counter:  # fmt: skip
+    """Counts for pack's masking audit: trained tokens per role, trained turns, and those whose
+    last trained token is an end-of-turn (special) token. A trained turn that does not end on
+    one would teach the model never to stop: that fails the stage, naming the conversation."""
+    audit = Counter()
+    for role in {s.role for conv in spans for s in conv}:
+        only = [[(s.start, s.end) for s in conv if s.role == role] for conv in spans]
+        audit[f"trained_tokens/{role}"] += int(overlap_mask(offsets, texts, only).sum())
+    special = special_ids(tok)
+    token_ends = offsets[:, 1]
+    for k, (start, conv) in enumerate(zip(text_starts(texts), spans)):
+        for s in conv:
+            last = int(np.searchsorted(token_ends, start + s.end, side="left"))
+            if last == len(ids) or token_ends[last] != start + s.end or int(ids[last]) not in special:
+                raise PackError(f"conversation {first + k} of {name}: the trained {s.role} turn "
+                                f"{texts[k][s.start:s.end][-60:]!r} does not end on an end-of-turn token")  # fmt: skip
+            audit["trained_turns"] += 1
+            audit[f"trained_turns/{s.role}"] += 1
+    audit["conversations_without_trained_token"] += sum(not conv for conv in spans)
+    return audit
+
+
+def special_ids(tok) -> frozenset:
+    return frozenset(tok.convert_tokens_to_ids(list(end_tokens(tok))))
 
 
 # --- sequences: overflow policy -------------------------------------------------------------
@@ -476,10 +538,12 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.pending: list[tuple[Encoded, Sequences]] = []
         self.shards: list[Path] = []
+        self.audit: Counter = Counter()
         self.stats = {"conversations": 0, "sequences": 0, "rows": 0, "tokens": 0, "trained_tokens": 0}
 
     def add(self, enc: Encoded, seqs: Sequences, strategy: str) -> None:
         self.stats["conversations"] += len(enc.lengths)
+        self.audit.update(enc.audit)
         self.pending.append((enc, seqs))
         if sum(len(e.ids) for e, _ in self.pending) >= SHARD_TOKENS:
             self.flush(strategy)
@@ -526,7 +590,7 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         # non-pad share of the token slots the trainer will see
         efficiency = round(self.stats["tokens"] / (self.stats["rows"] * self.max_length), 4)
-        return {**self.stats, "packing_efficiency": efficiency, **counts}
+        return {**self.stats, "packing_efficiency": efficiency, **counts, "mask_audit": dict(sorted(self.audit.items()))}
 
 
 # --- preference, unpaired and prompt data: tokenized, not packed -----------------------------
@@ -598,7 +662,9 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
     in_dir, out_dir = root / paths.NORMALIZE, root / paths.PACK
     tok = build_tokenizer(model, tok_cfg, tpl, in_dir / "train.parquet", root)
     tok.save_pretrained(out_dir / "tokenizer")
-    stats = {"vocab_size": len(tok), "max_length": pack_cfg.max_length, "splits": {}}
+    # how the loss masks were made (the audit per split counts what they trained, before max_length)
+    masks = {"method": span_method(tok), "train_on": pack_cfg.train_on, "template_of": str(tok.name_or_path)}
+    stats = {"vocab_size": len(tok), "max_length": pack_cfg.max_length, "masks": masks, "splits": {}}
     for split in PACKED_SPLITS:
         log.info("Tokenizing and packing <%s>", split)
         # written even with no rows: the stage's outputs are fixed

@@ -1,0 +1,287 @@
+"""Which characters of a rendered conversation carry loss, for any chat template.
+
+The text is always what the template renders (so the token ids are exactly
+`tokenizer.apply_chat_template(conv, tools=..., tokenize=True)`); only the way the trained
+spans are found differs. For a tokenizer's own template (template=model), in this order:
+
+  markers  the template marks its assistant output with {% generation %} (transformers' own
+           assistant mask).
+  twin     TRL ships a training twin of the template (`get_training_chat_template`): its
+           {% generation %} spans are used on conversations where the twin renders exactly the
+           original's text; a conversation where it does not is derived instead.
+  derived  from the original template itself. For assistant turn i: P = the conversation up to
+           turn i with the generation prompt, F = up to and including turn i; the span is
+           F[len(P):] up to and including its end-of-turn token. Exact when P is a prefix of F
+           and F a prefix of the whole conversation's text (the template is prefix-preserving
+           for this conversation); otherwise the conversation is refused, with the reason.
+
+Every span is checked on every conversation: it ends with an end-of-turn token (a special
+token of the tokenizer, trailing whitespace aside) and holds its message's content. The first
+conversation of every chunk is also derived from prefixes and must give the same spans, so a
+twin or a marker block that strays into a prompt fails loudly. Nothing ever falls back to an
+all-zero or all-one mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ftflow.config import StageError
+
+ASSISTANT = "assistant"
+
+
+class TemplateError(StageError):
+    """A template whose trained spans cannot be found exactly, with the reason and the choices."""
+
+
+CHOICES = ("use template=chatml or template=llama3 (ftflow's templates, with exact spans), train only the "
+           "last assistant turn (pack.train_on=last_assistant), or split such conversations into one per "
+           "assistant turn")  # fmt: skip
+
+
+@dataclass
+class Span:
+    start: int
+    end: int
+    role: str  # the role of the message whose tokens these are
+
+
+@dataclass
+class Renderer:
+    """Renders conversations with one template and finds their trained spans."""
+
+    template: str  # the template whose text is trained on
+    method: str  # ftflow | markers | twin | derived
+    source: str  # where the template came from (the tokenizer's path), for messages
+    tokens: dict  # the special tokens the template sees (bos_token, eos_token, ...)
+    end_tokens: tuple[str, ...]  # strings that can end a turn: the tokenizer's special tokens
+    twin: str | None = None
+    fallbacks: int = 0  # twin conversations whose text differed, so were derived
+    checked: int = field(default=0)
+
+    def text(self, conv: list[dict], tools, add_generation_prompt: bool = False, template: str | None = None,
+             spans: bool = False):  # fmt: skip
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        texts, generation = render_jinja_template(
+            conversations=[conv], tools=tools, chat_template=template or self.template,
+            add_generation_prompt=add_generation_prompt, return_assistant_tokens_mask=spans, **self.tokens,
+        )  # fmt: skip
+        return (texts[0], [tuple(s) for s in generation[0]]) if spans else texts[0]
+
+    def render(self, conv: list[dict], tools, train_on: str, where: str, check: bool = False) -> tuple[str, list[Span]]:
+        """The conversation's text and its trained spans (train_on: assistant | last_assistant | all).
+        `where` names the conversation in errors; `check` also derives it from prefixes."""
+        try:
+            return self._render(conv, tools, train_on, where, check)
+        except TemplateError:
+            raise
+        except Exception as err:  # the template itself fails (raise_exception, a role it does not know, ...)
+            raise TemplateError(f"{self.source}: {where}: the chat template cannot render this conversation: "
+                                f"{type(err).__name__}: {err}") from None  # fmt: skip
+
+    def _render(self, conv, tools, train_on, where, check):
+        text = self.text(conv, tools)
+        if train_on == "all":
+            return text, [Span(0, len(text), "all")]
+        wanted = trained_messages(conv, train_on)
+        if self.method == "markers":
+            spans = self.marked(text, conv, text_spans=self.text(conv, tools, spans=True)[1], where=where)
+        elif self.method == "twin":
+            twin_text, twin_spans = self.text(conv, tools, template=self.twin, spans=True)
+            if twin_text == text and len(twin_spans) == sum(m["role"] == ASSISTANT for m in conv):
+                spans = self.marked(text, conv, twin_spans, where)
+            else:
+                self.fallbacks += 1
+                spans = self.derived(conv, tools, text, wanted, where)
+        else:
+            spans = self.derived(conv, tools, text, wanted, where)
+        spans = {i: s for i, s in spans.items() if i in wanted}
+        for i in wanted - set(spans):  # a non-assistant message marked train=True
+            spans.update(self.derived(conv, tools, text, {i}, where))
+        if check and self.method in ("markers", "twin"):
+            self.agree(conv, tools, text, wanted, spans, where)
+        for i, s in spans.items():
+            self.check_span(text, s, conv[i], i, where)
+        return text, [spans[i] for i in sorted(spans)]
+
+    # --- the three ways ---------------------------------------------------------------------
+
+    def marked(self, text: str, conv: list[dict], text_spans: list, where: str) -> dict[int, Span]:
+        """{% generation %} blocks, one per assistant message in order, trimmed to the turn: from
+        the end of the generation prompt (a twin may open its block before the prompt's last
+        newline) to the end of the end-of-turn token (it may close after the newline that follows)."""
+        assistants = [i for i, m in enumerate(conv) if m["role"] == ASSISTANT]
+        if len(text_spans) != len(assistants):
+            raise TemplateError(
+                f"{self.source}: {where}: the template marks {len(text_spans)} {{% generation %}} blocks for "
+                f"{len(assistants)} assistant messages; {CHOICES}"
+            )
+        out = {}
+        for i, (a, b) in zip(assistants, text_spans):
+            end = self.turn_end(text, a, b)
+            out[i] = Span(self.after_prompt(text, a), b if end is None else end, ASSISTANT)
+        return out
+
+    def derived(self, conv: list[dict], tools, text: str, wanted: set[int], where: str) -> dict[int, Span]:
+        out = {}
+        for i in sorted(wanted):
+            role = conv[i]["role"]
+            before = self.before(conv, tools, i)
+            upto = self.text(conv[: i + 1], tools)
+            if not upto.startswith(before):
+                what = "the generation prompt" if role == ASSISTANT else "the conversation before it"
+                raise TemplateError(f"{self.source}: {where}: message {i} ({role}) does not start with {what} "
+                                    f"({before[-40:]!r} is not a prefix of {upto[-80:]!r}); {CHOICES}")  # fmt: skip
+            # the turn as the template closes it when the conversation goes on: some templates add
+            # a suffix after the conversation's last message (Phi-3's eos), which is not the turn's
+            closed = self.closed(conv[: i + 1], tools, upto)
+            end = self.last_end(closed, len(before))
+            if end is None or not text.startswith(closed[:end]):
+                # the turn as this conversation renders it (its last message, which nothing rewrites)
+                end = self.last_end(upto, len(before)) if text.startswith(upto) else None
+            if end is None and self.last_end(upto, len(before)) is None:
+                raise TemplateError(f"{self.source}: {where}: message {i} ({role}) is not closed by an end-of-turn "
+                                    f"token ({upto[len(before):][-60:]!r}): the model would never learn to stop")  # fmt: skip
+            if end is None:
+                at = next((k for k, (x, y) in enumerate(zip(upto, text)) if x != y), min(len(upto), len(text)))
+                raise TemplateError(
+                    f"{self.source}: {where}: the template is not prefix-preserving here: message {i} ({role}) "
+                    f"renders differently once later messages follow ({upto[max(0, at - 30):at + 30]!r} alone, "
+                    f"{text[max(0, at - 30):at + 30]!r} in the whole conversation); {CHOICES}"
+                )
+            out[i] = Span(len(before), end, role)
+        return out
+
+    def closed(self, conv: list[dict], tools, upto: str) -> str:
+        """The text of `conv` up to where it and the same conversation followed by a user turn
+        agree: what follows the last message only because the conversation ends is cut."""
+        try:
+            more = self.text(conv + [{"role": "user", "content": "\u2026"}], tools)
+        except Exception:  # a template that refuses this order (e.g. user after tool): keep the text as is
+            return upto
+        n = next((k for k, (x, y) in enumerate(zip(upto, more)) if x != y), min(len(upto), len(more)))
+        return upto[:n]
+
+    def before(self, conv: list[dict], tools, i: int) -> str:
+        """The text before message i (an assistant's with the generation prompt)."""
+        try:
+            return self.text(conv[:i], tools, add_generation_prompt=conv[i]["role"] == ASSISTANT)
+        except Exception:  # many templates cannot render no message at all
+            if i:
+                raise
+            return ""
+
+    def agree(self, conv, tools, text, wanted, spans, where) -> None:
+        """The spans of the markers or the twin must be those derived from prefixes (where the
+        conversation can be derived at all)."""
+        try:
+            derived = self.derived(conv, tools, text, set(spans), where)
+        except TemplateError:
+            return
+        self.checked += 1
+        for i, s in spans.items():
+            d = derived[i]
+            if (s.start, s.end) != (d.start, d.end):
+                raise TemplateError(
+                    f"{self.source}: {where}: the {self.method} spans of message {i} ({text[s.start:s.end][:60]!r}...) "
+                    f"differ from the ones derived from the template's own prefixes ({text[d.start:d.end][:60]!r}...)"
+                )
+
+    # --- span edges -------------------------------------------------------------------------
+
+    def turn_end(self, text: str, start: int, end: int) -> int | None:
+        """The end of the end-of-turn token that closes text[start:end], trailing whitespace aside."""
+        stripped = text[start:end].rstrip()
+        for token in self.end_tokens:
+            if stripped.endswith(token):
+                return start + len(stripped)
+        return None
+
+    def last_end(self, text: str, start: int) -> int | None:
+        """The end of the last end-of-turn token in text[start:], when all that follows it is
+        whitespace or the start of another special token (where `closed` cut the text)."""
+        ends = [text.rfind(t, start) + len(t) for t in self.end_tokens if text.rfind(t, start) >= 0]
+        if not ends:
+            return None
+        end = max(ends)
+        rest = text[end:].strip()
+        return end if not rest or any(t.startswith(rest) for t in self.end_tokens) else None
+
+    def after_prompt(self, text: str, start: int) -> int:
+        prompt = self.generation_prompt
+        for p in range(start, min(start + len(prompt), len(text)) + 1):
+            if prompt and text[:p].endswith(prompt):
+                return p
+        return start
+
+    @property
+    def generation_prompt(self) -> str:
+        if not hasattr(self, "_prompt"):
+            probe = [{"role": "user", "content": "x"}]
+            try:
+                plain, prompted = self.text(probe, None), self.text(probe, None, add_generation_prompt=True)
+                self._prompt = prompted[len(plain):] if prompted.startswith(plain) else ""
+            except Exception:  # a template that cannot render the probe has no usable prompt here
+                self._prompt = ""
+        return self._prompt
+
+    def check_span(self, text: str, s: Span, message: dict, i: int, where: str) -> None:
+        body = text[s.start:s.end]
+        if self.turn_end(text, s.start, s.end) != s.end:
+            raise TemplateError(f"{self.source}: {where}: the trained span of message {i} ({s.role}) does not end "
+                                f"with an end-of-turn token ({body[-60:]!r}): the model would never learn to stop")  # fmt: skip
+        content = message.get("content")
+        if isinstance(content, str) and content.strip() and content.strip() not in body:
+            raise TemplateError(f"{self.source}: {where}: the template does not render message {i}'s content inside "
+                                f"its trained span (it drops or rewrites it): {body[:80]!r}")  # fmt: skip
+
+
+def trained_messages(conv: list[dict], train_on: str) -> set[int]:
+    """Indices of the messages that carry loss: assistant turns, unless a message's `train` flag
+    says otherwise; last_assistant keeps the last of them."""
+    flagged = [i for i, m in enumerate(conv) if (m["role"] == ASSISTANT if m.get("train") is None else m["train"])]
+    return set(flagged[-1:]) if train_on == "last_assistant" else set(flagged)
+
+
+def has_markers(template: str) -> bool:
+    import re
+
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def training_twin(tok) -> str | None:
+    """TRL's training twin of the tokenizer's template, if TRL knows the template."""
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        return get_training_chat_template(tok)
+    except Exception:  # TRL refuses templates it does not know (ValueError) or cannot probe
+        return None
+
+
+def end_tokens(tok) -> tuple[str, ...]:
+    """Strings that can end a turn: the tokenizer's special tokens (added tokens marked special,
+    eos among them), longest first so that one token is not taken for a shorter one it ends with."""
+    special = set(tok.all_special_tokens)
+    special |= {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    return tuple(sorted((t for t in special if t), key=len, reverse=True))
+
+
+def renderer(tok, method: str | None = None) -> Renderer:
+    """The renderer of the tokenizer's template, with the first method that applies."""
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template["default"]
+    source = str(getattr(tok, "name_or_path", "") or "the tokenizer")
+    if not template:
+        raise TemplateError(f"{source}: template=model, but the tokenizer has no chat template; use template=chatml")
+    twin = None
+    if method is None:
+        if has_markers(template):
+            method = "markers"
+        else:
+            twin = training_twin(tok)
+            method = "twin" if twin else "derived"
+    return Renderer(template, method, source, dict(tok.special_tokens_map), end_tokens(tok), twin)
