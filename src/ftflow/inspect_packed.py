@@ -46,7 +46,19 @@ def summary(stats: dict, split: str) -> str:
     dropped = {k: v for k, v in s.items() if k.startswith(("dropped", "over_")) and v}
     return (f"{split}: {s['conversations']:,} conversations -> {s['sequences']:,} sequences in {s['rows']:,} rows of "
             f"<= {stats['max_length']} tokens; {s['tokens']:,} tokens, {s['trained_tokens']:,} trained; "
-            f"packing efficiency {s['packing_efficiency']:.2%}" + (f"; {json.dumps(dropped)}" if dropped else ""))  # fmt: skip
+            f"packing efficiency {s['packing_efficiency']:.2%}" + (f"; {json.dumps(dropped)}" if dropped else "")
+            + masks_line(stats, s))  # fmt: skip
+
+
+def masks_line(stats: dict, s: dict) -> str:
+    """How the loss masks were made and what they train (pack's masking audit)."""
+    audit, masks = s.get("mask_audit"), stats.get("masks")
+    if not audit or not masks:
+        return ""
+    shares = ", ".join(f"{role} {share:.1%}" for role, share in audit["trained_token_share_by_role"].items())
+    return (f"\nmasks: {masks['method']} (train_on {masks['train_on']}); trained tokens by role: {shares}; "
+            f"{audit['turns_ending_on_end_of_turn']:,} trained turns, each ending on its end-of-turn token; "
+            f"{audit['conversations_without_trained_token']:,} conversations with no trained token")
 
 
 def inspect(packed: Path = Path(paths.PACK) / "train", rows: int = 2, color: bool | None = None) -> str:

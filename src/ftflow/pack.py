@@ -390,6 +390,20 @@ def mask_audit(offsets: np.ndarray, texts: list[str], spans: list[list[Span]], i
     return audit
 
 
+def audit_figures(audit: Counter) -> dict:
+    """The masking audit of a split: trained tokens and turns per role (each trained turn ends on
+    its end-of-turn token, or pack has failed), and conversations that train nothing."""
+    roles = {k.split("/", 1)[1]: v for k, v in audit.items() if k.startswith("trained_tokens/")}
+    total = sum(roles.values())
+    return {
+        "trained_tokens_by_role": dict(sorted(roles.items())),
+        "trained_token_share_by_role": {r: round(v / total, 4) for r, v in sorted(roles.items())} if total else {},
+        "trained_turns_by_role": {k.split("/", 1)[1]: v for k, v in sorted(audit.items()) if k.startswith("trained_turns/")},
+        "turns_ending_on_end_of_turn": audit["trained_turns"],
+        "conversations_without_trained_token": audit["conversations_without_trained_token"],
+    }
+
+
 def special_ids(tok) -> frozenset:
     return frozenset(tok.convert_tokens_to_ids(list(end_tokens(tok))))
 
@@ -590,7 +604,7 @@ class ShardWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         # non-pad share of the token slots the trainer will see
         efficiency = round(self.stats["tokens"] / (self.stats["rows"] * self.max_length), 4)
-        return {**self.stats, "packing_efficiency": efficiency, **counts, "mask_audit": dict(sorted(self.audit.items()))}
+        return {**self.stats, "packing_efficiency": efficiency, **counts, "mask_audit": audit_figures(self.audit)}
 
 
 # --- preference, unpaired and prompt data: tokenized, not packed -----------------------------

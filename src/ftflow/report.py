@@ -132,7 +132,10 @@ def pack_table(stats: dict) -> Table:
     for split, s in stats["splits"].items():
         cells = [share(s[k]) if k == "packing_efficiency" else count(s[k]) if k in s else "" for k in PACK_COLUMNS]
         table.rows.append([split, *cells])
-    table.note = ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
+    masks = stats.get("masks")  # how pack made the loss masks (spans.py)
+    if masks:
+        table.note = f"loss masks: {masks['method']} (train_on {masks['train_on']}, template of {masks['template_of']}). "
+    table.note += ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
                   "padding). over max_length: sequences longer than max_length, truncated, dropped or split as pack.overflow "
                   "says. no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
     return table
