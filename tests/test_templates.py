@@ -158,3 +158,11 @@ def test_per_message_train_flags_hold_for_a_model_template(base_tokenizer):
     assert decoded == ["<|im_start|>user\nsecond question<|im_end|>", "second answer<|im_end|>"]  # a non-assistant turn keeps its header
     assert enc.audit["trained_turns/user"] == 1 and enc.audit["trained_turns/assistant"] == 1
     assert np.sum(enc.labels != IGNORE_INDEX) == enc.audit["trained_tokens/user"] + enc.audit["trained_tokens/assistant"]
+
+
+def test_smollm2s_real_tokenizer_is_exact_on_every_fixture_conversation(fixture_convs, smollm2_dir):
+    """The real tokenizer (vocabulary, special tokens, template) of SmolLM2-135M-Instruct."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert check_family(tok, fixture_convs) == ("derived", f"{len(fixture_convs)} exact")
