@@ -1,8 +1,14 @@
-"""evaluate's task loading and metric flattening (the lm-eval run itself is in test_workflow)."""
+"""evaluate's task loading, metric flattening and tokenizer choice, and a real lm-eval run of a
+task with several filters on the smoke run's models (the stage in the DAG is in test_workflow)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
+import yaml
 
 from ftflow.evaluate import flat_scores, task_config, task_data_files
 
@@ -24,6 +30,38 @@ def test_unknown_task_lists_the_shipped_ones():
 def test_flat_scores_drop_stderr_and_bookkeeping():
     results = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}}
     assert flat_scores("tuned", results) == {"tuned/t/exact_match": 0.5}
+
+
+def test_flat_scores_keep_every_filter_of_a_task():
+    """lm-eval's results for a GSM8K-style task (two filters) beside a task without filters."""
+    results = {"results": {
+        "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.02,
+                  "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": 0.03},
+        "demo_words_choice": {"alias": "demo_words_choice", "acc,none": 0.75, "acc_stderr,none": "N/A", "acc_norm,none": 1.0},
+    }}  # fmt: skip
+    assert flat_scores("base", results) == {
+        "base/gsm8k/exact_match,strict-match": 0.25,
+        "base/gsm8k/exact_match,flexible-extract": 0.5,
+        "base/demo_words_choice/acc": 0.75,
+        "base/demo_words_choice/acc_norm": 1.0,
+    }
+
+
+def test_samples_keep_raw_and_filtered_responses_as_strict_json():
+    from ftflow.evaluate import sample_lines
+
+    results = {"samples": {
+        "gsm8k": [{"doc_id": 3, "doc": {"question": "long"}, "target": "#### 7", "filter": "strict-match",
+                   "resps": [["So 3 + 4 = 7.\n#### 7"]], "filtered_resps": ["7"], "arguments": [["prompt"]]}],
+        "choice": [{"doc_id": 0, "target": 1, "filter": "none", "resps": [[(-1.5, False)], [(float("-inf"), True)]],
+                    "filtered_resps": [(-1.5, False), (float("-inf"), True)]}],
+    }}  # fmt: skip
+    lines = [json.loads(line, parse_constant=pytest.fail) for line in sample_lines(results)]  # -Infinity: not JSON
+    assert lines == [
+        {"task": "gsm8k", "doc_id": 3, "filter": "strict-match", "target": "#### 7", "response": "7", "raw": "So 3 + 4 = 7.\n#### 7"},
+        {"task": "choice", "doc_id": 0, "filter": "none", "target": 1,
+         "response": [[-1.5, False], ["-inf", True]], "raw": [[-1.5, False], ["-inf", True]]},
+    ]  # fmt: skip
 
 
 def test_base_with_a_smaller_vocabulary_is_resized_like_train_does(tmp_path):
@@ -50,3 +88,120 @@ def test_vllm_backend_without_vllm_is_a_clear_error():
     assert eval_backend("auto") == "hf"  # no vLLM / GPU here
     with pytest.raises(EvaluateError, match=r"eval.backend=vllm needs vLLM installed .* use eval.backend=hf"):
         eval_backend("vllm")
+
+
+def small_model(folder: Path, tokenizer: bool, chat_template: str | None = None) -> None:
+    """A real Hugging Face model directory (a one-layer Llama), with or without tokenizer files."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(folder)  # fmt: skip
+    if tokenizer:
+        raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(40)}, unk_token="w0"))
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0", eos_token="w1")
+        tok.chat_template = chat_template
+        tok.save_pretrained(folder)
+
+
+def test_base_is_evaluated_with_its_own_tokenizer_when_it_has_one(tmp_path):
+    """A hub/local base ships its tokenizer and chat template: it is scored with them, not with
+    pack's (the pipeline's template, which it never saw). Without tokenizer files, and for a
+    scratch model (whose tokenizer pack trained), pack's tokenizer it is."""
+    from ftflow.config import Eval, Model
+    from ftflow.evaluate import models_to_evaluate
+
+    hub = Model(name="hub_model", source="hub", hub_id="org/hub-model")
+    scratch = Model(name="tiny", source="scratch", architecture={"model_type": "llama"})
+    base, pack = tmp_path / "data/models/hub_model", tmp_path / "results/pack/tokenizer"
+    tuned = tmp_path / "results/consolidate/model"
+    small_model(base, tokenizer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    small_model(tmp_path / "results/train/init", tokenizer=True)  # train copies pack's tokenizer beside a scratch init
+    eval_cfg = Eval(tasks=["demo_words"])
+    assert models_to_evaluate(hub, eval_cfg, tmp_path) == {"base": (base, base), "tuned": (tuned, tuned)}
+    assert models_to_evaluate(scratch, eval_cfg, tmp_path)["base"] == (tmp_path / "results/train/init", pack)
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (base / name).unlink(missing_ok=True)
+    assert models_to_evaluate(hub, eval_cfg, tmp_path)["base"] == (base, pack)
+
+
+def test_a_base_without_a_chat_template_is_scored_on_plain_prompts(tmp_path, caplog):
+    """lm-eval fails on apply_chat_template with a tokenizer that has no template (a
+    pretrained-only base, now evaluated with its own tokenizer)."""
+    from ftflow.evaluate import load_for_eval, uses_chat_template
+
+    small_model(tmp_path / "plain", tokenizer=True)
+    small_model(tmp_path / "chat", tokenizer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    plain, chat = (load_for_eval(tmp_path / name, tmp_path / name, batch_size=4) for name in ("plain", "chat"))
+    assert uses_chat_template(chat, "tuned", True) and not uses_chat_template(chat, "tuned", False)
+    assert not uses_chat_template(plain, "base", True)
+    assert "The base model's tokenizer has no chat template: evaluating it on plain prompts" in caplog.text
+
+
+# a GSM8K-style task over the demo's held-out records: the same generations, scored through two
+# filters (lm-eval's `filter_list`, the syntax of its gsm8k.yaml)
+FILTERS = [
+    {"name": "strict-match",  # the answer is one word and nothing else
+     "filter": [{"function": "regex", "regex_pattern": r"^\s*(\w+)\s*$"}, {"function": "take_first"}]},
+    {"name": "flexible-extract",  # the last word of whatever the model said
+     "filter": [{"function": "regex", "regex_pattern": r"(\w+)", "group_select": -1}, {"function": "take_first"}]},
+]  # fmt: skip
+FILTER_PATTERNS = {"strict-match": (r"^\s*(\w+)\s*$", 0), "flexible-extract": (r"(\w+)", -1)}
+
+
+@pytest.fixture(scope="module")
+def filtered_eval(finished, tmp_path_factory) -> Path:
+    """evaluate on the finished smoke run's base and tuned models with the filtered task (and
+    demo_words, unfiltered), in a tree of its own: the finished run's outputs stay as they were."""
+    from ftflow.config import compose, stage_params
+    from ftflow.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("filtered") / "repo"
+    for part in ("results/train", "results/pack", "results/consolidate", "examples"):
+        (root / part).parent.mkdir(parents=True, exist_ok=True)
+        (root / part).symlink_to(finished / part)
+    task = {**yaml.safe_load((REPO / "conf/eval/tasks/demo_words.yaml").read_text()), "task": "demo_words_extract", "filter_list": FILTERS}
+    (root / "conf/eval/tasks").mkdir(parents=True)
+    for name, text in (("demo_words_extract", yaml.safe_dump(task)), ("demo_words", (REPO / "conf/eval/tasks/demo_words.yaml").read_text())):
+        (root / f"conf/eval/tasks/{name}.yaml").write_text(text)
+    cfg = stage_params(compose(["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract]", "eval.limit=4"], finished / "conf"), "evaluate")
+    evaluate(cfg, root)
+    return root / "results/eval"
+
+
+@pytest.mark.slow
+def test_every_filter_of_a_task_is_a_score_everywhere(filtered_eval):
+    from ftflow.report import eval_table
+
+    metrics = json.loads((filtered_eval / "metrics.json").read_text())
+    scores = ["demo_words/exact_match", "demo_words_extract/exact_match,strict-match", "demo_words_extract/exact_match,flexible-extract"]
+    assert set(metrics) == {f"{m}/{s}" for m in ("base", "tuned", "delta") for s in scores}
+    for label in ("base", "tuned"):  # each filter's own score, as lm-eval computed it
+        results = json.loads((filtered_eval / label / "results.json").read_text())["results"]
+        for name in FILTER_PATTERNS:
+            assert metrics[f"{label}/demo_words_extract/exact_match,{name}"] == results["demo_words_extract"][f"exact_match,{name}"]
+        assert metrics[f"{label}/demo_words/exact_match"] == results["demo_words"]["exact_match,none"]
+    table, card = (filtered_eval / "comparison.md").read_text(), (filtered_eval / "model_card.md").read_text()
+    for score in scores:
+        base, tuned = metrics[f"base/{score}"], metrics[f"tuned/{score}"]
+        row = f"| {score} | {base:.4f} | {tuned:.4f} | {tuned - base:+.4f} |"
+        assert row in table and row in card
+    comparison = json.loads((filtered_eval / "comparison.json").read_text())
+    assert {(r["score"], r["model"]) for r in comparison} == {(s, m) for s in scores for m in ("base", "tuned")}
+    shown = {(task, metric) for task, metric, *_ in eval_table(comparison).rows}  # the report's eval section
+    assert shown == {tuple(s.split("/")) for s in scores}
+
+
+@pytest.mark.slow
+def test_samples_have_each_filters_response_beside_the_raw_generation(filtered_eval):
+    for label in ("base", "tuned"):
+        lines = [json.loads(line) for line in (filtered_eval / label / "samples.jsonl").read_text().splitlines()]
+        extract = [s for s in lines if s["task"] == "demo_words_extract"]
+        assert sorted((s["doc_id"], s["filter"]) for s in extract) == [(d, f) for d in range(4) for f in sorted(FILTER_PATTERNS)]
+        assert all(s["filter"] == "none" for s in lines if s["task"] == "demo_words")
+        for s in extract:  # the filtered response is the filter applied to the raw generation
+            pattern, group = FILTER_PATTERNS[s["filter"]]
+            found = re.findall(pattern, s["raw"])
+            assert isinstance(s["raw"], str) and s["response"] == (found[group] if found else "[invalid]")
+            assert s["target"] == json.loads((REPO / "examples/demo/test.jsonl").read_text().splitlines()[s["doc_id"]])["output"]

@@ -5,12 +5,17 @@ may name local files (the demo task reads examples/demo/test.jsonl, the held-out
 it evaluates whatever trainer and data kind produced the model); relative paths are resolved
 against the repository root here, those files are the rule's inputs, and the task config
 actually run is written beside the results.
+
+Each model is evaluated with its own tokenizer: the tuned model with the one consolidate saved
+beside it, the base with its own when it ships one (see base_tokenizer). Every task, metric and
+filter is a score of its own (see score_name).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import yaml
@@ -27,6 +32,10 @@ class EvaluateError(StageError):
 TASKS_DIR = Path("conf/eval/tasks")
 # lm-eval reports metrics as "<metric>,<filter>"; these keys are bookkeeping, not scores
 _NOT_SCORES = ("alias", "samples")
+# lm-eval's name for the filter of a task without a filter_list (take the first response as is)
+NO_FILTER = "none"
+# either file makes a folder a tokenizer AutoTokenizer can load
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def task_config(name: str, root: Path) -> dict:
@@ -87,16 +96,35 @@ def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
     return HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size)
 
 
-def run_lm_eval(lm, tasks: list[dict], cfg: Eval) -> dict:
+def uses_chat_template(lm, label: str, requested: bool) -> bool:
+    """eval.apply_chat_template, for a model whose tokenizer has a chat template: a base model
+    evaluated with its own tokenizer may have none (a pretrained-only base), and lm-eval would
+    fail on it; such a base is scored on the plain prompts, as lm-eval scores base models."""
+    if requested and not getattr(lm.tokenizer, "chat_template", None):
+        log.warning("The %s model's tokenizer has no chat template: evaluating it on plain prompts", label)
+        return False
+    return requested
+
+
+def task_index():
+    """lm-eval's task index, made once for every model: simple_evaluate would index its
+    thousands of built-in task YAMLs again for each (about 20 s each time)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(metadata={})  # what simple_evaluate makes without model_args
+
+
+def run_lm_eval(lm, tasks: list[dict], cfg: Eval, chat: bool, index=None) -> dict:
     import lm_eval
 
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
+        task_manager=index,
         num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size,
         limit=cfg.limit,
-        apply_chat_template=cfg.apply_chat_template,
+        apply_chat_template=chat,
         gen_kwargs={"max_gen_toks": cfg.max_gen_toks},
         random_seed=cfg.seed,
         numpy_random_seed=cfg.seed,
@@ -107,15 +135,54 @@ def run_lm_eval(lm, tasks: list[dict], cfg: Eval) -> dict:
 
 
 def flat_scores(label: str, results: dict) -> dict[str, float]:
-    """{"tuned/demo_words/exact_match": 0.97, ...} from lm-eval's nested results."""
+    """{"tuned/demo_words/exact_match": 0.97, "tuned/gsm8k/exact_match,strict-match": 0.41, ...}
+    from lm-eval's nested results: one score per task, metric and filter."""
     out = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
-            name = key.split(",")[0]
-            if name in _NOT_SCORES or name == "sample_len" or name.endswith("_stderr") or not isinstance(value, (int, float)):
+            metric, _, filter_name = key.partition(",")
+            if metric in _NOT_SCORES or metric == "sample_len" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            out[f"{label}/{task}/{name}"] = value
+            out[f"{label}/{task}/{score_name(metric, filter_name)}"] = value
     return out
+
+
+def score_name(metric: str, filter_name: str) -> str:
+    """A task without filters keeps the plain metric name (the keys of earlier runs, plots and
+    tables stay valid); with filters (GSM8K: strict-match, flexible-extract) each one is its own
+    score, named as lm-eval names it."""
+    return metric if filter_name in ("", NO_FILTER) else f"{metric},{filter_name}"
+
+
+def sample_lines(results: dict):
+    """samples.jsonl: one line per logged sample and filter, as lm-eval logs them, with what the
+    model generated (`raw`) beside what the filter kept and the metric scored (`response`); the
+    document and prompt are left out (the task's data has them), which keeps lines short."""
+    for task, samples in results.get("samples", {}).items():
+        for s in samples:
+            line = {"task": task, "doc_id": s.get("doc_id"), "filter": s.get("filter"), "target": s.get("target"),
+                    "response": _single(s.get("filtered_resps")), "raw": _single([_single(r) for r in s.get("resps") or []])}  # fmt: skip
+            yield json.dumps(_plain(line), default=str)
+
+
+def _single(value):
+    """A one-element list as its element: a generative task's single request and generation
+    reads as the text; several (choices, repeats) stay a list."""
+    return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
+
+
+def _plain(value):
+    """Strict JSON: numpy scalars as numbers, a log-likelihood of -inf as the string "-inf"
+    (json.dumps would write -Infinity, which JSON readers reject)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
@@ -125,19 +192,18 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     tasks = [task_config(name, root) for name in eval_cfg.tasks]
     backend = eval_backend(eval_cfg.backend)
     metrics: dict[str, float] = {}
+    index = task_index()
     for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
-        log.info("Evaluating the %s model <%s> on %s", label, model_dir, eval_cfg.tasks)
+        log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
         if backend == "vllm":
             lm = load_vllm(model_dir, tokenizer, eval_cfg)
         else:
             lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
-        results = run_lm_eval(lm, tasks, eval_cfg)
+        results = run_lm_eval(lm, tasks, eval_cfg, uses_chat_template(lm, label, eval_cfg.apply_chat_template), index)
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         (out_dir / label / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
         with (out_dir / label / "samples.jsonl").open("w") as f:
-            for task, samples in results.get("samples", {}).items():
-                for s in samples:
-                    f.write(json.dumps({"task": task, "target": s.get("target"), "response": s.get("filtered_resps"), **{k: s[k] for k in ("doc_id",) if k in s}}, default=str) + "\n")
+            f.writelines(line + "\n" for line in sample_lines(results))
         metrics.update(flat_scores(label, results))
     for key in [k for k in metrics if k.startswith("tuned/")]:
         base_key = "base/" + key.removeprefix("tuned/")
@@ -168,11 +234,22 @@ def models_to_evaluate(model_cfg: Model, eval_cfg: Eval, root: Path) -> dict[str
                 raise EvaluateError(f"eval.models.{label}: {path} is not a Hugging Face model directory (no config.json)")
             out[label] = (path, path)  # a model directory carries its own tokenizer
         return out
-    tokenizer = root / paths.PACK / "tokenizer"  # the base's tokenizer with the pipeline's template
+    tuned = root / paths.CONSOLIDATE / "model"  # consolidate saved the tokenizer it trained with there
     return {
-        "base": (root / paths.base_model_dir(model_cfg.model_dump()), tokenizer),
-        "tuned": (root / paths.CONSOLIDATE / "model", tokenizer),
+        "base": (root / paths.base_model_dir(model_cfg.model_dump()), base_tokenizer(model_cfg, root)),
+        "tuned": (tuned, tuned),
     }
+
+
+def base_tokenizer(model_cfg: Model, root: Path) -> Path:
+    """The base model is scored as it ships: with its own tokenizer and chat template when its
+    directory has a tokenizer (hub and local models), not with the pipeline's template, which
+    it was never trained on. A scratch model has no tokenizer of its own (train initialised it
+    for pack's, and copies that beside it): it gets pack's."""
+    base = root / paths.base_model_dir(model_cfg.model_dump())
+    if model_cfg.source != "scratch" and any((base / name).exists() for name in TOKENIZER_FILES):
+        return base
+    return root / paths.PACK / "tokenizer"
 
 
 def comparison_table(metrics: dict[str, float]) -> str:
