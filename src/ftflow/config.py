@@ -109,20 +109,27 @@ class Data(Section):
 
 class Model(Section):
     name: str = Field(pattern=NAME)  # folder name under data/models/
-    source: Literal["hub", "local", "scratch"]
+    # hub: a hub repo; local: an HF model directory; gguf: a .gguf file (llama.cpp's format),
+    # converted once into an HF directory by download; scratch: initialised by train
+    source: Literal["hub", "local", "gguf", "scratch"]
     hub_id: str | None = None
     revision: str | None = None
+    # local: a directory; gguf: a .gguf file, or pkg:<package>/<file> for one inside an installed package
     path: str | None = None
     architecture: dict[str, Any] | None = None  # scratch: transformers config kwargs
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the weights' dtype in training; auto: bfloat16 when training runs in bf16 (train.bf16
+    # resolves true: a GPU that has it), else float32 (so always float32 on CPU)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Model:
-        needed = {"hub": "hub_id", "local": "path", "scratch": "architecture"}[self.source]
+        needed = {"hub": "hub_id", "local": "path", "gguf": "path", "scratch": "architecture"}[self.source]
         if getattr(self, needed) is None:
             raise ValueError(f"model.source={self.source} needs model.{needed}")
+        if self.source == "gguf" and not self.path.endswith(".gguf"):
+            raise ValueError(f"model.source=gguf needs model.path to name a .gguf file (got {self.path!r})")
         return self
 
 
@@ -261,10 +268,12 @@ class Tracking(Section):
 
 
 class Consolidate(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the written weights
     max_shard_size: str = "5GB"
-    # largest |log p| difference, on the probe, between the written model and the trained one
-    # (None: 1e-3 for float32, 0.1 for 16-bit weights or training)
+    # largest |log p| difference allowed on the probe, in both checks (the trained weights vs
+    # what train recorded, at the training precision; the merged model vs the unmerged one, in
+    # float32). None: 1e-3 where both sides are float32, else 3x what 16-bit rounding does to
+    # this model on the probe (at least 0.1)
     verify_tolerance: float | None = Field(default=None, gt=0)
 
 

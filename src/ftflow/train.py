@@ -323,12 +323,26 @@ def _write_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
         bos_token_id=None, **arch,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_cfg.dtype))
+    # float32 on disk whatever the training precision: load_model casts it, as it does a
+    # downloaded base, and evaluation and merging read the init at full precision
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
 
-def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int):
+def load_dtype(model_cfg: Model, train_cfg: Train, launcher: Launcher) -> str:
+    """The dtype the weights are loaded, trained and saved in. auto follows the training
+    precision: bfloat16 where training runs in bf16, float32 otherwise. (bf16 weights on CPU,
+    where train.bf16=auto is off, would train in pure bf16 and give a model whose float32
+    copy answers differently.)"""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    from ftflow.trainers import use_bf16
+
+    return "bfloat16" if use_bf16(train_cfg, launcher) else "float32"
+
+
+def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -342,7 +356,7 @@ def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int):
         )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        dtype=getattr(torch, model_cfg.dtype),
+        dtype=getattr(torch, dtype),
         attn_implementation=attn_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
         **kwargs,
@@ -404,11 +418,12 @@ def main(config_path: str, root: str = ".") -> dict | None:
         # otherwise sees a world of one process
         deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
     set_seed(train_cfg.seed)
-    model = load_model(model_cfg, peft_cfg, base, len(tok))
+    dtype = load_dtype(model_cfg, train_cfg, launcher)
+    model = load_model(model_cfg, peft_cfg, base, len(tok), dtype)
     # DPO/KTO without adapters compare against a frozen copy of the starting model (with
     # adapters, the same model with the adapters off)
     needs_ref = train_cfg.method in ("dpo", "kto") or (train_cfg.method == "grpo" and train_cfg.grpo.beta > 0)
-    ref_model = load_model(model_cfg, peft_cfg, base, len(tok)) if needs_ref and peft_cfg.method == "none" else None
+    ref_model = load_model(model_cfg, peft_cfg, base, len(tok), dtype) if needs_ref and peft_cfg.method == "none" else None
     train_ds = load_packed(root / paths.PACK / "train")
     eval_ds = load_packed(root / paths.PACK / "validation")
     if train_cfg.method == "grpo":
@@ -496,7 +511,9 @@ def probe_ids(tok):
 
 def record_probe(trainer, tok, path: Path) -> None:
     """The trained model's logits on the probe, from the model in memory (every process runs
-    the forward: under ZeRO-3 it gathers the sharded parameters)."""
+    the forward: under ZeRO-3 it gathers the sharded parameters), with the precision they were
+    computed in: consolidate compares like with like (16-bit logits differ from float32 ones
+    by rounding alone, and that is no damage)."""
     import torch
     from safetensors.torch import save_file
 
@@ -505,8 +522,12 @@ def record_probe(trainer, tok, path: Path) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -PROBE_POSITIONS:].float().cpu()
+    # the base weights' dtype (LoRA adapters may be float32 over a bf16 base; DeepSpeed casts
+    # the module itself to bf16 when it trains in bf16); no autocast around this forward
+    dtype = str(trainer.model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     if trainer.is_world_process_zero():
-        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path))
+        meta = {"dtype": dtype, "device": ids.device.type}
+        save_file({"input_ids": ids[0].cpu(), "logits": logits.contiguous()}, str(path), metadata=meta)
 
 
 def prune_other_configs(keep: Path) -> None:
