@@ -24,7 +24,7 @@ all-zero or all-one mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ftflow.config import StageError
 
@@ -57,8 +57,6 @@ class Renderer:
     tokens: dict  # the special tokens the template sees (bos_token, eos_token, ...)
     end_tokens: tuple[str, ...]  # strings that can end a turn: the tokenizer's special tokens
     twin: str | None = None
-    fallbacks: int = 0  # twin conversations whose text differed, so were derived
-    checked: int = field(default=0)
 
     def text(self, conv: list[dict], tools, add_generation_prompt: bool = False, template: str | None = None,
              spans: bool = False):  # fmt: skip
@@ -82,18 +80,18 @@ class Renderer:
                                 f"{type(err).__name__}: {err}") from None  # fmt: skip
 
     def _render(self, conv, tools, train_on, where, check):
-        text = self.text(conv, tools)
+        # a template with markers gives its text and its spans in one rendering
+        text, marks = self.text(conv, tools, spans=True) if self.method == "markers" else (self.text(conv, tools), None)
         if train_on == "all":
             return text, [Span(0, len(text), "all")]
         wanted = trained_messages(conv, train_on)
         if self.method == "markers":
-            spans = self.marked(text, conv, text_spans=self.text(conv, tools, spans=True)[1], where=where)
+            spans = self.marked(text, conv, marks, where)
         elif self.method == "twin":
             twin_text, twin_spans = self.text(conv, tools, template=self.twin, spans=True)
             if twin_text == text and len(twin_spans) == sum(m["role"] == ASSISTANT for m in conv):
                 spans = self.marked(text, conv, twin_spans, where)
             else:
-                self.fallbacks += 1
                 spans = self.derived(conv, tools, text, wanted, where)
         else:
             spans = self.derived(conv, tools, text, wanted, where)
@@ -180,7 +178,6 @@ class Renderer:
             derived = self.derived(conv, tools, text, set(spans), where)
         except TemplateError:
             return
-        self.checked += 1
         for i, s in spans.items():
             d = derived[i]
             if (s.start, s.end) != (d.start, d.end):
