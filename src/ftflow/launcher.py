@@ -139,14 +139,14 @@ def node_main(config_path: str, root: str) -> None:
     """One node's task (srun): start this node's `accelerate launch` of the training workers."""
     import yaml
 
-    from ftflow.train import accelerate_launch, ignore_stop_signals
+    from ftflow.train import accelerate_launch, block_stop_signals
 
     cfg = yaml.safe_load(Path(config_path).read_text())
     env = launch_env(Launcher.model_validate(cfg["launcher"]))
     cmd = accelerate_launch(cfg, Path(root), env)
     node = env.get("SLURMD_NODENAME", socket.gethostname())
     print(f"node {env.get('SLURM_NODEID')} on {node}: {' '.join(cmd)}", flush=True)
-    ignore_stop_signals()
+    block_stop_signals()
     os.execve(cmd[0], cmd, env)
 
 

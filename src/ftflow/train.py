@@ -109,11 +109,14 @@ def accelerate_launch(cfg: dict, root: Path, env: dict) -> list[str]:
     return accelerate_command(launcher, bf16, worker, env, adapters=cfg["peft"]["method"] != "none")
 
 
-def ignore_stop_signals() -> None:
-    """For the launcher processes (inherited across exec): accelerate's and torchrun's processes
-    then wait for the workers' checkpoint instead of dying first."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+def block_stop_signals() -> None:
+    """For the launcher processes: accelerate's and torchrun's processes then wait for the
+    workers' checkpoint instead of dying first. Blocked, not ignored: the launchers may install
+    their own handlers (accelerate >= 1.16 ends the workers 5 s after a SIGTERM), which do not
+    run while the signal is blocked. The mask is inherited across fork and exec; each worker
+    unblocks the signals once its own handler is in place (StopOnSignal), and a signal that came
+    before is then delivered, not lost. (Slurm signals every process of the step.)"""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: bool = False) -> int:
@@ -147,7 +150,7 @@ def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: b
 
     previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
-        with subprocess.Popen(cmd, env=env, preexec_fn=None if via_srun else ignore_stop_signals) as proc:
+        with subprocess.Popen(cmd, env=env, preexec_fn=None if via_srun else block_stop_signals) as proc:
             waited = 0
             while True:
                 try:
@@ -263,6 +266,8 @@ def run_callbacks(curve: Path):
             self.signal: int | None = None
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handle)
+            # the launcher blocked them (block_stop_signals); one that came since is delivered now
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
         def _handle(self, signum, frame):
             self.signal = signum
