@@ -4,6 +4,7 @@
 # step's output object: Snakemake follows such a reference even under --allowed-rules, so
 # `ftflow dispatch` (a DVC stage's command, exactly one step) would rerun an upstream step
 # whose outputs DVC relinked to an older cached copy. tests/test_dvc.py checks it.
+import os
 from pathlib import Path
 
 from ftflow import config as ftconfig
@@ -19,6 +20,11 @@ from ftflow.evaluate import task_data_files
 PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)
 MODEL = PARAMS["model"]
 SCRATCH = MODEL["source"] == "scratch"
+
+# The compute stages' `threads`: every core, which Snakemake scales down to --cores (in a Slurm
+# job, the job's CPUs). Snakemake sets OMP_NUM_THREADS, MKL_NUM_THREADS... to a job's threads, 1
+# for a rule that declares none: torch would then use one core however many the job has.
+ALL_CORES = os.cpu_count() or 1
 
 
 def params_of(stage):

@@ -9,6 +9,7 @@ rule consolidate:
         model=directory(f"{paths.CONSOLIDATE}/model"),
         summary=f"{paths.CONSOLIDATE}/summary.json",
         verification=f"{paths.CONSOLIDATE}/verification.json",
+    threads: ALL_CORES
     log:
         f"{paths.LOGS}/consolidate.log",
     params:

@@ -13,6 +13,7 @@ rule evaluate:
         card=f"{paths.EVALUATE}/model_card.md",  # the consolidated model's card + these results
         base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
         tuned=directory(f"{paths.EVALUATE}/tuned"),
+    threads: ALL_CORES
     log:
         f"{paths.LOGS}/evaluate.log",
     params:

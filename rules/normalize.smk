@@ -7,6 +7,7 @@ rule normalize:
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),
         stats=f"{paths.NORMALIZE}/stats.json",
+    threads: ALL_CORES
     log:
         f"{paths.LOGS}/normalize.log",
     params:

@@ -8,6 +8,7 @@ rule pack:
         packed=packed_dirs(),
         tokenizer=directory(f"{paths.PACK}/tokenizer"),
         stats=f"{paths.PACK}/stats.json",
+    threads: ALL_CORES
     log:
         f"{paths.LOGS}/pack.log",
     params:

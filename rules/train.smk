@@ -13,6 +13,7 @@ rule train:
         curve=f"{paths.TRAIN}/loss.csv",
         summary=f"{paths.TRAIN}/summary.json",
         probe=f"{paths.TRAIN}/probe.safetensors",  # the trained model's logits, for consolidate's check
+    threads: ALL_CORES
     log:
         f"{paths.LOGS}/train.log",
     params:

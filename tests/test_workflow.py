@@ -26,6 +26,9 @@ def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     card = (finished / "results/eval/model_card.md").read_text()
     assert "verified: max |log p|" in card and "## Evaluation (lm-eval)" in card and "| demo_words/exact_match |" in card
     assert json.loads((finished / "data/manifest.json").read_text())["sources"]["demo_train"]["files"]
+    # the training process computes on every core it got, not on the one thread Snakemake's
+    # environment gives a rule (MKL_NUM_THREADS=1 would win over OMP_NUM_THREADS)
+    assert f"process 0: {len(os.sched_getaffinity(0))} torch threads" in (finished / "logs/train.log").read_text()
 
 
 @pytest.mark.slow

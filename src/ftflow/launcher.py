@@ -64,7 +64,6 @@ def node_address(node: str) -> str:
 def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], env: dict[str, str],
                        adapters: bool = False) -> list[str]:  # fmt: skip
     rank, head, port = rendezvous(launcher, env)
-    cores = len(os.sched_getaffinity(0))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(launcher.num_processes * launcher.nodes),
@@ -75,7 +74,7 @@ def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], e
         "--mixed_precision", "bf16" if bf16 else "no",
         "--dynamo_backend", "no",
         # each process gets its share of this node's cores (Slurm's cpuset when under Slurm)
-        "--num_cpu_threads_per_process", str(max(1, cores // launcher.num_processes)),
+        "--num_cpu_threads_per_process", str(threads_per_process(launcher)),
     ]  # fmt: skip
     cmd += distributed_flags(launcher, gather=adapters or launcher.deepspeed.gather_weights_on_save)
     return cmd + ["-m", *module_args]
@@ -150,9 +149,21 @@ def node_main(config_path: str, root: str) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+# Thread counts of the math libraries. Snakemake sets each to the job's `threads` (1 for a rule
+# that declares none), and torch takes the smallest: one thread of matrix products per process,
+# whatever the cores. Each training process gets its share of the cores in all of them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def threads_per_process(launcher: Launcher) -> int:
+    """This node's cores (Slurm's cpuset under Slurm) shared by its training processes."""
+    return max(1, len(os.sched_getaffinity(0)) // launcher.num_processes)
+
+
 def launch_env(launcher: Launcher) -> dict[str, str]:
     """Environment for the launcher and its workers."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update(dict.fromkeys(THREAD_VARIABLES, str(threads_per_process(launcher))))
     # torchrun would turn SIGTERM (Slurm's preemption signal) into killing the workers
     # 30 s later; the workers handle it themselves (checkpoint, then exit)
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"

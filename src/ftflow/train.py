@@ -391,6 +391,7 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 def main(config_path: str, root: str = ".") -> dict | None:
     """Train in this process (one of the processes accelerate started)."""
+    import torch
     from transformers import AutoTokenizer, TrainerState, set_seed
     from transformers.trainer_utils import TrainOutput
 
@@ -423,6 +424,7 @@ def main(config_path: str, root: str = ".") -> dict | None:
         # otherwise sees a world of one process
         deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
     set_seed(train_cfg.seed)
+    log.info("process %d: %d torch threads", rank, torch.get_num_threads())
     dtype = load_dtype(model_cfg, train_cfg, launcher)
     model = load_model(model_cfg, peft_cfg, base, len(tok), dtype)
     # DPO/KTO without adapters compare against a frozen copy of the starting model (with
