@@ -1,9 +1,12 @@
-"""ftflow's train stage vs plain TRL SFTTrainer, on the same packed data and tiny model (CPU).
+"""ftflow's train stage vs plain TRL SFTTrainer, on the same packed data and model (CPU).
 
-    python benchmarks/train.py [--steps 60] [--max-length 512]
+    python benchmarks/train.py [--steps 60] [--max-length 512]           # the demo's tiny model
+    python benchmarks/train.py --model smollm2 [--steps 8]               # a real model, LoRA
 
-Packs the demo data (examples/demo, ChatML, a trained tokenizer) once, then trains the
-demo's tiny Llama from scratch for the same number of steps:
+tiny: packs the demo data (examples/demo, ChatML, a trained tokenizer) once, then trains the
+demo's tiny Llama from scratch for the same number of steps. smollm2: experiment=sms_spam
+(SmolLM2-135M-Instruct, its own chat template, LoRA r=16 on every linear layer, the SMS spam
+data), and plain TRL gets the same base weights and the same LoRA config through `peft_config`.
   - ftflow: the train stage as its rule runs it (`accelerate launch` of ftflow.train: process
     start, model init, checkpoints, loss curve, summary),
   - TRL: a plain SFTTrainer script in a fresh process, on the same rows with the same
@@ -27,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare(work: Path, overrides: list[str]) -> dict:
-    """The demo data normalized and packed in `work`; returns the composed config."""
+    """The data normalized and packed in `work` (and a pretrained model's base weights in
+    place); returns the composed config."""
     from ftflow import paths
     from ftflow.config import compose, stage_params
+    from ftflow.download import download_model
     from ftflow.normalize import normalize
     from ftflow.pack import pack
 
@@ -38,6 +43,7 @@ def prepare(work: Path, overrides: list[str]) -> dict:
     for s in tree["data"]["sources"]:
         (work / paths.RAW / s["name"]).mkdir(parents=True)
         shutil.copy(work / s["path"], work / paths.RAW / s["name"])
+    download_model(tree["model"], work)  # nothing for the tiny model (trained from scratch)
     normalize(stage_params(tree, "normalize"), work)
     pack(stage_params(tree, "pack"), work)
     return tree
@@ -66,13 +72,23 @@ def plain_trl(work: Path, tree: dict) -> None:
 
     from ftflow import paths
 
-    train, model_cfg = tree["train"], tree["model"]
+    train, model_cfg, lora = tree["train"], tree["model"], tree["peft"]
     tok = AutoTokenizer.from_pretrained(work / paths.PACK / "tokenizer")
-    arch = dict(model_cfg["architecture"])
-    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, bos_token_id=None, **arch)  # fmt: skip
     torch.manual_seed(train["seed"])
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if model_cfg["source"] == "scratch":
+        arch = dict(model_cfg["architecture"])
+        config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id, bos_token_id=None, **arch)  # fmt: skip
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    else:  # the base weights download put in place, in float32 as on any CPU
+        model = AutoModelForCausalLM.from_pretrained(work / paths.base_model_dir(model_cfg), dtype=torch.float32,
+                                                     attn_implementation="sdpa")  # fmt: skip
+    peft_config = None
+    if lora["method"] == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                 target_modules=lora["target_modules"], task_type="CAUSAL_LM")  # fmt: skip
     args = SFTConfig(output_dir=str(work / "trl"), seed=train["seed"], max_steps=train["max_steps"],
                      per_device_train_batch_size=train["per_device_batch_size"], learning_rate=train["learning_rate"],
                      lr_scheduler_type=train["lr_scheduler"], warmup_steps=train["warmup_steps"],
@@ -83,7 +99,7 @@ def plain_trl(work: Path, tree: dict) -> None:
                      report_to=[], dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
                      padding_free=True, remove_unused_columns=False)  # fmt: skip
     ds = datasets.load_from_disk(str(work / paths.PACK / "train"))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -121,7 +137,8 @@ def run_ftflow(work: Path, tree: dict) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="default: 60 (tiny), 8 (smollm2)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--trl-child", type=Path, help=argparse.SUPPRESS)
@@ -131,15 +148,22 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-train-"))
     try:
-        # checkpoints every 20 steps and the loss every 10: what a real run does
-        overrides = [f"pack.max_length={args.max_length}", f"train.max_steps={args.steps}",
-                     "train.logging_steps=10", "train.save_steps=20"]  # fmt: skip
+        # checkpoints and the loss as a real run writes them: every 20 and 10 steps on the tiny
+        # model, where a step takes milliseconds; every 4 and 1 on SmolLM2, where it takes seconds
+        if args.model == "tiny":
+            steps, save, log_every, data, what = args.steps or 60, 20, 10, [], "demo; tiny Llama from scratch"
+        else:
+            steps, save, log_every = args.steps or 8, 4, 1
+            data, what = ["experiment=sms_spam"], "SMS spam; SmolLM2-135M-Instruct, its own template, LoRA r=16"
+        overrides = [*data, f"pack.max_length={args.max_length}", f"train.max_steps={steps}",
+                     f"train.logging_steps={log_every}", f"train.save_steps={save}"]  # fmt: skip
         tree = prepare(work, overrides)
         batch = tree["train"]["per_device_batch_size"] * tree["train"]["gradient_accumulation_steps"]
-        tokens = rows_tokens(work, args.steps * batch)
-        print(f"data: demo, {tokens:,} tokens in {args.steps} steps of {batch} packed rows of <= {args.max_length}; "
-              f"tiny Llama from scratch; {os.cpu_count()} cores\n")  # fmt: skip
-        print("both: checkpoints every 20 steps, loss logged every 10; ftflow also tracks the run in wandb (offline)\n")
+        tokens = rows_tokens(work, steps * batch)
+        print(f"data: {what}; {tokens:,} tokens in {steps} steps of {batch} packed rows of <= {args.max_length}; "
+              f"{os.cpu_count()} cores\n")  # fmt: skip
+        print(f"both: checkpoints every {save} steps, loss logged every {log_every}; "
+              "ftflow also tracks the run in wandb (offline)\n")  # fmt: skip
 
         # alternated, twice each, the best kept: the machine's other load shifts both alike
         trl_runs, ftflow_runs = [], []
