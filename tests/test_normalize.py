@@ -254,6 +254,8 @@ CORPUS = [
     ("unknown_role.jsonl", "messages", "unknown_role.jsonl:2", "bad_role", 1),
     ("empty_assistant.jsonl", "alpaca", "empty_assistant.jsonl:3", "empty_assistant", 2),
     ("invalid_utf8.jsonl", "alpaca", "invalid_utf8.jsonl:2", "invalid_utf8", 2),
+    ("invalid_utf8.csv", "alpaca", "invalid_utf8.csv:3", "invalid_utf8", 2),
+    ("invalid_utf8.json", "alpaca", "invalid_utf8.json[1]", "invalid_utf8", 2),
 ]
 
 
@@ -293,6 +295,41 @@ def test_empty_file(tmp_path):
         stage(tmp_path, [{"name": "e", "reader": "alpaca"}])
     stats = stage(tmp_path, [{"name": "e", "reader": "alpaca"}], on_error="skip")["splits"]["train"]
     assert stats["sources"]["e"]["empty_files"] == 1 and stats["records_in"] == 3
+
+
+def test_byte_order_marks_are_not_part_of_the_first_record(tmp_path):
+    bom, records = b"\xef\xbb\xbf", RECORDS[:2]
+    raw = tmp_path / paths.RAW / "bom"
+    raw.mkdir(parents=True)
+    (raw / "a.jsonl").write_bytes(bom + b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    (raw / "b.json").write_bytes(bom + json.dumps(records).encode())
+    lines = ["instruction,output", *(f"{r['instruction']},{r['output']}" for r in records)]
+    (raw / "c.csv").write_bytes(bom + "\n".join(lines).encode())
+    stats = stage(tmp_path, [{"name": "bom", "reader": "alpaca"}])
+    assert stats["splits"]["train"]["records_out"] == 6
+    assert [r["messages"][0]["content"] for r in rows(tmp_path)] == [r["instruction"] for r in records] * 3
+    (tmp_path / paths.RAW / "txt").mkdir()
+    (tmp_path / paths.RAW / "txt" / "d.txt").write_bytes(bom + b"first line\nsecond line\n")
+    stage(tmp_path, [{"name": "txt", "reader": "text"}], kind="text")
+    assert [r["text"] for r in rows(tmp_path)] == ["first line", "second line"]
+
+
+def test_invalid_utf8_in_text_spoils_only_its_line(tmp_path):
+    (tmp_path / paths.RAW / "t").mkdir(parents=True)
+    (tmp_path / paths.RAW / "t" / "a.txt").write_bytes(b"good one\nbad \xff one\ngood two\n")
+    with pytest.raises(NormalizeError, match=r"record a.txt:2 \(reader 'text'\): invalid_utf8"):
+        stage(tmp_path, [{"name": "t", "reader": "text"}], kind="text")
+    stats = stage(tmp_path, [{"name": "t", "reader": "text"}], kind="text", on_error="skip")["splits"]["train"]
+    assert (stats["records_out"], stats["dropped"]) == (2, {"invalid_utf8": 1})
+
+
+def test_damaged_gzip_names_source_and_file(tmp_path):
+    whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS * 50))
+    (tmp_path / paths.RAW / "z").mkdir(parents=True)
+    (tmp_path / paths.RAW / "z" / "a.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    for on_error in ("raise", "skip"):
+        with pytest.raises(NormalizeError, match=r"source 'z': a.jsonl.gz: damaged gzip file \(Compressed file ended"):
+            stage(tmp_path, [{"name": "z", "reader": "alpaca"}], on_error=on_error)
 
 
 def test_unreadable_file_names_source_and_file(tmp_path):

@@ -6,14 +6,21 @@ A record is a dict, or for JSON lines the line's bytes (parsed later, in paralle
 parse_json_line); one that cannot be read (an oversized line) is yielded as a RecordError in
 place of the record, for normalize to raise or count; a file that cannot be read at all raises
 FileFormatError.
+
+Bytes as files come: a UTF-8 byte order mark (Windows tools write one) is not part of the first
+record; invalid UTF-8 spoils only the record that holds it (reason invalid_utf8, at its line or
+index), in every format; a damaged compressed file names itself.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +66,8 @@ def parse_json_line(raw: bytes) -> dict:
 
 def _lines(lines, label: str, first_line: int, max_bytes: int) -> Iterator[Item]:
     for lineno, raw in enumerate(lines, first_line):
+        if lineno == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
         if not raw or raw.isspace():
             continue
         if len(raw) > max_bytes:  # checked before parsing: a runaway line costs nothing
@@ -106,21 +115,46 @@ def jsonl_spans(path: Path, label: str, size: int = 4 << 20) -> Iterator[Span]:
 
 
 def is_blank(path: Path) -> bool:
-    """No record in the file: nothing but whitespace (read until the first other byte)."""
+    """No record in the file: nothing but whitespace and a byte order mark (read until the first
+    other byte)."""
     with _open(path) as f:
+        first = True
         while block := f.read(1 << 16):
-            if not block.isspace():
+            if first:
+                block, first = block.removeprefix(codecs.BOM_UTF8), False
+            if block and not block.isspace():
                 return False
     return True
 
 
+# Undecodable bytes are kept as lone surrogates (U+DC80..U+DCFF, which valid UTF-8 never
+# decodes to), so that the rest of the file is read and the record holding them is named.
+UNDECODABLE = "surrogateescape"
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _undecodable(value) -> bool:
+    """Whether a decoded value (str, or lists and dicts of them) holds undecodable bytes."""
+    if isinstance(value, str):
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_undecodable(k) or _undecodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_undecodable(v) for v in value)
+    return False
+
+
+def _checked(locator: str, record) -> Item:
+    if _undecodable(record):
+        return locator, RecordError("invalid_utf8", "invalid UTF-8 in this record")
+    return locator, record
+
+
 def _json(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
     with _open(path) as f:
-        raw = f.read()
+        raw = f.read().removeprefix(codecs.BOM_UTF8)
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise FileFormatError(f"{label}: invalid UTF-8 at byte {err.start}; the file cannot be parsed") from None
+        data = json.loads(raw.decode("utf-8", UNDECODABLE))
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines under a .json name, as datasets also accepts
             yield from _jsonl(path, label, max_bytes)
@@ -131,18 +165,19 @@ def _json(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
     if not isinstance(data, list):
         raise FileFormatError(f"{label}: expected a JSON array of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
-        yield f"{label}[{i}]", rec
+        yield _checked(f"{label}[{i}]", rec)
 
 
 def _csv(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
     with _open(path) as f:
-        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        # utf-8-sig: a byte order mark would otherwise stick to the first column's name
+        text = io.TextIOWrapper(f, encoding="utf-8-sig", errors=UNDECODABLE, newline="")
         reader = csv.DictReader(text)
         try:
+            if reader.fieldnames and _undecodable(reader.fieldnames):
+                raise FileFormatError(f"{label}:1: invalid UTF-8 in the header row")
             for row in reader:
-                yield f"{label}:{reader.line_num}", row
-        except UnicodeDecodeError as err:
-            raise FileFormatError(f"{label}: invalid UTF-8 near line {reader.line_num + 1} ({err.reason})") from None
+                yield _checked(f"{label}:{reader.line_num}", row)
         except csv.Error as err:
             raise FileFormatError(f"{label}:{reader.line_num}: {err}") from None
 
@@ -162,20 +197,16 @@ def _parquet(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
 def _txt(path: Path, label: str, max_bytes: int, sample_by: str = "line") -> Iterator[Item]:
     """Raw text: one record per line, per blank-line-separated paragraph, or per file."""
     with _open(path) as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FileFormatError(f"{label}: invalid UTF-8 at byte {err.start}") from None
+        text = f.read().removeprefix(codecs.BOM_UTF8).decode("utf-8", UNDECODABLE)
     if sample_by == "document":
         if text.strip():
-            yield label, {"text": text}
+            yield _checked(label, {"text": text})
         return
     sep = "\n\n" if sample_by == "paragraph" else "\n"
     line = 1
     for chunk in text.split(sep):
         if chunk.strip():
-            yield f"{label}:{line}", {"text": chunk}
+            yield _checked(f"{label}:{line}", {"text": chunk})
         line += chunk.count("\n") + sep.count("\n")
 
 
@@ -188,8 +219,18 @@ def iter_file(path: Path, max_bytes: int, sample_by: str = "line", label: str | 
     if suffix not in _READERS:
         raise FileFormatError(f"{label}: unsupported file type (use {', '.join(SUFFIXES)}, optionally .gz)")
     if suffix == ".txt":
-        return _txt(path, label, max_bytes, sample_by)
-    return _READERS[suffix](path, label, max_bytes)
+        items = _txt(path, label, max_bytes, sample_by)
+    else:
+        items = _READERS[suffix](path, label, max_bytes)
+    return _decompressed(items, label) if path.suffix == ".gz" else items
+
+
+def _decompressed(items: Iterator[Item], label: str) -> Iterator[Item]:
+    """A truncated or corrupt .gz fails in the middle of reading it: say which file."""
+    try:
+        yield from items
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise FileFormatError(f"{label}: damaged gzip file ({err})") from None
 
 
 # --- which files make up a source -----------------------------------------------------------
