@@ -35,16 +35,22 @@ def exact_match(completions: list[str], answer: list[str | None], **_) -> list[f
 
 def regex_match(completions: list[str], answer: list[str | None], pattern: str, **_) -> list[float | None]:
     """1.0 when `pattern`'s first group (or whole match) in the completion is the answer: for
-    completions that reason first and answer in a fixed form (e.g. '#### (\\S+)')."""
+    completions that reason first and answer in a fixed form (e.g. '#### (\\S+)'). A reference
+    that the pattern matches too (a GSM8K solution ending in '#### 42') is reduced the same way
+    first, so the worked solution is not compared with the completion's number."""
     regex = re.compile(pattern)
+
+    def extract(text: str) -> str | None:
+        m = regex.search(text)
+        return (m.group(1) if m.groups() else m.group(0)) if m else None
+
     out: list[float | None] = []
     for c, a in zip(completions, answer):
         if a is None:
             out.append(None)
             continue
-        m = regex.search(c)
-        got = (m.group(1) if m.groups() else m.group(0)) if m else None
-        out.append(float(got is not None and _normalize(got) == _normalize(a)))
+        got, want = extract(c), extract(a) or a
+        out.append(float(got is not None and _normalize(got) == _normalize(want)))
     return out
 
 
