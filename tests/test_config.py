@@ -107,6 +107,39 @@ def test_bad_config_names_the_key(overrides, message):
     assert message in str(err.value)
 
 
+def test_a_section_check_gives_its_reason_without_the_section():
+    with pytest.raises(ConfigError) as err:
+        compose(["train=dpo", "data=demo"], CONF)
+    assert "data.kind is conversation" in str(err.value) and len(str(err.value)) < 400, str(err.value)
+
+
+@pytest.mark.parametrize(
+    "reader,message",
+    [
+        ("missing.py:read", "reader 'missing.py:read': file "),
+        ("my_readers.py:raed", "my_readers.py defines no 'raed' at its top level"),
+        ("broken.py:read", "broken.py line 1: "),
+    ],
+)
+def test_user_readers_are_checked_at_compose(tmp_path, reader, message):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "data" / "my_readers.py").write_text("import json\n\ndef read(record):\n    return record\n")
+    (conf / "data" / "broken.py").write_text("def read(record)\n    return record\n")
+    compose(["data.sources.0.reader=my_readers.py:read", "data.sources.1.reader=my_readers.py:json"], conf)
+    with pytest.raises(ConfigError) as err:
+        compose([f"data.sources.0.reader={reader}"], conf)
+    assert "data.sources[0] ('demo_train'): " in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_user_rewards_are_checked_at_compose():
+    overrides = ["train=grpo", "train.grpo.rewards=[{name:exact_match},{name:'my_rewards.py:nope'}]"]
+    with pytest.raises(ConfigError, match=r"train.grpo.rewards\[1\]: reward 'my_rewards.py:nope': file "):
+        compose(overrides, CONF)
+
+
 def test_bad_key_in_a_conf_file(tmp_path):
     import shutil
 

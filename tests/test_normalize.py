@@ -382,7 +382,7 @@ def test_user_reader_from_a_file_beside_the_config(tmp_path):
     with pytest.raises(NormalizeError) as err:
         stage(tmp_path, [{"name": "u", "reader": "my_readers.py:broken"}])
     assert "record qa.jsonl:1 (reader 'my_readers.py:broken'): bad_message: messages[1] has unknown keys ['text']" in str(err.value)
-    with pytest.raises(ValueError, match="has no function 'nope'"):
+    with pytest.raises(NormalizeError, match="source 'u': reader 'my_readers.py:nope': .* has no function 'nope'"):
         stage(tmp_path, [{"name": "u", "reader": "my_readers.py:nope"}])
 
 

@@ -387,7 +387,10 @@ def validate(tree: dict[str, Any]) -> Config:
             if e["type"] == "missing":
                 what = "missing required value"
             path = _dotted(e["loc"]) or "<root>"
-            got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e['input']!r})"
+            # a section's own check (kind vs trainer, ...) gets the whole section as its input: the
+            # reason names the keys, a dump of the section would bury it
+            quiet = e["type"] in ("extra_forbidden", "missing") or isinstance(e["input"], (dict, list))
+            got = "" if quiet else f" (got {e['input']!r})"
             lines.append(f"  {path}: {what}{got}")
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
@@ -435,8 +438,25 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
         msg = " ".join(str(err).split())
         raise ConfigError(f"cannot compose conf/ with overrides {list(overrides)}: {msg}") from None
     tree.pop("experiment", None)  # the experiment group only overrides other groups
-    validate(tree)
+    check_user_code(validate(tree), Path(conf_dir))
     return tree
+
+
+def check_user_code(config: Config, conf_dir: Path) -> None:
+    """Every user reader (conf/data/) and reward (conf/train/) names a file that defines it."""
+    from ftflow.readers import READERS, check_user_function
+    from ftflow.rewards import BUILTIN
+
+    found = [(f"data.sources[{i}] ({s.name!r})", s.reader, conf_dir / "data", "reader")
+             for i, s in enumerate(config.data.sources) if s.reader not in READERS]  # fmt: skip
+    rewards = config.train.grpo.rewards if config.train.grpo else []
+    found += [(f"train.grpo.rewards[{i}]", r.name, conf_dir / "train", "reward")
+              for i, r in enumerate(rewards) if r.name not in BUILTIN]  # fmt: skip
+    for where, spec, base, what in found:
+        try:
+            check_user_function(spec, base, what)
+        except ValueError as err:
+            raise ConfigError(f"invalid config:\n  {where}: {err}") from None
 
 
 def write_params(tree: dict, overrides: list[str], path: str | Path = PARAMS_FILE) -> None:

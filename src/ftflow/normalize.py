@@ -104,7 +104,10 @@ class RecordMaker:
         self.source, self.kind, self.on_error = source, data.kind, data.on_error
         self.max_chars = int(data.max_record_mb * 1e6)
         self.readers_dir = root / READERS_DIR
-        self.reader = get_reader(source.reader, self.readers_dir)
+        try:
+            self.reader = get_reader(source.reader, self.readers_dir)
+        except ValueError as err:
+            raise NormalizeError(f"source {source.name!r}: {err}") from None
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "reader"}

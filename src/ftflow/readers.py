@@ -227,6 +227,32 @@ def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
     return load_function(spec, base, what="reader")
 
 
+def check_user_function(spec: str, base: Path, what: str) -> None:
+    """Whether "file.py:function" names a file under `base` that defines `function` at its top
+    level, read without running it (compose checks every user reader and reward this way, so a
+    typo fails before any job rather than after download)."""
+    import ast
+
+    file, func = base / spec.rsplit(":", 1)[0], spec.rsplit(":", 1)[1]
+    if not file.is_file():
+        raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
+    try:
+        tree = ast.parse(file.read_bytes(), filename=str(file))
+    except SyntaxError as err:
+        raise ValueError(f"{what} {spec!r}: {file} line {err.lineno}: {err.msg}") from None
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+    if func not in defined:
+        raise ValueError(f"{what} {spec!r}: {file} defines no {func!r} at its top level")
+
+
 def load_function(spec: str, base: Path, what: str) -> Callable:
     """User code given as "file.py:function", the file relative to `base` (a conf/ folder)."""
     if ":" not in spec:
@@ -236,7 +262,10 @@ def load_function(spec: str, base: Path, what: str) -> Callable:
         raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
     mod_spec = importlib.util.spec_from_file_location(f"ftflow_user_{what}_{file.stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as err:  # the user's module failed at import: say which and why, not a traceback
+        raise ValueError(f"{what} {spec!r}: importing {file} failed: {type(err).__name__}: {err}") from None
     if not callable(getattr(module, func, None)):
         raise ValueError(f"{what} {spec!r}: {file} has no function {func!r}")
     return getattr(module, func)
