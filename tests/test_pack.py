@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from ftflow import paths
 from ftflow.config import compose, stage_params
+from ftflow.inspect_packed import inspect as inspect_rows
 from ftflow.normalize import normalize
 from ftflow.config import Pack, Tokenizer
 from ftflow.pack import (
@@ -257,10 +258,10 @@ def test_inspect_marks_trained_and_masked_tokens(packed):
 # --- the other data kinds --------------------------------------------------------------------
 
 
-def pack_kind(tmp_path, file: str, reader: str, kind: str) -> tuple[Path, dict]:
+def pack_kind(tmp_path, file: str, reader: str, kind: str, folder: str = "examples/formats") -> tuple[Path, dict]:
     """Normalize a fixture file as `kind`, then pack it with a tokenizer trained on it."""
     (tmp_path / paths.RAW / "f").mkdir(parents=True)
-    shutil.copy(REPO / "examples/formats" / file, tmp_path / paths.RAW / "f")
+    shutil.copy(REPO / folder / file, tmp_path / paths.RAW / "f")
     normalize({"data": {"kind": kind, "sources": [{"name": "f", "path": "x", "reader": reader}]}}, tmp_path)
     cfg = {"model": {"name": "m", "source": "scratch", "architecture": {}}, "tokenizer": {"source": "train", "vocab_size": 1000},
            "template": {"name": "chatml"}, "pack": {"max_length": 1024, "num_proc": 2}}  # fmt: skip
@@ -284,6 +285,34 @@ def test_preference_pairs_are_tokenized_as_trl_splits_them(tmp_path):
             assert ex["prompt_ids"] + ex[f"{side}_ids"] == whole  # nothing lost, nothing added
         with_header = ids(prompt, add_generation_prompt=True)
         assert with_header[: len(ex["prompt_ids"])] == ex["prompt_ids"]  # the shared prefix
+
+
+@pytest.mark.parametrize(
+    "file,reader,kind,parts",
+    [
+        ("examples/formats/dpo_en_demo.json", "sharegpt_preference", "preference", ["chosen", "rejected"]),
+        ("examples/formats/kto_en_demo.json", "unpaired_preference", "unpaired", ["completion (label "]),
+        ("examples/demo/prompts.jsonl", "prompt_answer", "prompt", ["reference answer"]),
+    ],
+)
+def test_inspect_shows_rows_of_every_data_kind(tmp_path, file, reader, kind, parts):
+    """`ftflow inspect` on preference, unpaired and prompt rows: the prompt masked, each
+    completion trained (chosen and rejected in turn), the label or the reference answer."""
+    root, stats = pack_kind(tmp_path, file, reader, kind, folder="")
+    train = stats["splits"]["train"]
+    out = inspect_rows(root / paths.PACK / "train", rows=2, color=False)
+    assert out.startswith(f"train: {train['records']:,} records -> {train['rows']:,} rows; {train['tokens']:,} tokens")
+    first = datasets.load_from_disk(str(root / paths.PACK / "train"))[0]
+    tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
+    row = out.split("=== row 0 ===")[1].split("=== row 1 ===")[0]
+    assert f"--- prompt ({len(first['prompt_ids'])} tokens, masked) ---\n" in row and "«" not in row.split("---")[2]
+    for part in parts:
+        assert f"--- {part}" in row, row
+    for column in (c for c in first if c.endswith("_ids") and c != "prompt_ids"):
+        text = tok.decode(first[column], clean_up_tokenization_spaces=False)
+        assert f"«{text}»" in row  # the completion whole, and trained
+    if kind == "prompt":
+        assert row.rstrip().endswith(first["answer"])
 
 
 def test_raw_text_is_packed_with_every_token_trained(tmp_path):

@@ -44,6 +44,9 @@ def summary(stats: dict, split: str) -> str:
     if not s:
         return f"{split}: no rows (no source feeds this split)"
     dropped = {k: v for k, v in s.items() if k.startswith(("dropped", "over_")) and v}
+    if "conversations" not in s:  # preference, unpaired or prompt rows: one record per row
+        return (f"{split}: {s['records']:,} records -> {s['rows']:,} rows; {s['tokens']:,} tokens"
+                + (f"; {json.dumps(dropped)}" if dropped else ""))  # fmt: skip
     return (f"{split}: {s['conversations']:,} conversations -> {s['sequences']:,} sequences in {s['rows']:,} rows of "
             f"<= {stats['max_length']} tokens; {s['tokens']:,} tokens, {s['trained_tokens']:,} trained; "
             f"packing efficiency {s['packing_efficiency']:.2%}" + (f"; {json.dumps(dropped)}" if dropped else "")
@@ -75,6 +78,9 @@ def inspect(packed: Path = Path(paths.PACK) / "train", rows: int = 2, color: boo
     legend = f"{GREEN}trained{RESET} / {DIM}masked{RESET}" if color else "«trained» / masked"
     lines.append(legend)
     ds = datasets.load_from_disk(str(packed))
+    if "prompt_ids" in ds.column_names:
+        lines += [show_pair_row(ds[r], r, tok, color) for r in range(min(rows, len(ds)))]
+        return "\n".join(lines)
     for r in range(min(rows, len(ds))):
         row = ds[r]
         ids, labels = np.asarray(row["input_ids"]), np.asarray(row["labels"])
@@ -85,4 +91,22 @@ def inspect(packed: Path = Path(paths.PACK) / "train", rows: int = 2, color: boo
             lines.append(f"--- sequence {k} ({n} tokens, {trained} trained) ---")
             lines.append(show_sequence(ids[start : start + n], labels[start : start + n], tok, color))
             start += n
+    return "\n".join(lines)
+
+
+def show_pair_row(row: dict, r: int, tok, color: bool) -> str:
+    """One preference / unpaired / prompt row: the prompt (never trained), then each completion
+    (chosen and rejected side by side in turn, or the one completion with its label); prompt
+    rows have no completion (GRPO generates them) but a reference answer."""
+    lines = [f"\n=== row {r} ==="]
+    prompt = np.asarray(row["prompt_ids"])
+    lines.append(f"--- prompt ({len(prompt)} tokens, masked) ---")
+    lines.append(show_sequence(prompt, np.full(len(prompt), IGNORE_INDEX), tok, color))
+    for column in sorted(c for c in row if c.endswith("_ids") and c != "prompt_ids"):
+        ids = np.asarray(row[column])
+        what = column.removesuffix("_ids") + (f" (label {row['label']})" if "label" in row else "")
+        lines.append(f"--- {what}: {len(ids)} tokens, trained ---")
+        lines.append(show_sequence(ids, ids, tok, color))
+    if "answer" in row:
+        lines.append(f"--- reference answer (the rewards compare completions with it) ---\n{row['answer']}")
     return "\n".join(lines)
