@@ -99,6 +99,7 @@ def test_experiment_overrides_groups_and_keys():
         (["launcher=fsdp", "launcher.cpu=true"], "launcher.distributed=fsdp needs GPUs"),
         (["launcher=zero2", "+launcher.deepspeed.offload_params=cpu"], "offload_params needs zero_stage 3"),
         (["train.method=grpo", "data=demo_prompts"], "train.method=grpo needs train.grpo.rewards"),
+        (["+data.sources.0.columns={instuction:q}"], "columns maps ['instuction'], which reader 'alpaca' does not read"),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):

@@ -163,6 +163,129 @@ def test_record_shapes(tmp_path, reader, kind, record, expected):
         assert row["label"] is False
 
 
+# --- formats as their publishers write them --------------------------------------------------
+
+# OpenAI's chat fine-tuning format (platform.openai.com/docs/guides/fine-tuning): tool calls with
+# ids, tool results naming them, `weight` 0 on an assistant turn that is context, not a target
+OPENAI_FINE_TUNING = {
+    "messages": [
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_a1", "type": "function",
+                                              "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_a1", "content": "-3C"},
+        {"role": "assistant", "content": "It is -3C.", "weight": 0},
+        {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You are welcome.", "weight": 1},
+    ],
+    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+    "parallel_tool_calls": False,
+}
+# LLaMA-Factory v1's messages (src/llamafactory/v1/utils/types.py): typed parts with `value`,
+# reasoning and tool calls as parts, loss_weight per message, tools as JSON text
+LLAMAFACTORY_V1 = {
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "value": "Weather in Oslo?"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "reasoning", "value": "Need the tool."},
+                                          {"type": "tool_call", "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"}],
+         "loss_weight": 1.0},
+        {"role": "tool", "content": [{"type": "text", "value": "-3C"}], "loss_weight": 0.0},
+        {"role": "assistant", "content": [{"type": "text", "value": "It is "}, {"type": "text", "value": "-3C."}],
+         "loss_weight": 1.0},
+    ],
+    "tools": "[{\"name\": \"weather\", \"parameters\": {\"type\": \"object\"}}]",
+}
+# Anthropic HH-RLHF (github.com/anthropics/hh-rlhf): chosen and rejected as transcript strings
+HH = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
+      "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: Why do you ask?"}  # fmt: skip
+
+
+def normalized(tmp_path, reader: str, kind: str, record: dict) -> dict:
+    (tmp_path / paths.RAW / "p").mkdir(parents=True, exist_ok=True)
+    (tmp_path / paths.RAW / "p" / "data.jsonl").write_text(json.dumps(record) + "\n")
+    stage(tmp_path, [{"name": "p", "reader": reader}], kind=kind)
+    (row,) = rows(tmp_path)
+    return row
+
+
+def test_openai_fine_tuning_records_keep_ids_and_weights(tmp_path):
+    row = normalized(tmp_path, "messages", "conversation", OPENAI_FINE_TUNING)
+    msgs = row["messages"]
+    assert [(m["role"], m["content"], m["train"]) for m in msgs] == [
+        ("system", "You are a weather bot.", None), ("user", "Weather in Oslo?", None), ("assistant", "", None),
+        ("tool", "-3C", None), ("assistant", "It is -3C.", False), ("user", "Thanks!", None),
+        ("assistant", "You are welcome.", True)]  # fmt: skip
+    (call,) = msgs[2]["tool_calls"]
+    assert (call["id"], call["name"], json.loads(call["arguments"])) == ("call_a1", "weather", {"city": "Oslo"})
+    assert msgs[3]["tool_call_id"] == "call_a1"
+    assert json.loads(row["tools"]) == OPENAI_FINE_TUNING["tools"]
+
+
+def test_llamafactory_v1_parts_become_content_reasoning_and_tool_calls(tmp_path):
+    row = normalized(tmp_path, "messages", "conversation", LLAMAFACTORY_V1)
+    msgs = row["messages"]
+    assert [(m["role"], m["content"], m["train"]) for m in msgs] == [
+        ("user", "Weather in Oslo?", False), ("assistant", "", True), ("tool", "-3C", False),
+        ("assistant", "It is -3C.", True)]  # fmt: skip
+    assert msgs[1]["reasoning"] == "Need the tool."
+    (call,) = msgs[1]["tool_calls"]
+    assert (call["name"], json.loads(call["arguments"]), call["id"]) == ("weather", {"city": "Oslo"}, None)
+    assert json.loads(row["tools"]) == json.loads(LLAMAFACTORY_V1["tools"])
+
+
+def test_anthropic_hh_transcripts_become_prompt_and_completions(tmp_path):
+    row = normalized(tmp_path, "messages_preference", "preference", HH)
+    pairs = {f: [(m["role"], m["content"]) for m in row[f]] for f in ("prompt", "chosen", "rejected")}
+    assert pairs == {"prompt": [("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?")],
+                     "chosen": [("assistant", "6.")], "rejected": [("assistant", "Why do you ask?")]}  # fmt: skip
+
+
+def test_a_mapped_column_the_record_lacks_is_named(tmp_path):
+    (tmp_path / paths.RAW / "c").mkdir(parents=True)
+    (tmp_path / paths.RAW / "c" / "data.jsonl").write_text(json.dumps({"q": "Hi", "a": "Yo", "sys": "Be nice."}) + "\n"
+                                                          + json.dumps({"q": "Hi", "a": "Yo"}) + "\n")  # fmt: skip
+    source = {"name": "c", "reader": "alpaca", "columns": {"instruction": "q", "output": "a", "system": "sys"}}
+    with pytest.raises(NormalizeError, match=r"record data.jsonl:2 \(reader 'alpaca'\): missing_column: no column 'sys' "
+                                             r"\(columns maps it to the reader's 'system'"):  # fmt: skip
+        stage(tmp_path, [source])
+    stats = stage(tmp_path, [source], on_error="skip")["splits"]["train"]
+    assert (stats["records_out"], stats["dropped"]) == (1, {"missing_column": 1})
+
+
+@pytest.mark.parametrize("media", [{"images": ["cat.png"]}, {"videos": ["a.mp4"]}, {"audios": ["a.wav"]}])
+def test_records_with_media_are_refused_not_trained_as_text(tmp_path, media):
+    # LLaMA-Factory's multimodal sharegpt: the text refers to the image by a placeholder
+    record = {"conversations": [{"from": "human", "value": "<image>What is this?"}, {"from": "gpt", "value": "A cat."}],
+              **media}  # fmt: skip
+    (tmp_path / paths.RAW / "m").mkdir(parents=True)
+    (tmp_path / paths.RAW / "m" / "data.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(NormalizeError, match=f"unsupported_content: the record has '{next(iter(media))}'"):
+        stage(tmp_path, [{"name": "m", "reader": "sharegpt"}])
+
+
+@pytest.mark.parametrize(
+    "record,reason,detail",
+    [
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 0.5}]},
+         "bad_field", "messages[1] weight is 0.5: a turn is trained (1) or not (0)"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "value": "cat.png"}]},
+                       {"role": "assistant", "content": "A cat."}]},
+         "unsupported_content", "messages[0] content part 0 is of type 'image_url'"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                       {"role": "assistant", "content": "A cat."}]},
+         "unsupported_content", "content part of type 'image_url'"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "tool_call_id": "c1"}]},
+         "bad_message", "tool_call_id belongs on a tool result"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_trained_as_published_is_refused_with_its_reason(tmp_path, record, reason, detail):
+    (tmp_path / paths.RAW / "p").mkdir(parents=True)
+    (tmp_path / paths.RAW / "p" / "data.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(NormalizeError) as err:
+        stage(tmp_path, [{"name": "p", "reader": "messages"}])
+    assert f"(reader 'messages'): {reason}: " in str(err.value) and detail in str(err.value), str(err.value)
+
+
 # --- file types, sources and per-source options ----------------------------------------------
 
 RECORDS = [{"instruction": f"Say {w}.", "output": w} for w in ("red", "green", "blue", "red")]

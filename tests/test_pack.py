@@ -372,3 +372,26 @@ def test_pack_is_deterministic_across_worker_counts(tmp_path):
     pack(stage_params(tree, "pack"), tmp_path)
     after = {p.name: p.read_bytes() for p in (tmp_path / paths.PACK / "train").glob("*.arrow")}
     assert before and before == after
+
+
+def test_tool_call_ids_reach_templates_that_match_results_to_calls():
+    """OpenAI's tool_call_id says which call a result answers; Gemma 4's template names each
+    result after its call by that id (with ids lost, both results were named after the last call)."""
+    import trl
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from ftflow.messages import validate
+    from ftflow.readers import openai_messages
+
+    record = {"messages": [
+        {"role": "user", "content": "Weather and time in Oslo?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "a1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}},
+            {"id": "b2", "type": "function", "function": {"name": "clock", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "b2", "content": "14:00"},
+        {"role": "tool", "tool_call_id": "a1", "content": "-3C"},
+        {"role": "assistant", "content": "-3C at 14:00."}]}  # fmt: skip
+    conversation = validate(openai_messages(record), "conversation")["messages"]
+    template = (Path(trl.__file__).parent / "chat_templates/gemma4.jinja").read_text()
+    text = render_jinja_template(conversations=[[_template_message(m) for m in conversation]], chat_template=template)[0][0]
+    assert "response:clock{value:<|\"|>14:00" in text and "response:weather{value:<|\"|>-3C" in text, text

@@ -69,6 +69,17 @@ class Source(Section):
             raise ValueError(f"source {self.name!r}: set exactly one of `path` or `hub`")
         return self
 
+    @model_validator(mode="after")
+    def _columns_name_reader_fields(self) -> Source:
+        from ftflow.readers import READER_FIELDS
+
+        fields = READER_FIELDS.get(self.reader)  # a user reader's fields are its own business
+        unknown = sorted(set(self.columns or ()) - set(fields or ()))
+        if fields and unknown:
+            raise ValueError(f"source {self.name!r}: columns maps {unknown}, which reader {self.reader!r} does not "
+                             f"read (it reads {list(fields)})")  # fmt: skip
+        return self
+
 
 class Data(Section):
     kind: Literal["conversation", "preference", "unpaired", "prompt", "text"] = "conversation"

@@ -8,7 +8,8 @@ Every reader produces one of these plain dicts; every later stage reads only the
     prompt        {"prompt": [msg], "answer": str|None, "tools"}                  GRPO
     text          {"text": str}                                                   pre-training
 
-    msg = {"role", "content", "train", "name", "tool_calls", "reasoning"}  (unset keys may be left out)
+    msg = {"role", "content", "train", "name", "tool_calls", "reasoning", "tool_call_id"}
+          (unset keys may be left out; tool_call_id links a tool result to its call's id)
 
 Validation happens here, once, on dicts (not objects: normalize checks millions of records and
 dataclass construction would dominate its cost). A record that fails raises RecordError with a
@@ -25,7 +26,7 @@ import pyarrow as pa
 
 ROLES = frozenset(("system", "user", "assistant", "tool"))
 KINDS = ("conversation", "preference", "unpaired", "prompt", "text")
-MESSAGE_KEYS = ("role", "content", "train", "name", "tool_calls", "reasoning")
+MESSAGE_KEYS = ("role", "content", "train", "name", "tool_calls", "reasoning", "tool_call_id")
 # which list-of-messages fields each kind has (text has none)
 MESSAGE_FIELDS = {
     "conversation": ("messages",),
@@ -57,6 +58,7 @@ class Message:
     name: str | None = None
     tool_calls: list | None = None
     reasoning: str | None = None
+    tool_call_id: str | None = None
 
 
 # --- one message ----------------------------------------------------------------------------
@@ -77,7 +79,11 @@ def _text_of_parts(parts: list, where: str) -> str:
 
 
 def _tool_call(call: Any, where: str) -> dict:
-    """{"name", "arguments"} or OpenAI's {"type": "function", "function": {...}} -> {"name", "arguments": JSON}."""
+    """{"name", "arguments"} or OpenAI's {"id", "type": "function", "function": {...}} -> {"name",
+    "arguments": JSON, "id"} (the id is what a tool result's tool_call_id refers to)."""
+    call_id = call.get("id") if isinstance(call, dict) else None
+    if call_id is not None and not isinstance(call_id, str):
+        raise RecordError("bad_tool_call", f"{where}: id is {type(call_id).__name__}, not a string")
     if isinstance(call, dict) and isinstance(call.get("function"), dict):
         call = call["function"]
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
@@ -90,7 +96,7 @@ def _tool_call(call: Any, where: str) -> dict:
             raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} are not JSON ({err.msg})") from None
     if not isinstance(args, dict):
         raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} must be a JSON object")
-    return {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False)}
+    return {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False), "id": call_id}
 
 
 def message(m: Any, field: str, i: int) -> dict:
@@ -119,14 +125,16 @@ def message(m: Any, field: str, i: int) -> dict:
         if role != "assistant" or not isinstance(tool_calls, list):
             raise RecordError("bad_tool_call", f"{where}: tool_calls must be a list on an assistant message")
         tool_calls = [_tool_call(c, f"{where} tool call {j}") for j, c in enumerate(tool_calls)] or None
-    for key in ("name", "reasoning"):
+    for key in ("name", "reasoning", "tool_call_id"):
         if m.get(key) is not None and not isinstance(m[key], str):
             raise RecordError("bad_message", f"{where} {key} is {type(m[key]).__name__}, not a string")
+    if m.get("tool_call_id") is not None and role != "tool":
+        raise RecordError("bad_message", f"{where}: tool_call_id belongs on a tool result, not on a {role} message")
     train = m.get("train")
     if train is not None and not isinstance(train, bool):
         raise RecordError("bad_message", f"{where} train flag is {train!r}, not true/false")
     return {"role": role, "content": content, "train": train, "name": m.get("name"),
-            "tool_calls": tool_calls, "reasoning": m.get("reasoning")}  # fmt: skip
+            "tool_calls": tool_calls, "reasoning": m.get("reasoning"), "tool_call_id": m.get("tool_call_id")}  # fmt: skip
 
 
 # --- turn structure -------------------------------------------------------------------------
@@ -267,10 +275,10 @@ def content_chars(record: dict, kind: str) -> int:
 
 # --- Arrow schema per kind ------------------------------------------------------------------
 
-TOOL_CALL = pa.struct([("name", pa.string()), ("arguments", pa.string())])
+TOOL_CALL = pa.struct([("name", pa.string()), ("arguments", pa.string()), ("id", pa.string())])
 MESSAGE = pa.struct([
     ("role", pa.string()), ("content", pa.string()), ("train", pa.bool_()), ("name", pa.string()),
-    ("tool_calls", pa.list_(TOOL_CALL)), ("reasoning", pa.string()),
+    ("tool_calls", pa.list_(TOOL_CALL)), ("reasoning", pa.string()), ("tool_call_id", pa.string()),
 ])  # fmt: skip
 _ID = [("id", pa.string()), ("source", pa.string())]
 _MSGS = pa.list_(MESSAGE)

@@ -52,7 +52,7 @@ from ftflow.formats import (
 )
 from ftflow.messages import MESSAGE_FIELDS, SCHEMAS, RecordError, canonical, content_chars, to_table, validate
 from ftflow.parallel import ordered_map
-from ftflow.readers import READERS_DIR, get_reader
+from ftflow.readers import READERS, READERS_DIR, check_media, get_reader
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class RecordMaker:
         self.source, self.kind, self.on_error = source, data.kind, data.on_error
         self.max_chars = int(data.max_record_mb * 1e6)
         self.readers_dir = root / READERS_DIR
+        self.builtin = source.reader in READERS  # a user reader decides about media itself
         try:
             self.reader = get_reader(source.reader, self.readers_dir)
         except ValueError as err:
@@ -124,7 +125,9 @@ class RecordMaker:
         if not isinstance(raw, dict):
             raise RecordError("not_an_object", f"record is a {type(raw).__name__}, not an object")
         if self.source.columns:  # reader field <- source column
-            raw = {**raw, **{field: raw.get(col) for field, col in self.source.columns.items()}}
+            raw = mapped_columns(raw, self.source.columns)
+        if self.builtin:
+            check_media(raw)
         try:
             out = self.reader(raw)
         except RecordError:
@@ -342,7 +345,8 @@ def repeat(table: pa.Table, k: int) -> pa.Table:
 
 
 def system_message(content: str) -> dict:
-    return {"role": "system", "content": content, "train": None, "name": None, "tool_calls": None, "reasoning": None}
+    return {"role": "system", "content": content, "train": None, "name": None, "tool_calls": None, "reasoning": None,
+            "tool_call_id": None}  # fmt: skip
 
 
 ROW_GROUP = 1024  # rows per Parquet row group: the unit of work pack hands its worker processes
@@ -378,6 +382,16 @@ class SplitWriter:
         self.thread.shutdown(cancel_futures=True)
         self.writer.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def mapped_columns(raw: dict, columns: dict[str, str]) -> dict:
+    """The record with each reader field taken from its mapped column; a mapped column the
+    record does not have is an error naming it (the field would silently come out empty)."""
+    for field, column in columns.items():
+        if column not in raw:
+            raise RecordError("missing_column", f"no column {column!r} (columns maps it to the reader's {field!r}; "
+                              f"the record has {sorted(raw)[:12]})")  # fmt: skip
+    return {**raw, **{field: raw[column] for field, column in columns.items()}}
 
 
 def normalize_source(source: Source, data: Data, root: Path, writer: SplitWriter) -> SourceRun:

@@ -84,9 +84,10 @@ def _template_message(m: dict) -> dict:
     out = {k: v for k, v in m.items() if v is not None}
     if "tool_calls" in out:
         out["tool_calls"] = [
-            {"type": "function", "function": {"name": c["name"], "arguments": json.loads(c["arguments"])}}
+            {**({"id": c["id"]} if c.get("id") is not None else {}),
+             "type": "function", "function": {"name": c["name"], "arguments": json.loads(c["arguments"])}}
             for c in out["tool_calls"]
-        ]
+        ]  # fmt: skip
     return out
 
 

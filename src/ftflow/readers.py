@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,61 @@ def sharegpt(record: dict) -> dict:
 
 
 def openai_messages(record: dict) -> dict:
-    """OpenAI / HF chat: {"messages": [{"role", "content" (string or typed parts), "tool_calls"?}], "tools"?}."""
-    return {"messages": record.get("messages"), "tools": record.get("tools")}
+    """Chat messages as OpenAI's fine-tuning format and LLaMA-Factory's v1 publish them:
+    {"messages": [{"role", "content", ...}], "tools"?}, content a string or typed parts. OpenAI:
+    text parts, tool_calls with ids, tool_call_id on tool results, weight 0|1 on assistant turns.
+    LLaMA-Factory v1: parts {"type": "text"|"reasoning"|"tool_call", "value"}, loss_weight 0|1."""
+    msgs = record.get("messages")
+    if isinstance(msgs, list):
+        msgs = [_published_message(m, f"messages[{i}]") for i, m in enumerate(msgs)]
+    return {"messages": msgs, "tools": record.get("tools")}
+
+
+# a message's key for "train this turn or not", as each format spells it (0 or 1)
+_WEIGHT_KEYS = ("weight", "loss_weight")
+
+
+def _published_message(m: Any, where: str) -> Any:
+    """One published message -> ftflow's message keys (validated afterwards, like any reader's)."""
+    if not isinstance(m, dict):
+        return m
+    m = dict(m)
+    for key in _WEIGHT_KEYS:
+        if key in m:
+            weight = m.pop(key)
+            if weight not in (0, 1) or isinstance(weight, str):
+                raise RecordError("bad_field", f"{where} {key} is {weight!r}: a turn is trained (1) or not (0); "
+                                  "ftflow has no fractional loss weights")  # fmt: skip
+            m["train"] = bool(weight)
+    content = m.get("content")
+    if isinstance(content, list) and any(isinstance(p, dict) and "value" in p for p in content):
+        m.update(_valued_parts(content, where, m.get("tool_calls")))
+    return m
+
+
+def _valued_parts(parts: list, where: str, tool_calls: list | None) -> dict:
+    """LLaMA-Factory v1 content parts -> content, reasoning and tool calls."""
+    text, reasoning, calls = [], [], list(tool_calls or [])
+    for j, part in enumerate(parts):
+        kind, value = (part.get("type"), part.get("value")) if isinstance(part, dict) else (None, None)
+        if not isinstance(value, str):
+            raise RecordError("bad_content", f"{where} content part {j} ({kind!r}) has no string 'value'")
+        if kind == "text":
+            text.append(value)
+        elif kind == "reasoning":
+            reasoning.append(value)
+        elif kind == "tool_call":
+            try:
+                calls.append(json.loads(value))
+            except json.JSONDecodeError as err:
+                raise RecordError("bad_tool_call", f"{where} content part {j}: tool_call value is not JSON ({err.msg})") from None
+        else:  # image_url, video_url, audio_url: no template here trains on them
+            raise RecordError("unsupported_content", f"{where} content part {j} is of type {kind!r} (text, reasoning "
+                              "and tool_call parts are read)")  # fmt: skip
+    out = {"content": "".join(text), "tool_calls": calls or None}
+    if reasoning:
+        out["reasoning"] = "".join(reasoning)
+    return out
 
 
 def prompt_completion(record: dict) -> dict:
@@ -128,12 +182,19 @@ def sharegpt_preference(record: dict) -> dict:
 
 
 def messages_preference(record: dict) -> dict:
-    """"chosen"/"rejected" as whole conversations (message lists) that share their prompt, as in
-    Anthropic HH; the shared leading messages become the prompt. An explicit "prompt" list is
-    taken as is."""
-    chosen, rejected = record.get("chosen"), record.get("rejected")
+    """"chosen"/"rejected" as whole conversations that share their prompt; the shared leading
+    messages become the prompt. Each is a message list (TRL's conversational form; LLaMA-Factory
+    v1's "chosen_messages"/"rejected_messages") or an Anthropic HH transcript string
+    ("\n\nHuman: ...\n\nAssistant: ..."). An explicit "prompt" list is taken as is."""
+    chosen = record.get("chosen", record.get("chosen_messages"))
+    rejected = record.get("rejected", record.get("rejected_messages"))
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        chosen, rejected = _hh_transcript(chosen, "chosen"), _hh_transcript(rejected, "rejected")
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise RecordError("missing_field", "'chosen' and 'rejected' must be message lists")
+        raise RecordError("missing_field", "'chosen' and 'rejected' must be message lists or HH transcripts "
+                          f"(got {type(chosen).__name__} and {type(rejected).__name__})")  # fmt: skip
+    chosen = [_published_message(m, f"chosen[{i}]") for i, m in enumerate(chosen)]
+    rejected = [_published_message(m, f"rejected[{i}]") for i, m in enumerate(rejected)]
     if "prompt" in record:
         return {"prompt": _turns(record["prompt"], "prompt", "user"), "chosen": chosen, "rejected": rejected,
                 "tools": record.get("tools")}  # fmt: skip
@@ -145,6 +206,19 @@ def messages_preference(record: dict) -> dict:
         shared -= 1
     return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:],
             "tools": record.get("tools")}  # fmt: skip
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_transcript(text: str, key: str) -> list[dict]:
+    """Anthropic HH's transcript string -> messages: turns start at "\n\nHuman:" or
+    "\n\nAssistant:" (the published files put one before the first turn too)."""
+    pieces = _HH_TURN.split(text)
+    if len(pieces) < 3 or pieces[0].strip():
+        raise RecordError("bad_field", f"{key!r} is a string but not an HH transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    return [{"role": _HH_ROLES[who], "content": said} for who, said in zip(pieces[1::2], pieces[2::2])]
 
 
 def prompt_preference(record: dict) -> dict:
@@ -199,6 +273,30 @@ READERS: dict[str, tuple[Reader, str]] = {
     "prompt_answer": (prompt_answer, "prompt"),
     "text": (text, "text"),
 }
+
+
+# The raw fields each built-in reader reads: `columns` may map only these.
+READER_FIELDS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "sharegpt": ("conversations", "system", "tools"),
+    "messages": ("messages", "tools"),
+    "prompt_completion": ("prompt", "completion", "system"),
+    "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "tools"),
+    "messages_preference": ("chosen", "rejected", "chosen_messages", "rejected_messages", "prompt", "tools"),
+    "prompt_preference": ("prompt", "chosen", "rejected", "system"),
+    "unpaired_preference": ("messages", "prompt", "completion", "label", "system", "tools"),
+    "prompt_answer": ("prompt", *_ANSWER_KEYS, "system"),
+    "text": ("text",),
+}
+# Fields of published multimodal records (LLaMA-Factory, ms-swift): no built-in reader or
+# template here trains on media, and dropping them silently would train on text that refers to them.
+MEDIA_FIELDS = ("images", "videos", "audios")
+
+
+def check_media(record: dict) -> None:
+    for key in MEDIA_FIELDS:
+        if record.get(key):
+            raise RecordError("unsupported_content", f"the record has {key!r}; ftflow trains on text only")
 
 
 def reader_kind(spec: str) -> str | None:
