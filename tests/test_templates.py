@@ -166,3 +166,29 @@ def test_smollm2s_real_tokenizer_is_exact_on_every_fixture_conversation(fixture_
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     assert check_family(tok, fixture_convs) == ("derived", f"{len(fixture_convs)} exact")
+
+
+def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_not(base_tokenizer):
+    """A normalized message's `reasoning` reaches the template as reasoning_content (and thinking):
+    Qwen3's template renders it in the last turn, inside the trained span; it leaves out the
+    earlier turn's (so only the last turn can be trained: train_on=last_assistant, as the refusal
+    of the whole conversation says), and ftflow's ChatML has no place for any: the audit counts
+    what is left out."""
+    from ftflow.pack import _template_message
+
+    normalized = [{"role": "user", "content": "What is 17 + 25?"},
+                  {"role": "assistant", "content": "42", "reasoning": "17 + 25 = 42."},
+                  {"role": "user", "content": "And doubled?"},
+                  {"role": "assistant", "content": "84", "reasoning": "42 * 2 = 84."}]  # fmt: skip
+    conv = [_template_message(m) for m in normalized]
+    qwen3 = family_tokenizer(base_tokenizer, "qwen3", (TRL_TEMPLATES / "qwen3.jinja").read_text())
+    with pytest.raises(TemplateError, match="not prefix-preserving"):
+        encode([conv], [None], qwen3)
+    enc = encode([conv], [None], qwen3, train_on="last_assistant")
+    trained = [qwen3.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(enc.labels)]
+    assert "42 * 2 = 84." in trained[-1] and trained[-1].rstrip().endswith("84<|im_end|>"), trained
+    assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (2, 1)  # the earlier turn's
+
+    chatml = family_tokenizer(base_tokenizer, "ftflow_chatml", template_text("chatml"))
+    enc = encode([conv], [None], chatml)
+    assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (2, 2)

@@ -61,7 +61,13 @@ def masks_line(stats: dict, s: dict) -> str:
     shares = ", ".join(f"{role} {share:.1%}" for role, share in audit["trained_token_share_by_role"].items())
     return (f"\nmasks: {masks['method']} (train_on {masks['train_on']}); trained tokens by role: {shares}; "
             f"{audit['turns_ending_on_end_of_turn']:,} trained turns, each ending on its end-of-turn token; "
-            f"{audit['conversations_without_trained_token']:,} conversations with no trained token")
+            f"{audit['conversations_without_trained_token']:,} conversations with no trained token"
+            + reasoning_note(audit))
+
+
+def reasoning_note(audit: dict) -> str:
+    left_out, carrying = audit.get("reasoning_not_in_rendered_text", 0), audit.get("messages_with_reasoning", 0)
+    return f"; reasoning left out by the template in {left_out:,} of {carrying:,} messages" if carrying else ""
 
 
 def inspect(packed: Path = Path(paths.PACK) / "train", rows: int = 2, color: bool | None = None) -> str:

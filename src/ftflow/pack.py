@@ -82,6 +82,8 @@ def _template_message(m: dict) -> dict:
     """A normalized message as chat-template input: unset fields left out, tool calls in the
     {"type": "function", "function": {...}} form that chat templates expect."""
     out = {k: v for k, v in m.items() if v is not None}
+    if "reasoning" in out:  # the key templates read: most reasoning_content, gpt-oss thinking
+        out["reasoning_content"] = out["thinking"] = out.pop("reasoning")
     if "tool_calls" in out:
         out["tool_calls"] = [
             {**({"id": c["id"]} if c.get("id") is not None else {}),
@@ -262,11 +264,26 @@ def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant
     lengths = np.fromiter(map(len, per_text), np.int64, len(per_text))
     ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
     if train_on == "all":
-        return Encoded(ids, ids.copy(), lengths, Counter({"trained_tokens/all": len(ids)}))
+        audit = Counter({"trained_tokens/all": len(ids)}) + reasoning_audit(convs, texts)
+        return Encoded(ids, ids.copy(), lengths, audit)
     offsets = token_offsets(encodings, texts, lengths)
     mask = overlap_mask(offsets, texts, [[(s.start, s.end) for s in conv] for conv in spans])
-    audit = mask_audit(offsets, texts, spans, ids, tok, first, name)
+    audit = mask_audit(offsets, texts, spans, ids, tok, first, name) + reasoning_audit(convs, texts)
     return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths, audit)
+
+
+def reasoning_audit(convs: list[list[dict]], texts: list[str]) -> Counter:
+    """Messages that carry reasoning, and those whose reasoning the template left out of the
+    text (ftflow's ChatML and Llama 3 have no place for it; models' own templates often drop it
+    from turns before the last user message): that reasoning is not trained."""
+    out: Counter = Counter()
+    for conv, text in zip(convs, texts):
+        for m in conv:
+            reasoning = m.get("reasoning_content")
+            if reasoning:
+                out["reasoning/messages"] += 1
+                out["reasoning/not_rendered"] += reasoning not in text
+    return out
 
 
 def encode_text(texts: list[str], tok) -> Encoded:
@@ -402,7 +419,17 @@ def audit_figures(audit: Counter) -> dict:
         "trained_turns_by_role": {k.split("/", 1)[1]: v for k, v in sorted(audit.items()) if k.startswith("trained_turns/")},
         "turns_ending_on_end_of_turn": audit["trained_turns"],
         "conversations_without_trained_token": audit["conversations_without_trained_token"],
+        "messages_with_reasoning": audit["reasoning/messages"],
+        "reasoning_not_in_rendered_text": audit["reasoning/not_rendered"],
     }
+
+
+def warn_unrendered_reasoning(split: str, audit: dict, template: str) -> None:
+    left_out = audit.get("reasoning_not_in_rendered_text", 0)
+    if left_out:
+        log.warning("%s: the chat template (%s) leaves out the reasoning of %d of the %d messages that carry "
+                    "some: it is not trained (stats.json mask_audit; template=model for a model whose template "
+                    "renders reasoning)", split, template, left_out, audit["messages_with_reasoning"])  # fmt: skip
 
 
 def special_ids(tok) -> frozenset:
@@ -687,6 +714,7 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
         if split_stats:
             stats["splits"][split] = split_stats
             log.info("Packed %s: %s", split, json.dumps(split_stats))
+            warn_unrendered_reasoning(split, split_stats.get("mask_audit") or {}, masks["template_of"])
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg, out_dir)
     return stats
