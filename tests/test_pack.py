@@ -131,9 +131,13 @@ def overflow_case(policy: str) -> tuple[Encoded, Sequences, dict]:
 
 def test_overflow_policies_are_counted():
     _, seqs, counts = overflow_case("truncate")  # the long one loses its target: nothing left to learn
-    assert seqs.lengths.tolist() == [12, 20] and counts == {"over_max_length": 2, "dropped_no_target": 1}
+    assert seqs.lengths.tolist() == [12, 20]
+    # 30 + 10 tokens cut off; of them trained: the first one's 5, the last one's 10
+    assert counts == {"over_max_length": 2, "dropped_no_target": 1, "tokens_lost_to_overflow": 40,
+                      "trained_tokens_lost_to_overflow": 15}  # fmt: skip
     _, seqs, counts = overflow_case("drop")
-    assert seqs.lengths.tolist() == [12] and counts == {"over_max_length": 2, "dropped_too_long": 2, "dropped_no_target": 0}
+    assert seqs.lengths.tolist() == [12] and counts == {"over_max_length": 2, "dropped_too_long": 2, "dropped_no_target": 0,
+                                                        "tokens_lost_to_overflow": 80, "trained_tokens_lost_to_overflow": 35}  # fmt: skip
     enc, seqs, counts = overflow_case("split")  # 50 -> 20 + 20 + 10 (only the last has a target); 30 -> 20 + 10
     assert seqs.lengths.tolist() == [10, 12, 20, 10] and seqs.starts.tolist() == [40, 50, 62, 82]
     assert counts == {"over_max_length": 2, "dropped_no_target": 2}
@@ -316,12 +320,17 @@ def test_inspect_shows_rows_of_every_data_kind(tmp_path, file, reader, kind, par
 
 
 def test_raw_text_is_packed_with_every_token_trained(tmp_path):
+    """Raw text: every token trained, and with the default overflow (auto: split for text) no
+    token lost: the texts over max_length go on in the next pieces."""
     root, stats = pack_kind(tmp_path, "c4_demo.jsonl", "text", "text")
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     ds = datasets.load_from_disk(str(root / paths.PACK / "train"))
     train = stats["splits"]["train"]
     assert train["conversations"] == 300 and train["trained_tokens"] == train["tokens"]
+    assert train["overflow"] == "split" and train["over_max_length"] > 0 and "tokens_lost_to_overflow" not in train
     texts = [json.loads(line)["text"] for line in (REPO / "examples/formats/c4_demo.jsonl").read_text().splitlines()]
+    encoded = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    assert train["tokens"] == sum(len(e.ids) + 1 for e in encoded)  # every text whole, and its eos
     seen = set()
     for row in ds:
         assert row["labels"] == row["input_ids"]
@@ -329,9 +338,9 @@ def test_raw_text_is_packed_with_every_token_trained(tmp_path):
         for n in row["seq_lengths"]:
             seq = row["input_ids"][start : start + n]
             start += n
-            if seq[-1] == tok.eos_token_id:  # whole texts (the longest ones are truncated to 1024)
+            if seq[-1] == tok.eos_token_id and n < 1024:  # a text's end (a short text whole, a long one's last piece)
                 seen.add(tok.decode(seq[:-1], clean_up_tokenization_spaces=False))
-    assert seen and seen <= set(texts)
+    assert all(any(t.endswith(end) for t in texts) for end in seen) and len(seen) == 300
 
 
 def test_shards_bound_memory_and_join_into_one_dataset(tmp_path, monkeypatch):

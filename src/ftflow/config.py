@@ -161,7 +161,9 @@ class Template(Section):
 class Pack(Section):
     max_length: int = Field(ge=16)
     strategy: Literal["bfd", "none"] = "bfd"  # bfd: best-fit-decreasing rows; none: a sequence per row
-    overflow: Literal["truncate", "drop", "split"] = "truncate"  # sequences longer than max_length
+    # sequences longer than max_length; auto: split raw text (a document is not a sample to cut
+    # short), truncate conversations (keep the start)
+    overflow: Literal["auto", "truncate", "drop", "split"] = "auto"
     train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens carry loss
     num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
 

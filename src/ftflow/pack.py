@@ -424,6 +424,19 @@ def audit_figures(audit: Counter) -> dict:
     }
 
 
+LOST_TOKENS_WARNING = 0.05  # share of a split's tokens cut off by the overflow policy
+
+
+def warn_lost_tokens(split: str, stats: dict, max_length: int) -> None:
+    lost = stats.get("tokens_lost_to_overflow", 0)
+    before = stats.get("tokens", 0) + lost
+    if before and lost / before > LOST_TOKENS_WARNING:
+        log.warning("%s: pack.overflow=%s threw away %d of %d tokens (%.0f%%; %d of them trained) in %d sequences "
+                    "over max_length=%s: raise max_length or set pack.overflow=split", split, stats["overflow"],
+                    lost, before, 100 * lost / before, stats.get("trained_tokens_lost_to_overflow", 0),
+                    stats.get("over_max_length", 0), max_length)  # fmt: skip
+
+
 def warn_unrendered_reasoning(split: str, audit: dict, template: str) -> None:
     left_out = audit.get("reasoning_not_in_rendered_text", 0)
     if left_out:
@@ -454,6 +467,11 @@ def fit(enc: Encoded, cfg: Pack, counts: dict) -> Sequences:
     lengths, cap = enc.lengths, cfg.max_length
     over = lengths > cap
     counts["over_max_length"] = counts.get("over_max_length", 0) + int(over.sum())
+    if cfg.overflow != "split":  # what truncate cuts off, or drop throws away: tokens, and trained ones
+        kept = np.minimum(lengths, cap) if cfg.overflow == "truncate" else np.where(over, 0, lengths)
+        lost, trained_lost = lengths - kept, trained_tokens(enc.labels, starts + kept, lengths - kept)
+        counts["tokens_lost_to_overflow"] = counts.get("tokens_lost_to_overflow", 0) + int(lost.sum())
+        counts["trained_tokens_lost_to_overflow"] = counts.get("trained_tokens_lost_to_overflow", 0) + int(trained_lost.sum())
     if cfg.overflow == "drop":
         starts, lengths = starts[~over], lengths[~over]
         counts["dropped_too_long"] = counts.get("dropped_too_long", 0) + int(over.sum())
@@ -554,8 +572,10 @@ def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
         table, stats = pair_rows(parquet, kind, tok, cfg)
         save_rows(table, out)
         return stats
+    if cfg.overflow == "auto":
+        cfg = cfg.model_copy(update={"overflow": "split" if kind == "text" else "truncate"})
     shards = ShardWriter(out, cfg.max_length)
-    counts: dict = {}
+    counts: dict = {"overflow": cfg.overflow}
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
     total = parquet_file(parquet).metadata.num_rows
     with tqdm(total=total, desc=f"pack {parquet.stem}", unit="conversations") as bar:
@@ -715,6 +735,7 @@ def pack(cfg: dict, root: Path = Path(".")) -> dict:
             stats["splits"][split] = split_stats
             log.info("Packed %s: %s", split, json.dumps(split_stats))
             warn_unrendered_reasoning(split, split_stats.get("mask_audit") or {}, masks["template_of"])
+            warn_lost_tokens(split, split_stats, pack_cfg.max_length)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg, out_dir)
     return stats

@@ -121,6 +121,7 @@ PACK_COLUMNS = {
     "trained_tokens": "trained tokens",
     "packing_efficiency": "packing efficiency",
     "over_max_length": "over max_length",
+    "tokens_lost_to_overflow": "tokens cut off",
     "dropped_no_target": "no trained token",
 }
 
@@ -137,7 +138,7 @@ def pack_table(stats: dict) -> Table:
         table.note = f"loss masks: {masks['method']} (train_on {masks['train_on']}, template of {masks['template_of']}). "
     table.note += ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
                   "padding). over max_length: sequences longer than max_length, truncated, dropped or split as pack.overflow "
-                  "says. no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
+                  "says (tokens cut off: by truncate or drop; split keeps them). no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
     return table
 
 
