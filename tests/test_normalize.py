@@ -420,6 +420,17 @@ def test_empty_file(tmp_path):
     assert stats["sources"]["e"]["empty_files"] == 1 and stats["records_in"] == 3
 
 
+def test_a_split_with_nothing_left_says_what_was_read_and_dropped(tmp_path):
+    place(tmp_path, "e", BAD / "empty.jsonl")
+    place(tmp_path, "bad", BAD / "truncated_json.jsonl")
+    (tmp_path / paths.RAW / "bad" / "truncated_json.jsonl").write_text('{"instruction": "a", "outp\n')
+    sources = [{"name": "e", "reader": "alpaca"}, {"name": "bad", "reader": "alpaca"}]
+    with pytest.raises(NormalizeError) as err:
+        stage(tmp_path, sources, on_error="skip")
+    assert str(err.value) == ("split 'train': no record left: source 'e' read 0 record(s) (none dropped, 1 empty file(s)); "
+                              "source 'bad' read 1 record(s) (1 invalid_json)")  # fmt: skip
+
+
 def test_byte_order_marks_are_not_part_of_the_first_record(tmp_path):
     bom, records = b"\xef\xbb\xbf", RECORDS[:2]
     raw = tmp_path / paths.RAW / "bom"

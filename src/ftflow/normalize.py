@@ -394,6 +394,18 @@ def mapped_columns(raw: dict, columns: dict[str, str]) -> dict:
     return {**raw, **{field: raw[column] for field, column in columns.items()}}
 
 
+def nothing_left(runs: list[SourceRun]) -> str:
+    """Why a split has no record, per source: what was read and what was dropped for which reason
+    (the stage ends without stats.json, so the error carries its counts)."""
+    parts = []
+    for run in runs:
+        st = run.stats()
+        dropped = ", ".join(f"{n} {reason}" for reason, n in st["dropped"].items()) or "none dropped"
+        empty = f", {st['empty_files']} empty file(s)" if st.get("empty_files") else ""
+        parts.append(f"source {run.source.name!r} read {st['records_in']} record(s) ({dropped}{empty})")
+    return "; ".join(parts)
+
+
 def normalize_source(source: Source, data: Data, root: Path, writer: SplitWriter) -> SourceRun:
     run = SourceRun(source, data, root)
     try:
@@ -421,7 +433,7 @@ def normalize(cfg: dict, root: Path = Path(".")) -> dict:
             by_split[source.split].append(run)
         for split, runs in by_split.items():
             if runs and not writers[split].rows:
-                raise NormalizeError(f"split {split!r}: every record was dropped; see the reasons in the log")
+                raise NormalizeError(f"split {split!r}: no record left: {nothing_left(runs)}")
     except BaseException:
         for writer in writers.values():
             writer.abort()
