@@ -404,3 +404,15 @@ def test_tool_call_ids_reach_templates_that_match_results_to_calls():
     template = (Path(trl.__file__).parent / "chat_templates/gemma4.jinja").read_text()
     text = render_jinja_template(conversations=[[_template_message(m) for m in conversation]], chat_template=template)[0][0]
     assert "response:clock{value:<|\"|>14:00" in text and "response:weather{value:<|\"|>-3C" in text, text
+
+
+def test_tokenizer_training_sees_long_unbroken_runs_cut():
+    """A 5 MB record of one repeated character (found in a real corpus) stalled BPE training for
+    minutes: the trainer sees runs cut every 256 characters; ordinary text is untouched."""
+    from ftflow.pack import cut_long_runs
+
+    assert cut_long_runs("a" * 600) == "a" * 256 + " " + "a" * 256 + " " + "a" * 88
+    text = "An ordinary line, with words of ordinary length.\n" * 20
+    assert cut_long_runs(text) == text
+    tok = train_tokenizer(iter(["hello world"] * 50 + ["x" * 5_000_000]), Tokenizer(source="train", vocab_size=300), "<|im_end|>")
+    assert tok.decode(tok("hello world")["input_ids"]) == "hello world"
