@@ -369,34 +369,72 @@ def test_output_is_deterministic(tmp_path):
 
 # --- the bad-input corpus --------------------------------------------------------------------
 
-# file, reader, locator of the bad record, reason, good records in the file
+# file, reader, data kind, locator of the bad record, reason, good records in the file. The other
+# bad inputs have tests of their own below: an oversized record, an empty file, a damaged .gz, a
+# mapped column a record lacks, a user reader that fails.
 CORPUS = [
-    ("truncated_json.jsonl", "alpaca", "truncated_json.jsonl:2", "invalid_json", 2),
-    ("wrong_types.jsonl", "alpaca", "wrong_types.jsonl:2", "bad_field", 2),
-    ("missing_fields.jsonl", "alpaca", "missing_fields.jsonl:3", "missing_field", 2),
-    ("unknown_role.jsonl", "messages", "unknown_role.jsonl:2", "bad_role", 1),
-    ("empty_assistant.jsonl", "alpaca", "empty_assistant.jsonl:3", "empty_assistant", 2),
-    ("invalid_utf8.jsonl", "alpaca", "invalid_utf8.jsonl:2", "invalid_utf8", 2),
-    ("invalid_utf8.csv", "alpaca", "invalid_utf8.csv:3", "invalid_utf8", 2),
-    ("invalid_utf8.json", "alpaca", "invalid_utf8.json[1]", "invalid_utf8", 2),
+    ("truncated_json.jsonl", "alpaca", "conversation", "truncated_json.jsonl:2", "invalid_json", 2),
+    ("wrong_types.jsonl", "alpaca", "conversation", "wrong_types.jsonl:2", "bad_field", 2),
+    ("missing_fields.jsonl", "alpaca", "conversation", "missing_fields.jsonl:3", "missing_field", 2),
+    ("bad_history.jsonl", "alpaca", "conversation", "bad_history.jsonl:2", "bad_field", 2),
+    ("empty_assistant.jsonl", "alpaca", "conversation", "empty_assistant.jsonl:3", "empty_assistant", 2),
+    ("invalid_utf8.jsonl", "alpaca", "conversation", "invalid_utf8.jsonl:2", "invalid_utf8", 2),
+    ("invalid_utf8.csv", "alpaca", "conversation", "invalid_utf8.csv:3", "invalid_utf8", 2),
+    ("invalid_utf8.json", "alpaca", "conversation", "invalid_utf8.json[1]", "invalid_utf8", 2),
+    ("invalid_utf8.txt", "text", "text", "invalid_utf8.txt:2", "invalid_utf8", 2),
+    ("not_an_object.jsonl", "messages", "conversation", "not_an_object.jsonl:2", "not_an_object", 2),
+    ("unknown_role.jsonl", "messages", "conversation", "unknown_role.jsonl:2", "bad_role", 1),
+    ("unknown_key.jsonl", "messages", "conversation", "unknown_key.jsonl:2", "bad_message", 2),
+    ("bad_content.jsonl", "messages", "conversation", "bad_content.jsonl:2", "bad_content", 2),
+    ("bad_order.jsonl", "messages", "conversation", "bad_order.jsonl:2", "bad_order", 2),
+    ("no_target.jsonl", "messages", "conversation", "no_target.jsonl:2", "no_target", 2),
+    ("bad_tools.jsonl", "messages", "conversation", "bad_tools.jsonl:2", "bad_tools", 2),
+    ("fractional_weight.jsonl", "messages", "conversation", "fractional_weight.jsonl:2", "bad_field", 2),
+    ("tool_call_id_on_assistant.jsonl", "messages", "conversation", "tool_call_id_on_assistant.jsonl:2", "bad_message", 2),
+    ("image_part.jsonl", "messages", "conversation", "image_part.jsonl:2", "unsupported_content", 2),
+    ("media_field.jsonl", "sharegpt", "conversation", "media_field.jsonl:2", "unsupported_content", 2),
+    ("bad_tool_call.jsonl", "sharegpt", "conversation", "bad_tool_call.jsonl:2", "bad_tool_call", 2),
+    ("identical_pair.jsonl", "prompt_preference", "preference", "identical_pair.jsonl:2", "identical_pair", 2),
+    ("hh_not_transcript.jsonl", "messages_preference", "preference", "hh_not_transcript.jsonl:2", "bad_field", 2),
+    ("bad_label.jsonl", "unpaired_preference", "unpaired", "bad_label.jsonl:2", "bad_label", 2),
+    ("empty_text.jsonl", "text", "text", "empty_text.jsonl:2", "empty_text", 2),
 ]
+CORPUS_IDS = [c[0] for c in CORPUS]
 
 
-@pytest.mark.parametrize("file,reader,locator,reason,good", CORPUS, ids=[c[0] for c in CORPUS])
-def test_bad_record_raises_naming_source_record_and_reason(tmp_path, file, reader, locator, reason, good):
+@pytest.mark.parametrize("file,reader,kind,locator,reason,good", CORPUS, ids=CORPUS_IDS)
+def test_bad_record_raises_naming_source_record_and_reason(tmp_path, file, reader, kind, locator, reason, good):
     place(tmp_path, "bad", BAD / file)
     with pytest.raises(NormalizeError) as err:
-        stage(tmp_path, [{"name": "bad", "reader": reader}])
+        stage(tmp_path, [{"name": "bad", "reader": reader}], kind=kind)
     assert f"source 'bad', record {locator} (reader '{reader}'): {reason}: " in str(err.value)
     assert "on_error=skip" in str(err.value)
 
 
-@pytest.mark.parametrize("file,reader,locator,reason,good", CORPUS, ids=[c[0] for c in CORPUS])
-def test_bad_record_is_counted_when_skipping(tmp_path, file, reader, locator, reason, good):
+@pytest.mark.parametrize("file,reader,kind,locator,reason,good", CORPUS, ids=CORPUS_IDS)
+def test_bad_record_is_counted_when_skipping(tmp_path, file, reader, kind, locator, reason, good):
     place(tmp_path, "bad", BAD / file)
-    stats = stage(tmp_path, [{"name": "bad", "reader": reader}], on_error="skip")["splits"]["train"]
+    stats = stage(tmp_path, [{"name": "bad", "reader": reader}], kind=kind, on_error="skip")["splits"]["train"]
     assert (stats["records_in"], stats["records_out"], stats["dropped"]) == (good + 1, good, {reason: 1})
     assert len(rows(tmp_path)) == good
+
+
+def test_the_bad_input_table(tmp_path, capsys):
+    """The README's table of the corpus: each kind's message under on_error=raise and its counts
+    under skip, as normalize gives them."""
+    lines = ["| file | reader | on_error=raise says | skip: in / out / dropped |", "|---|---|---|---|"]
+    for k, (file, reader, kind, *_) in enumerate(CORPUS):
+        root = tmp_path / str(k)
+        place(root, "bad", BAD / file)
+        with pytest.raises(NormalizeError) as err:
+            stage(root, [{"name": "bad", "reader": reader}], kind=kind)
+        said = str(err.value).split(f"(reader '{reader}'): ", 1)[1].split(" (set data.on_error", 1)[0]
+        st = stage(root, [{"name": "bad", "reader": reader}], kind=kind, on_error="skip")["splits"]["train"]
+        dropped = ", ".join(f"{n} {r}" for r, n in st["dropped"].items())
+        lines.append(f"| `{file}` | {reader} | {said[:110].replace('|', chr(92) + '|')} | {st['records_in']} / {st['records_out']} / {dropped} |")
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert len(lines) == len(CORPUS) + 2 >= 27  # 25 kinds at least
 
 
 def test_oversized_record(tmp_path):

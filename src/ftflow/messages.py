@@ -129,7 +129,7 @@ def message(m: Any, field: str, i: int) -> dict:
         if m.get(key) is not None and not isinstance(m[key], str):
             raise RecordError("bad_message", f"{where} {key} is {type(m[key]).__name__}, not a string")
     if m.get("tool_call_id") is not None and role != "tool":
-        raise RecordError("bad_message", f"{where}: tool_call_id belongs on a tool result, not on a {role} message")
+        raise RecordError("bad_message", f"{where}: tool_call_id belongs on a tool result, not on {'an' if role[0] in 'aeiou' else 'a'} {role} message")
     train = m.get("train")
     if train is not None and not isinstance(train, bool):
         raise RecordError("bad_message", f"{where} train flag is {train!r}, not true/false")
