@@ -23,7 +23,7 @@ SCRATCH = MODEL["source"] == "scratch"
 
 # The compute stages' `threads`: every core, which Snakemake scales down to --cores (in a Slurm
 # job, the job's CPUs). Snakemake sets OMP_NUM_THREADS, MKL_NUM_THREADS... to a job's threads, 1
-# for a rule that declares none: torch would then use one core however many the job has.
+# where a step declares none: torch would then use one core however many the job has.
 ALL_CORES = os.cpu_count() or 1
 
 
