@@ -325,15 +325,24 @@ def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
     return load_function(spec, base, what="reader")
 
 
+def user_file(spec: str, base: Path, what: str) -> tuple[Path, str]:
+    """The file (relative to `base`, a conf/ folder) and function name of "file.py:function"."""
+    if ":" not in spec:
+        raise ValueError(f"{what} {spec!r}: not a built-in; user code is given as 'file.py:function'")
+    name, func = spec.rsplit(":", 1)
+    file = base / name
+    if not file.is_file():
+        raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
+    return file, func
+
+
 def check_user_function(spec: str, base: Path, what: str) -> None:
     """Whether "file.py:function" names a file under `base` that defines `function` at its top
     level, read without running it (compose checks every user reader and reward this way, so a
     typo fails before any job rather than after download)."""
     import ast
 
-    file, func = base / spec.rsplit(":", 1)[0], spec.rsplit(":", 1)[1]
-    if not file.is_file():
-        raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
+    file, func = user_file(spec, base, what)
     try:
         tree = ast.parse(file.read_bytes(), filename=str(file))
     except SyntaxError as err:
@@ -353,11 +362,7 @@ def check_user_function(spec: str, base: Path, what: str) -> None:
 
 def load_function(spec: str, base: Path, what: str) -> Callable:
     """User code given as "file.py:function", the file relative to `base` (a conf/ folder)."""
-    if ":" not in spec:
-        raise ValueError(f"{what} {spec!r}: not a built-in; user code is given as 'file.py:function'")
-    file, func = base / spec.rsplit(":", 1)[0], spec.rsplit(":", 1)[1]
-    if not file.is_file():
-        raise ValueError(f"{what} {spec!r}: file {file} not found (user {what} files are relative to {base}/)")
+    file, func = user_file(spec, base, what)
     mod_spec = importlib.util.spec_from_file_location(f"ftflow_user_{what}_{file.stem}", file)
     module = importlib.util.module_from_spec(mod_spec)
     try:
