@@ -118,12 +118,11 @@ def is_blank(path: Path) -> bool:
     """No record in the file: nothing but whitespace and a byte order mark (read until the first
     other byte)."""
     with _open(path) as f:
-        first = True
-        while block := f.read(1 << 16):
-            if first:
-                block, first = block.removeprefix(codecs.BOM_UTF8), False
-            if block and not block.isspace():
+        block = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+        while block:
+            if not block.isspace():
                 return False
+            block = f.read(1 << 16)
     return True
 
 
@@ -144,8 +143,10 @@ def _undecodable(value) -> bool:
     return False
 
 
-def _checked(locator: str, record) -> Item:
-    if _undecodable(record):
+def _checked(locator: str, record, suspect: bool = True) -> Item:
+    """The record, or invalid_utf8 in its place; `suspect=False` (the whole decoded text holds no
+    undecodable byte, searched once) skips the walk through the record."""
+    if suspect and _undecodable(record):
         return locator, RecordError("invalid_utf8", "invalid UTF-8 in this record")
     return locator, record
 
@@ -153,8 +154,10 @@ def _checked(locator: str, record) -> Item:
 def _json(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
     with _open(path) as f:
         raw = f.read().removeprefix(codecs.BOM_UTF8)
+    text = raw.decode("utf-8", UNDECODABLE)
+    suspect = _SURROGATE.search(text) is not None
     try:
-        data = json.loads(raw.decode("utf-8", UNDECODABLE))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # JSON lines under a .json name, as datasets also accepts
             yield from _jsonl(path, label, max_bytes)
@@ -165,7 +168,7 @@ def _json(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
     if not isinstance(data, list):
         raise FileFormatError(f"{label}: expected a JSON array of records, got {type(data).__name__}")
     for i, rec in enumerate(data):
-        yield _checked(f"{label}[{i}]", rec)
+        yield _checked(f"{label}[{i}]", rec, suspect)
 
 
 def _csv(path: Path, label: str, max_bytes: int) -> Iterator[Item]:
@@ -198,15 +201,16 @@ def _txt(path: Path, label: str, max_bytes: int, sample_by: str = "line") -> Ite
     """Raw text: one record per line, per blank-line-separated paragraph, or per file."""
     with _open(path) as f:
         text = f.read().removeprefix(codecs.BOM_UTF8).decode("utf-8", UNDECODABLE)
+    suspect = _SURROGATE.search(text) is not None
     if sample_by == "document":
         if text.strip():
-            yield _checked(label, {"text": text})
+            yield _checked(label, {"text": text}, suspect)
         return
     sep = "\n\n" if sample_by == "paragraph" else "\n"
     line = 1
     for chunk in text.split(sep):
         if chunk.strip():
-            yield _checked(f"{label}:{line}", {"text": chunk})
+            yield _checked(f"{label}:{line}", {"text": chunk}, suspect)
         line += chunk.count("\n") + sep.count("\n")
 
 
