@@ -41,7 +41,9 @@ def write_raw(dest: Path, n: int) -> None:
 def vocab_corpus() -> list[str]:
     """Every fixture's text: the alpaca sample alone is too small to fill a 32k vocabulary."""
     out = []
-    for path in sorted((REPO / "examples" / "formats").iterdir()):
+    for path in sorted((REPO / "examples" / "formats").glob("*.json*")):
+        if path.suffix not in (".json", ".jsonl"):
+            continue
         text = path.read_text()
         records = [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else json.loads(text)
         out += [json.dumps(r, ensure_ascii=False) for r in records]

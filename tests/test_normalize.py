@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -48,13 +49,18 @@ def roles(msgs):
     return [m["role"] for m in msgs]
 
 
-def fixture(tmp_path: Path, file: str, reader: str, kind="conversation") -> tuple[list, list[dict], dict]:
+def raw_records(file: str) -> list:
+    """A fixture file's records, read with nothing but json (and gzip)."""
+    path = FORMATS / file
+    text = gzip.decompress(path.read_bytes()).decode() if file.endswith(".gz") else path.read_text()
+    return [json.loads(line) for line in text.splitlines()] if ".jsonl" in file else json.loads(text)
+
+
+def fixture(tmp_path: Path, file: str, reader: str, kind="conversation", on_error="raise") -> tuple[list, list[dict], dict]:
     """A fixture file's raw records, and what normalize made of them with `reader` (and stats)."""
-    text = (FORMATS / file).read_text()
-    raw = [json.loads(line) for line in text.splitlines()] if file.endswith(".jsonl") else json.loads(text)
     place(tmp_path, "f", FORMATS / file)
-    stats = stage(tmp_path, [{"name": "f", "reader": reader}], kind=kind)["splits"]["train"]
-    return raw, rows(tmp_path), stats
+    stats = stage(tmp_path, [{"name": "f", "reader": reader}], kind=kind, on_error=on_error)["splits"]["train"]
+    return raw_records(file), rows(tmp_path), stats
 
 
 # --- every fixture format with its built-in reader -------------------------------------------
@@ -116,6 +122,184 @@ def test_raw_text_fixture(tmp_path):
     raw, out, _ = fixture(tmp_path, "c4_demo.jsonl", "text", kind="text")
     assert [r["text"] for r in out] == [r["text"] for r in raw] and len(out) == 300
     assert out[2]["id"] == "f/c4_demo.jsonl:3"  # the locator is the line number
+
+
+# --- formats as their publishers write them (examples/formats/README.md names each source) ---
+
+
+def pairs(msgs: list[dict]) -> list[tuple]:
+    return [(m["role"], m["content"]) for m in msgs]
+
+
+def test_fastchat_sharegpt_fixture(tmp_path):
+    """FastChat's Vicuna-style ShareGPT file: an id and human / gpt turns."""
+    raw, out, stats = fixture(tmp_path, "fastchat_dummy_conversation.json", "sharegpt")
+    assert stats["records_in"] == len(out) == len(raw) == 24
+    for rec, row in zip(raw, out):
+        assert pairs(row["messages"]) == [(SHAREGPT_ROLE[t["from"]], t["value"]) for t in rec["conversations"]]
+
+
+def raw_calls(m: dict) -> list[tuple]:
+    """A published OpenAI message's calls as (id, name, arguments): tool_calls, or the older
+    function_call."""
+    calls = m.get("tool_calls") or ([{"function": m["function_call"]}] if "function_call" in m else [])
+    return [(c.get("id"), c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("file", ["azure_openai_multi_turn_weights.jsonl", "azure_openai_tool_calling.jsonl"])
+def test_openai_chat_fine_tuning_fixtures(tmp_path, file):
+    """OpenAI's chat fine-tuning lines as Azure's docs print them: weight 0/1 on assistant turns,
+    tool calls with ids and results naming them, and the older function_call / functions form."""
+    raw, out, _ = fixture(tmp_path, file, "messages")
+    assert len(out) == len(raw) > 0
+    for rec, row in zip(raw, out):
+        for m, n in zip(rec["messages"], row["messages"], strict=True):
+            assert (n["role"], n["content"]) == ("tool" if m["role"] == "function" else m["role"], m.get("content") or "")
+            assert n["train"] == (bool(m["weight"]) if "weight" in m else None)
+            assert (n["tool_call_id"], n["name"]) == (m.get("tool_call_id"), m.get("name"))
+            assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == raw_calls(m)
+        tools = rec.get("tools") or [{"type": "function", "function": f} for f in rec.get("functions", [])] or None
+        assert (json.loads(row["tools"]) if row["tools"] else None) == tools
+    trained = [n["train"] for row in out for n in row["messages"] if n["train"] is not None]
+    assert trained == ([False, True] * 3 if "weights" in file else [])
+
+
+def test_openai_cookbook_function_calling_fixture(tmp_path):
+    """The cookbook's drone file: 16 tools per record and a call per answer; from its third line
+    on, the arguments are encoded twice (a JSON string holding JSON), which is refused by name."""
+    file = "openai_cookbook_drone_training.jsonl"
+    with pytest.raises(NormalizeError, match=rf"record {file}:3 \(reader 'messages'\): bad_tool_call: messages\[2\] tool call 0: "
+                                             r"arguments of 'land_drone' are a JSON string holding '\{\"location\": "
+                                             r"\"current\"\}', not a JSON object \(encoded twice\?\)"):  # fmt: skip
+        fixture(tmp_path / "raise", file, "messages")
+    raw, out, stats = fixture(tmp_path / "skip", file, "messages", on_error="skip")
+    assert (stats["records_in"], stats["records_out"], stats["dropped"]) == (4, 2, {"bad_tool_call": 2})
+    for rec, row in zip(raw, out):
+        for m, n in zip(rec["messages"], row["messages"], strict=True):
+            assert (n["role"], n["content"]) == (m["role"], m.get("content") or "")
+            assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == raw_calls(m)
+        assert json.loads(row["tools"]) == rec["tools"] and len(rec["tools"]) == 16
+
+
+def hh_transcript(msgs: list[dict]) -> str:
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs)
+
+
+def test_anthropic_hh_fixture(tmp_path):
+    """hh-rlhf as published (gzipped transcript strings): the prompt and each completion, joined
+    back, are the raw string byte for byte; the one transcript whose "Human:" lost its blank line
+    (so two assistant turns follow each other) is refused by name."""
+    file = "hh_rlhf_harmless_base_test.jsonl.gz"
+    with pytest.raises(NormalizeError, match=rf"record {re.escape(file)}:17 \(reader 'messages_preference'\): bad_order: "
+                                             r"chosen\[1\]"):  # fmt: skip
+        fixture(tmp_path / "raise", file, "messages_preference", kind="preference")
+    raw, out, stats = fixture(tmp_path / "skip", file, "messages_preference", kind="preference", on_error="skip")
+    assert (stats["records_in"], stats["records_out"], stats["dropped"]) == (17, 16, {"bad_order": 1})
+    for rec, row in zip(raw, out):
+        assert hh_transcript(row["prompt"] + row["chosen"]) == rec["chosen"]
+        assert hh_transcript(row["prompt"] + row["rejected"]) == rec["rejected"]
+        assert row["prompt"][-1]["role"] == "user" and len(row["chosen"]) == len(row["rejected"]) == 1
+
+
+def v1_parts(m: dict, kind: str) -> str:
+    return "".join(p["value"] for p in m["content"] if p["type"] == kind)
+
+
+def test_llamafactory_v1_fixtures(tmp_path):
+    """LLaMA-Factory v1's documented samples: typed parts, loss_weight, tool_call parts, tools as
+    JSON text; DPO as chosen_messages / rejected_messages."""
+    raw, out, _ = fixture(tmp_path / "sft", "llamafactory_v1_sft.jsonl", "messages")
+    for rec, row in zip(raw, out, strict=True):
+        for m, n in zip(rec["messages"], row["messages"], strict=True):
+            assert (n["role"], n["content"]) == (m["role"], v1_parts(m, "text"))
+            assert n["reasoning"] == (v1_parts(m, "reasoning") or None)
+            assert n["train"] == (bool(m["loss_weight"]) if "loss_weight" in m else None)
+            calls = [json.loads(p["value"]) for p in m["content"] if p["type"] == "tool_call"]
+            assert [(c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == [(c["name"], c["arguments"]) for c in calls]
+        assert (json.loads(row["tools"]) if row["tools"] else None) == (json.loads(rec["tools"]) if "tools" in rec else None)
+    assert sum(n["tool_calls"] is not None for row in out for n in row["messages"]) == 1
+    raw, out, _ = fixture(tmp_path / "dpo", "llamafactory_v1_dpo.jsonl", "messages_preference", kind="preference")
+    for rec, row in zip(raw, out, strict=True):
+        for side in ("chosen", "rejected"):
+            assert pairs(row["prompt"] + row[side]) == [(m["role"], v1_parts(m, "text")) for m in rec[f"{side}_messages"]]
+            assert [n["train"] for n in row[side]] == [True]
+
+
+# trl-internal-testing/zen, built by TRL's scripts/generate_zen_dataset.py: every dataset type
+# TRL's trainers take, in its standard (strings) and conversational (messages) forms
+TRL_FORMS = {
+    "standard_language_modeling": ("text", "text"),
+    "standard_prompt_only": ("prompt_answer", "prompt"),
+    "standard_prompt_completion": ("prompt_completion", "conversation"),
+    "standard_preference": ("prompt_preference", "preference"),
+    "standard_implicit_prompt_preference": ("messages_preference", "preference"),
+    "standard_unpaired_preference": ("unpaired_preference", "unpaired"),
+    "conversational_language_modeling": ("messages", "conversation"),
+    "conversational_prompt_only": ("prompt_answer", "prompt"),
+    "conversational_prompt_completion": ("prompt_completion", "conversation"),
+    "conversational_preference": ("messages_preference", "preference"),
+    "conversational_implicit_prompt_preference": ("messages_preference", "preference"),
+    "conversational_unpaired_preference": ("unpaired_preference", "unpaired"),
+}
+
+
+def as_pairs(value, role: str) -> list[tuple]:
+    """A TRL field as (role, content) pairs: a string is one message of `role`."""
+    return [(role, value)] if isinstance(value, str) else pairs(value)
+
+
+@pytest.mark.parametrize("config", TRL_FORMS)
+def test_trl_dataset_forms(tmp_path, config):
+    reader, kind = TRL_FORMS[config]
+    raw, out, _ = fixture(tmp_path, f"trl_zen/{config}.jsonl", reader, kind=kind)
+    assert len(out) == len(raw) == 17
+    for rec, row in zip(raw, out):
+        if kind == "text":
+            assert row["text"] == rec["text"]
+        elif "messages" in rec:
+            assert pairs(row["messages"]) == pairs(rec["messages"])
+        elif kind == "conversation":
+            assert pairs(row["messages"]) == as_pairs(rec["prompt"], "user") + as_pairs(rec["completion"], "assistant")
+        elif kind == "prompt":
+            assert pairs(row["prompt"]) == as_pairs(rec["prompt"], "user") and row["answer"] is None
+        elif kind == "unpaired":
+            assert pairs(row["prompt"]) == as_pairs(rec["prompt"], "user") and row["label"] is rec["label"]
+            assert pairs(row["completion"]) == as_pairs(rec["completion"], "assistant")
+        elif "prompt" in rec:
+            assert pairs(row["prompt"]) == as_pairs(rec["prompt"], "user")
+            for side in ("chosen", "rejected"):
+                assert pairs(row[side]) == as_pairs(rec[side], "assistant")
+        else:  # implicit prompt: the shared start of chosen and rejected
+            for side in ("chosen", "rejected"):
+                if isinstance(rec[side], str):
+                    (prompt,), (completion,) = row["prompt"], row[side]
+                    assert (prompt["role"], completion["role"]) == ("user", "assistant")
+                    assert prompt["content"] + completion["content"] == rec[side] and completion["content"]
+                else:
+                    assert pairs(row["prompt"] + row[side]) == pairs(rec[side])
+
+
+def test_trl_stepwise_supervision_is_refused_with_its_reason(tmp_path):
+    with pytest.raises(NormalizeError, match="missing_field: 'completions' and 'labels' are stepwise supervision"):
+        fixture(tmp_path, "trl_zen/standard_stepwise_supervision.jsonl", "prompt_completion")
+
+
+@pytest.mark.parametrize("config,reader,kind", [("language_modeling", "messages", "conversation"),
+                                                ("prompt_completion", "prompt_completion", "conversation"),
+                                                ("preference", "messages_preference", "preference")])  # fmt: skip
+def test_trl_harmony_thinking_becomes_reasoning(tmp_path, config, reader, kind):
+    """TRL's harmony set (gpt-oss style): an assistant message's "thinking" is its reasoning."""
+    raw, out, _ = fixture(tmp_path, f"trl_harmony/{config}.jsonl", reader, kind=kind)
+    assert len(out) == len(raw) > 0
+    for rec, row in zip(raw, out):
+        sides = [("messages",)] if "messages" in rec else [("prompt", "completion")] if kind == "conversation" else [
+            ("prompt", "chosen"), ("prompt", "rejected")]  # fmt: skip
+        for fields in sides:
+            published = [m for f in fields for m in rec[f]]
+            normalized = row["messages"] if kind == "conversation" else [m for f in fields for m in row[f]]
+            assert [(n["role"], n["content"], n["reasoning"]) for n in normalized] == [
+                (m["role"], m["content"], m.get("thinking")) for m in published]  # fmt: skip
+            assert any(m.get("thinking") for m in published)
 
 
 # --- the other record shapes -----------------------------------------------------------------
@@ -238,6 +422,19 @@ def test_anthropic_hh_transcripts_become_prompt_and_completions(tmp_path):
     pairs = {f: [(m["role"], m["content"]) for m in row[f]] for f in ("prompt", "chosen", "rejected")}
     assert pairs == {"prompt": [("user", "What is 2+2?"), ("assistant", "4."), ("user", "And 3+3?")],
                      "chosen": [("assistant", "6.")], "rejected": [("assistant", "Why do you ask?")]}  # fmt: skip
+
+
+def test_a_prompt_string_beside_whole_conversations_is_their_shared_prompt(tmp_path):
+    """UltraFeedback's layout (HuggingFaceH4/ultrafeedback_binarized): "prompt" is a string and
+    "chosen" / "rejected" are whole conversations that include it."""
+    conv = lambda answer: [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": answer}]  # noqa: E731
+    record = {"prompt": "2+2?", "prompt_id": "a1", "chosen": conv("4"), "rejected": conv("5"), "score_chosen": 9.0}
+    row = normalized(tmp_path / "ok", "messages_preference", "preference", record)
+    assert {f: pairs(row[f]) for f in ("prompt", "chosen", "rejected")} == {
+        "prompt": [("user", "2+2?")], "chosen": [("assistant", "4")], "rejected": [("assistant", "5")]}  # fmt: skip
+    with pytest.raises(NormalizeError, match=r"bad_pair: 'prompt' is not the last user message that 'chosen' and "
+                                             r"'rejected' share \(prompt '3\+3\?', shared user message '2\+2\?'\)"):  # fmt: skip
+        normalized(tmp_path / "bad", "messages_preference", "preference", {**record, "prompt": "3+3?"})
 
 
 def test_a_mapped_column_the_record_lacks_is_named(tmp_path):
@@ -395,7 +592,8 @@ CORPUS = [
     ("media_field.jsonl", "sharegpt", "conversation", "media_field.jsonl:2", "unsupported_content", 2),
     ("bad_tool_call.jsonl", "sharegpt", "conversation", "bad_tool_call.jsonl:2", "bad_tool_call", 2),
     ("identical_pair.jsonl", "prompt_preference", "preference", "identical_pair.jsonl:2", "identical_pair", 2),
-    ("hh_not_transcript.jsonl", "messages_preference", "preference", "hh_not_transcript.jsonl:2", "bad_field", 2),
+    ("hh_broken_transcript.jsonl", "messages_preference", "preference", "hh_broken_transcript.jsonl:2", "bad_field", 2),
+    ("text_pair_without_prompt.jsonl", "messages_preference", "preference", "text_pair_without_prompt.jsonl:2", "bad_pair", 2),
     ("bad_label.jsonl", "unpaired_preference", "unpaired", "bad_label.jsonl:2", "bad_label", 2),
     ("empty_text.jsonl", "text", "text", "empty_text.jsonl:2", "empty_text", 2),
 ]

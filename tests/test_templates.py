@@ -7,7 +7,9 @@ token, or the family is refused before training with the reason. Never a silent 
 from __future__ import annotations
 
 import copy
+import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ import pytest
 import trl
 
 from ftflow.config import Tokenizer
-from ftflow.pack import IGNORE_INDEX, PackError, encode, render, template_text, train_tokenizer
+from ftflow.pack import IGNORE_INDEX, PackError, _template_message, encode, render, template_text, train_tokenizer
 from ftflow.spans import TemplateError, end_tokens, renderer
 
+from test_normalize import fixture
 from test_pack import fixture_conversations, spans_of
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
@@ -87,6 +90,11 @@ def family_tokenizer(base, family: str, template: str):
     return tok
 
 
+def trained_turns(conv: list[dict]) -> list[dict]:
+    """The messages a record trains: assistant turns unless weight / loss_weight 0 says not."""
+    return [m for m in conv if (m["role"] == "assistant" if m.get("train") is None else m["train"])]
+
+
 def check_family(tok, convs) -> tuple[str, str]:
     """(method, outcome): how many conversations are exact, how many the template itself cannot
     render (apply_chat_template fails too: tools, roles it does not know), and the reason of a
@@ -107,7 +115,7 @@ def check_family(tok, convs) -> tuple[str, str]:
             refused.append(str(err).split(": ", 2)[-1].split(";")[0][:70])
             continue
         assert enc.ids.tolist() == want, (k, tok.name_or_path)
-        turns = [m for m in conv if m["role"] == "assistant"]
+        turns = trained_turns(conv)
         spans = spans_of(enc.labels)
         assert len(spans) == len(turns) > 0
         users = [m["content"].strip() for m in conv if m["role"] in ("user", "system") and len(m["content"].strip()) > 20]
@@ -118,9 +126,14 @@ def check_family(tok, convs) -> tuple[str, str]:
             assert not any(u in text for u in users)  # no prompt token trained
         exact += 1
     outcome = f"{exact} exact" + (f", {cannot} not renderable by the template" if cannot else "")
-    if refused:
-        outcome += f", {len(refused)} refused: {refused[0]}"
+    kinds = Counter(TOOL_CALLS_DROPPED if "tool call" in reason else re.sub(r"message \d+", "a message", reason).split(" (")[0]
+                    for reason in refused)  # fmt: skip
+    for kind, n in kinds.items():
+        outcome += f", {n} refused: {kind}"
     return r.method, outcome
+
+
+TOOL_CALLS_DROPPED = "tool calls not rendered"  # a template without tool support (SmolLM2's, Phi-3's)
 
 
 def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_tokenizer, capsys):
@@ -135,7 +148,12 @@ def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_toke
             print("| " + " | ".join(row) + " |")
     exact = [f for f, _, o in table if "refused" not in o and not o.startswith("0 exact")]
     assert len(exact) >= 20, table
-    assert {"smollm2", "qwen2_5", "llama3_1", "gemma3", "phi3_5", "ftflow_chatml"} <= set(exact)
+    assert {"qwen2_5", "llama3_1", "gemma3", "ftflow_chatml"} <= set(exact)
+    # templates that cannot show a tool call refuse the conversations that have one, and only those
+    tool_calling = sum(any(m.get("tool_calls") for m in conv) for conv, _ in fixture_convs)
+    no_tools = {f for f, _, o in table if o.endswith(f"{tool_calling} refused: {TOOL_CALLS_DROPPED}")}
+    assert {"smollm2", "phi3_5", "llama3"} <= no_tools and f"{len(fixture_convs) - tool_calling} exact" in dict(
+        (f, o) for f, _, o in table)["smollm2"]  # fmt: skip
 
 
 def test_train_on_last_assistant_takes_a_template_that_rewrites_earlier_turns(base_tokenizer):
@@ -160,12 +178,15 @@ def test_per_message_train_flags_hold_for_a_model_template(base_tokenizer):
     assert np.sum(enc.labels != IGNORE_INDEX) == enc.audit["trained_tokens/user"] + enc.audit["trained_tokens/assistant"]
 
 
-def test_smollm2s_real_tokenizer_is_exact_on_every_fixture_conversation(fixture_convs, smollm2_dir):
-    """The real tokenizer (vocabulary, special tokens, template) of SmolLM2-135M-Instruct."""
+def test_smollm2s_real_tokenizer_is_exact_or_refuses_tool_calls(fixture_convs, smollm2_dir):
+    """The real tokenizer (vocabulary, special tokens, template) of SmolLM2-135M-Instruct: its
+    template has no place for tool calls, so the conversations with one are refused."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert check_family(tok, fixture_convs) == ("derived", f"{len(fixture_convs)} exact")
+    tool_calling = sum(any(m.get("tool_calls") for m in conv) for conv, _ in fixture_convs)
+    assert check_family(tok, fixture_convs) == (
+        "derived", f"{len(fixture_convs) - tool_calling} exact, {tool_calling} refused: {TOOL_CALLS_DROPPED}")
 
 
 def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_not(base_tokenizer):
@@ -192,3 +213,64 @@ def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_no
     chatml = family_tokenizer(base_tokenizer, "ftflow_chatml", template_text("chatml"))
     enc = encode([conv], [None], chatml)
     assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (2, 2)
+
+
+# --- the published formats (examples/formats/), packed with a model's own template -----------
+
+PUBLISHED = [("fastchat_dummy_conversation.json", "sharegpt"), ("azure_openai_multi_turn_weights.jsonl", "messages"),
+             ("azure_openai_tool_calling.jsonl", "messages"), ("openai_cookbook_drone_training.jsonl", "messages"),
+             ("llamafactory_v1_sft.jsonl", "messages"), ("trl_zen/conversational_language_modeling.jsonl", "messages"),
+             ("trl_harmony/language_modeling.jsonl", "messages")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def published_convs(tmp_path_factory) -> list[tuple[list[dict], list | None]]:
+    """The normalized conversations of every conversation fixture taken from a published source
+    (the records its own rules refuse, the cookbook's doubly encoded arguments, skipped)."""
+    out = []
+    for file, reader in PUBLISHED:
+        _, rows, _ = fixture(tmp_path_factory.mktemp("published"), file, reader, on_error="skip")
+        out += [([_template_message(m) for m in r["messages"]], json.loads(r["tools"]) if r["tools"] else None)
+                for r in rows]  # fmt: skip
+    return out
+
+
+def test_published_formats_train_exactly_their_trained_turns(base_tokenizer, published_convs):
+    """Qwen2.5's template (tools, tool calls, tool results): each trained span decodes to one turn
+    the record trains, whole: its text, or its tool call as the template writes it, then
+    <|im_end|>; a turn with weight 0 is context, in no span."""
+    tok = family_tokenizer(base_tokenizer, "qwen2_5", (TRL_TEMPLATES / "qwen2_5.jinja").read_text())
+    assert check_family(tok, published_convs) == ("twin", f"{len(published_convs)} exact")
+    enc = encode([c for c, _ in published_convs], [t for _, t in published_convs], tok)
+    start, seen = 0, Counter()
+    for (conv, _), n in zip(published_convs, enc.lengths.tolist()):
+        ids, labels = enc.ids[start : start + n], enc.labels[start : start + n]
+        spans = [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(labels)]
+        turns = trained_turns(conv)
+        assert len(spans) == len(turns)
+        for text, turn in zip(spans, turns):
+            calls = [json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+                     for c in turn.get("tool_calls", [])]  # fmt: skip
+            body = turn["content"] + "".join(f"\n<tool_call>\n{c}\n</tool_call>" for c in calls)
+            assert text == (body if turn["content"] else body.removeprefix("\n")) + "<|im_end|>"  # after "assistant\n"
+            seen["tool calls"] += len(calls)
+        seen["untrained assistant turns"] += sum(m["role"] == "assistant" and m.get("train") is False for m in conv)
+        start += n
+    assert seen == {"tool calls": 6, "untrained assistant turns": 4}  # weight 0: 3 Azure, 1 LLaMA-Factory
+
+
+def test_published_reasoning_is_trained_inside_its_turn(base_tokenizer, published_convs):
+    """TRL's harmony conversations ("thinking") with Qwen3's template: the trained turn is the
+    reasoning in its think block, then the answer; the audit finds no reasoning left out."""
+    harmony = [(c, t) for c, t in published_convs if any(m.get("thinking") for m in c)]
+    tok = family_tokenizer(base_tokenizer, "qwen3", (TRL_TEMPLATES / "qwen3.jinja").read_text())
+    enc = encode([c for c, _ in harmony], [t for _, t in harmony], tok)
+    start = 0
+    for (conv, _), n in zip(harmony, enc.lengths.tolist()):
+        ids, labels = enc.ids[start : start + n], enc.labels[start : start + n]
+        (text,) = [tok.decode(ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(labels)]
+        (turn,) = trained_turns(conv)
+        assert text == f"<think>\n{turn['thinking']}\n</think>\n\n{turn['content']}<|im_end|>"
+        start += n
+    assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (len(harmony), 0) and harmony
+

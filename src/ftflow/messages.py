@@ -94,6 +94,9 @@ def _tool_call(call: Any, where: str) -> dict:
             args = json.loads(args)
         except json.JSONDecodeError as err:
             raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} are not JSON ({err.msg})") from None
+    if isinstance(args, str):  # seen in published files: json.dumps applied twice
+        raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} are a JSON string holding "
+                          f"{args[:60]!r}, not a JSON object (encoded twice?)")  # fmt: skip
     if not isinstance(args, dict):
         raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} must be a JSON object")
     return {"name": call["name"], "arguments": json.dumps(args, ensure_ascii=False), "id": call_id}

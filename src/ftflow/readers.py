@@ -39,11 +39,11 @@ def _system(record: dict) -> list[dict]:
 
 
 def _turns(value: Any, key: str, role: str) -> list:
-    """A prompt/answer field given as a plain string or as a list of messages."""
+    """A prompt/answer field given as a plain string or as a list of (published) messages."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list):
-        return value
+        return [_published_message(m, f"{key}[{i}]") for i, m in enumerate(value)]
     if value is None:
         raise RecordError("missing_field", f"no {key!r} field")
     raise RecordError("bad_field", f"{key!r} is {type(value).__name__}, not a string or a message list")
@@ -107,16 +107,27 @@ def sharegpt(record: dict) -> dict:
 def openai_messages(record: dict) -> dict:
     """Chat messages as OpenAI's fine-tuning format and LLaMA-Factory's v1 publish them:
     {"messages": [{"role", "content", ...}], "tools"?}, content a string or typed parts. OpenAI:
-    text parts, tool_calls with ids, tool_call_id on tool results, weight 0|1 on assistant turns.
+    text parts, tool_calls with ids, tool_call_id on tool results, weight 0|1 on assistant turns
+    (and the deprecated function_call, "function" results and "functions" of its older files).
     LLaMA-Factory v1: parts {"type": "text"|"reasoning"|"tool_call", "value"}, loss_weight 0|1."""
     msgs = record.get("messages")
     if isinstance(msgs, list):
         msgs = [_published_message(m, f"messages[{i}]") for i, m in enumerate(msgs)]
-    return {"messages": msgs, "tools": record.get("tools")}
+    return {"messages": msgs, "tools": _published_tools(record)}
+
+
+def _published_tools(record: dict) -> Any:
+    """"tools", or the deprecated "functions" list of OpenAI's older fine-tuning files, each
+    function given the {"type": "function", "function": ...} wrapper that "tools" has."""
+    functions = record.get("functions")
+    if record.get("tools") or not isinstance(functions, list) or not functions:
+        return record.get("tools")
+    return [{"type": "function", "function": f} for f in functions]
 
 
 # a message's key for "train this turn or not", as each format spells it (0 or 1)
 _WEIGHT_KEYS = ("weight", "loss_weight")
+_REASONING_KEYS = ("reasoning_content", "thinking")
 
 
 def _published_message(m: Any, where: str) -> Any:
@@ -124,6 +135,19 @@ def _published_message(m: Any, where: str) -> Any:
     if not isinstance(m, dict):
         return m
     m = dict(m)
+    # OpenAI's deprecated function calling: {"function_call": {name, arguments}} on the assistant,
+    # the result as role "function" (named); the same as one tool call and a tool result
+    if "function_call" in m:
+        m["tool_calls"] = [*(m.get("tool_calls") or []), m.pop("function_call")]
+    if m.get("role") == "function":
+        m["role"] = "tool"
+    # reasoning as chat templates name it: Qwen3's and DeepSeek's reasoning_content, gpt-oss's thinking
+    for key in _REASONING_KEYS:
+        if key in m:
+            value = m.pop(key)
+            if m.get("reasoning") not in (None, value):
+                raise RecordError("bad_message", f"{where} has both 'reasoning' and {key!r}, and they differ")
+            m["reasoning"] = value
     for key in _WEIGHT_KEYS:
         if key in m:
             weight = m.pop(key)
@@ -164,6 +188,9 @@ def _valued_parts(parts: list, where: str, tool_calls: list | None) -> dict:
 
 def prompt_completion(record: dict) -> dict:
     """{"prompt", "completion"} as strings or message lists; the prompt is never trained on."""
+    if "completion" not in record and "completions" in record:
+        raise RecordError("missing_field", "'completions' and 'labels' are stepwise supervision (TRL's form for "
+                          "process reward models), which ftflow does not train; a record needs one 'completion'")  # fmt: skip
     prompt = _system(record) + _turns(record.get("prompt"), "prompt", "user")
     return {"messages": prompt + _turns(record.get("completion"), "completion", "assistant")}
 
@@ -184,28 +211,64 @@ def sharegpt_preference(record: dict) -> dict:
 def messages_preference(record: dict) -> dict:
     """"chosen"/"rejected" as whole conversations that share their prompt; the shared leading
     messages become the prompt. Each is a message list (TRL's conversational form; LLaMA-Factory
-    v1's "chosen_messages"/"rejected_messages") or an Anthropic HH transcript string
-    ("\n\nHuman: ...\n\nAssistant: ..."). An explicit "prompt" list is taken as is."""
+    v1's "chosen_messages"/"rejected_messages"), an Anthropic HH transcript string
+    ("\n\nHuman: ...\n\nAssistant: ..."), or plain text (TRL's standard implicit-prompt form: the
+    shared leading text is the prompt). A "prompt" list is taken as is; a "prompt" string beside
+    whole conversations (UltraFeedback's layout) must be their last user message."""
     chosen = record.get("chosen", record.get("chosen_messages"))
     rejected = record.get("rejected", record.get("rejected_messages"))
     if isinstance(chosen, str) and isinstance(rejected, str):
-        chosen, rejected = _hh_transcript(chosen, "chosen"), _hh_transcript(rejected, "rejected")
+        if _HH_TURN.search(chosen) or _HH_TURN.search(rejected):  # a transcript, well-formed or not
+            chosen, rejected = _hh_transcript(chosen, "chosen"), _hh_transcript(rejected, "rejected")
+        else:
+            return _split_text_pair(chosen, rejected)
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise RecordError("missing_field", "'chosen' and 'rejected' must be message lists or HH transcripts "
-                          f"(got {type(chosen).__name__} and {type(rejected).__name__})")  # fmt: skip
+        raise RecordError("missing_field", "'chosen' and 'rejected' must be message lists, HH transcripts or "
+                          f"texts (got {type(chosen).__name__} and {type(rejected).__name__})")  # fmt: skip
     chosen = [_published_message(m, f"chosen[{i}]") for i, m in enumerate(chosen)]
     rejected = [_published_message(m, f"rejected[{i}]") for i, m in enumerate(rejected)]
-    if "prompt" in record:
-        return {"prompt": _turns(record["prompt"], "prompt", "user"), "chosen": chosen, "rejected": rejected,
+    prompt = record.get("prompt")
+    if prompt is not None and (not isinstance(prompt, str) or _role(chosen[:1]) == "assistant"):
+        return {"prompt": _turns(prompt, "prompt", "user"), "chosen": chosen, "rejected": rejected,
                 "tools": record.get("tools")}  # fmt: skip
+    shared = _shared_prompt(chosen, rejected)
+    if isinstance(prompt, str):
+        last_user = next((m.get("content") for m in reversed(chosen[:shared]) if _role([m]) == "user"), None)
+        if last_user != prompt:
+            raise RecordError("bad_pair", "'prompt' is not the last user message that 'chosen' and 'rejected' share "
+                              f"(prompt {prompt[:60]!r}, shared user message {str(last_user)[:60]!r})")  # fmt: skip
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:],
+            "tools": record.get("tools")}  # fmt: skip
+
+
+def _role(msgs: list) -> Any:
+    return msgs[0].get("role") if msgs and isinstance(msgs[0], dict) else None
+
+
+def _shared_prompt(chosen: list, rejected: list) -> int:
+    """How many leading messages the two conversations share, short of an assistant turn that
+    begins a completion (shared trailing assistant turns go back to the completions)."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    # a completion starts with an assistant turn: shared trailing assistant turns go back to it
-    while shared and isinstance(chosen[shared - 1], dict) and chosen[shared - 1].get("role") == "assistant":
+    while shared and _role(chosen[shared - 1 : shared]) == "assistant":
         shared -= 1
-    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:],
-            "tools": record.get("tools")}  # fmt: skip
+    return shared
+
+
+def _split_text_pair(chosen: str, rejected: str) -> dict:
+    """TRL's standard implicit-prompt pair ("Beautiful is better than ugly." / "... the moon."):
+    the shared leading text is the prompt, the space before the first difference goes with the
+    completions, as TRL's extract_prompt splits it."""
+    cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if cut and chosen[cut - 1] == " ":
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise RecordError("bad_pair", "'chosen' and 'rejected' are texts with no shared prompt (nor HH transcripts "
+                          "'\\n\\nHuman: ...\\n\\nAssistant: ...')")  # fmt: skip
+    return {"prompt": [{"role": "user", "content": chosen[:cut]}],
+            "chosen": [{"role": "assistant", "content": chosen[cut:]}],
+            "rejected": [{"role": "assistant", "content": rejected[cut:]}]}  # fmt: skip
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -217,7 +280,8 @@ def _hh_transcript(text: str, key: str) -> list[dict]:
     "\n\nAssistant:" (the published files put one before the first turn too)."""
     pieces = _HH_TURN.split(text)
     if len(pieces) < 3 or pieces[0].strip():
-        raise RecordError("bad_field", f"{key!r} is a string but not an HH transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...')")
+        raise RecordError("bad_field", f"{key!r} is not a whole HH transcript ('\\n\\nHuman: ...\\n\\nAssistant: ...'): "
+                          f"{'it has no turn' if len(pieces) < 3 else repr(pieces[0][:40]) + ' comes before its first turn'}")  # fmt: skip
     return [{"role": _HH_ROLES[who], "content": said} for who, said in zip(pieces[1::2], pieces[2::2])]
 
 
@@ -237,6 +301,7 @@ def unpaired_preference(record: dict) -> dict:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise RecordError("missing_field", "'messages' must be a non-empty message list")
+        msgs = [_published_message(m, f"messages[{i}]") for i, m in enumerate(msgs)]
         prompt, completion = msgs[:-1], msgs[-1:]
     else:
         prompt = _turns(record.get("prompt"), "prompt", "user")
@@ -279,7 +344,7 @@ READERS: dict[str, tuple[Reader, str]] = {
 READER_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "sharegpt": ("conversations", "system", "tools"),
-    "messages": ("messages", "tools"),
+    "messages": ("messages", "tools", "functions"),
     "prompt_completion": ("prompt", "completion", "system"),
     "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "tools"),
     "messages_preference": ("chosen", "rejected", "chosen_messages", "rejected_messages", "prompt", "tools"),

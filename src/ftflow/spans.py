@@ -233,6 +233,12 @@ class Renderer:
         if isinstance(content, str) and content.strip() and content.strip() not in body:
             raise TemplateError(f"{self.source}: {where}: the template does not render message {i}'s content inside "
                                 f"its trained span (it drops or rewrites it): {body[:80]!r}")  # fmt: skip
+        for call in message.get("tool_calls") or []:  # a template without tool support drops them
+            name = call["function"]["name"]
+            if name not in body:
+                raise TemplateError(f"{self.source}: {where}: the template does not render message {i}'s tool call "
+                                    f"{name!r} inside its trained span ({body[:80]!r}): training would teach an answer "
+                                    "without the call; use a template that renders tool calls, or data without them")  # fmt: skip
 
 
 def trained_messages(conv: list[dict], train_on: str) -> set[int]:
