@@ -10,8 +10,7 @@ from pathlib import Path
 from ftflow import config as ftconfig
 from ftflow import paths
 from ftflow import slurm as ftslurm
-from ftflow.normalize import SPLITS
-from ftflow.pack import PACKED_SPLITS
+from ftflow.paths import PACKED_SPLITS, SPLITS
 from ftflow.download import local_files, model_files
 from ftflow.readers import reader_file
 from ftflow.evaluate import task_data_files

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import ftflow, planned_jobs, snakemake
+from conftest import BIN, ftflow, planned_jobs, run, snakemake
 
 AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "report": 1, "all": 1}
 
@@ -101,3 +101,37 @@ def test_lint_is_clean(repo):
     ftflow("compose", cwd=repo)
     out = snakemake("--lint", cwd=repo)
     assert "Congratulations, your workflow is in a good condition!" in out.stdout + out.stderr
+
+
+HEAVY = ("torch", "transformers", "pyarrow", "datasets")
+
+
+def import_chain(importtime: str, module: str) -> list[str] | None:
+    """The modules through which `module` was first imported, outermost first, read from
+    `python -X importtime` output (an import's line follows those of its own imports, which are
+    indented one level deeper); None if it was not imported."""
+    rows = [line.split("|")[-1] for line in importtime.splitlines() if line.startswith("import time:")]
+    rows = [(len(r) - len(r.lstrip()), r.strip()) for r in rows[1:]]  # the first row is the header
+    for k, (depth, name) in enumerate(rows):
+        if name == module:
+            chain = [name]
+            for d, parent in rows[k + 1 :]:
+                if d < depth:
+                    chain.append(parent)
+                    depth = d
+            return chain[::-1]
+    return None
+
+
+def test_parsing_the_workflow_loads_no_stage_implementation(repo):
+    """Every `snakemake -n`, `ftflow dispatch` and Slurm job step parses the Snakefile: nothing
+    ftflow imports for it may load torch, transformers, pyarrow or datasets (Snakemake's Slurm
+    plugin imports pandas, which imports pyarrow: that chain is Snakemake's own)."""
+    ftflow("compose", cwd=repo)
+    proc = run([str(BIN / "snakemake"), "--dry-run", "--cores", "1"], repo, env_extra={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert "This was a dry-run" in proc.stdout
+    chains = {module: import_chain(proc.stderr, module) for module in HEAVY}
+    assert chains["torch"] is None and chains["transformers"] is None and chains["datasets"] is None, chains
+    assert not any(name.startswith("ftflow") for chain in chains.values() if chain for name in chain), chains
+    assert import_chain(proc.stderr, "ftflow.config") is not None  # the check reads the parse it means to
+

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ROLES = frozenset(("system", "user", "assistant", "tool"))
 KINDS = ("conversation", "preference", "unpaired", "prompt", "text")
@@ -278,26 +280,33 @@ def content_chars(record: dict, kind: str) -> int:
 
 # --- Arrow schema per kind ------------------------------------------------------------------
 
-TOOL_CALL = pa.struct([("name", pa.string()), ("arguments", pa.string()), ("id", pa.string())])
-MESSAGE = pa.struct([
-    ("role", pa.string()), ("content", pa.string()), ("train", pa.bool_()), ("name", pa.string()),
-    ("tool_calls", pa.list_(TOOL_CALL)), ("reasoning", pa.string()), ("tool_call_id", pa.string()),
-])  # fmt: skip
-_ID = [("id", pa.string()), ("source", pa.string())]
-_MSGS = pa.list_(MESSAGE)
-SCHEMAS = {
-    "conversation": pa.schema([*_ID, ("messages", _MSGS), ("tools", pa.string())]),
-    "preference": pa.schema([*_ID, ("prompt", _MSGS), ("chosen", _MSGS), ("rejected", _MSGS), ("tools", pa.string())]),
-    "unpaired": pa.schema([*_ID, ("prompt", _MSGS), ("completion", _MSGS), ("label", pa.bool_()), ("tools", pa.string())]),
-    "prompt": pa.schema([*_ID, ("prompt", _MSGS), ("answer", pa.string()), ("tools", pa.string())]),
-    "text": pa.schema([*_ID, ("text", pa.string())]),
-}
+@functools.cache
+def schemas() -> dict[str, pa.Schema]:
+    """The Arrow schema of each kind. Built on first use: the rules import this module (through
+    the readers) when Snakemake parses the workflow, which must not load pyarrow."""
+    import pyarrow as pa
+
+    tool_call = pa.struct([("name", pa.string()), ("arguments", pa.string()), ("id", pa.string())])
+    msgs = pa.list_(pa.struct([
+        ("role", pa.string()), ("content", pa.string()), ("train", pa.bool_()), ("name", pa.string()),
+        ("tool_calls", pa.list_(tool_call)), ("reasoning", pa.string()), ("tool_call_id", pa.string()),
+    ]))  # fmt: skip
+    ids = [("id", pa.string()), ("source", pa.string())]
+    return {
+        "conversation": pa.schema([*ids, ("messages", msgs), ("tools", pa.string())]),
+        "preference": pa.schema([*ids, ("prompt", msgs), ("chosen", msgs), ("rejected", msgs), ("tools", pa.string())]),
+        "unpaired": pa.schema([*ids, ("prompt", msgs), ("completion", msgs), ("label", pa.bool_()), ("tools", pa.string())]),
+        "prompt": pa.schema([*ids, ("prompt", msgs), ("answer", pa.string()), ("tools", pa.string())]),
+        "text": pa.schema([*ids, ("text", pa.string())]),
+    }
 
 
 def to_table(records: list[dict], kind: str, ids: list[str] = (), source: str = "") -> pa.Table:
     """Validated records as an Arrow table with the kind's fixed schema, `ids` and `source`
     filling the id and source columns."""
-    schema = SCHEMAS[kind]
+    import pyarrow as pa
+
+    schema = schemas()[kind]
     columns = [pa.array(ids, pa.string()), pa.array([source] * len(records), pa.string())]
     for f in list(schema)[2:]:  # pa.array converts nested lists of dicts in C++, left-out keys as null
         columns.append(pa.array([r.get(f.name) for r in records], f.type))

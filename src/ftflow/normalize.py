@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ftflow import paths
+from ftflow.paths import SPLITS
 from ftflow.config import Data, Source, StageError, write_stage_config
 from ftflow.download import sha256
 from ftflow.formats import (
@@ -50,7 +51,7 @@ from ftflow.formats import (
     parse_json_line,
     saved_dataset_records,
 )
-from ftflow.messages import MESSAGE_FIELDS, SCHEMAS, RecordError, canonical, content_chars, to_table, validate
+from ftflow.messages import MESSAGE_FIELDS, RecordError, canonical, content_chars, schemas, to_table, validate
 from ftflow.parallel import ordered_map
 from ftflow.readers import READERS, READERS_DIR, check_media, get_reader
 
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 
 # Every split is written, empty when no source feeds it: the stage's outputs do not depend on the
 # config, so the Snakemake rule and its DVC stage have one fixed shape.
-SPLITS = ("train", "validation", "test")
 
 
 class NormalizeError(StageError):
@@ -359,7 +359,7 @@ class SplitWriter:
 
     def __init__(self, path: Path, kind: str):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.writer = pq.ParquetWriter(self.tmp, SCHEMAS[kind])
+        self.writer = pq.ParquetWriter(self.tmp, schemas()[kind])
         self.thread = ThreadPoolExecutor(1)
         self.pending: list = []
         self.rows = 0

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
+from ftflow.paths import PACKED_SPLITS
 from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
 from ftflow.parallel import ordered_map
 from ftflow.spans import Renderer, Span, TemplateError, end_tokens, renderer, trained_messages
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that the loss skips
 PAD_TOKEN = "<|endoftext|>"
-PACKED_SPLITS = ("train", "validation")  # test is for evaluate only
 CHUNK = 1024  # conversations rendered and encoded together (a unit of work for a worker)
 
 

@@ -18,6 +18,9 @@ EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
 REPORT = "results/report"  # the report's files; the HTML report itself: results/report.html
 LOGS = "logs"
 
+SPLITS = ("train", "validation", "test")  # normalize's splits (results/normalize/<split>.parquet)
+PACKED_SPLITS = ("train", "validation")  # pack's (results/pack/<split>/): test is for evaluate only
+
 
 def base_model_dir(model: dict) -> str:
     """The starting weights: downloaded for hub/local, initialised by train for scratch."""
