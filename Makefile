@@ -31,7 +31,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest
 
+## lint: ruff (pyflakes, import order, format) and snakefmt as pyproject.toml configures them,
+## then Snakemake's own linter (on a composed params.yaml)
 lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check rules workflow
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftflow compose --check >/dev/null 2>&1 || PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftflow compose
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint -s workflow/Snakefile
 
 clean:

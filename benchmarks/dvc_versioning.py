@@ -86,7 +86,12 @@ print(time.perf_counter() - start)
 def dvc_add(repo: Path, link_type: str) -> tuple[float, float, int]:
     """`dvc add` of the checkpoint: (seconds inside DVC, seconds with the CLI's start-up, disk)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "cache.type", link_type], ["dvc", "config", "core.analytics", "false"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "cache.type", link_type],
+        ["dvc", "config", "core.analytics", "false"],
+    ):
         subprocess.run(cmd, cwd=repo, env=env, check=True)
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", ADD], cwd=repo, env=env, check=True, capture_output=True, text=True)
@@ -113,9 +118,13 @@ def main() -> None:
             rows.append((link_type + (" (ftflow)" if link_type == ours else ""), hashed, inside, wall, disk / data))
             shutil.rmtree(repo)
     print(f"checkpoint: {size / 1e9:.2f} GB in 4 shards + 3 small files; dvc add per cache.type")
-    print(f"{'cache.type':28} {'md5 once':>9} {'dvc add':>8} {'ratio':>6} {'+ CLI start':>12} {'ratio':>6} {'disk / data':>12}")
+    print(
+        f"{'cache.type':28} {'md5 once':>9} {'dvc add':>8} {'ratio':>6} {'+ CLI start':>12} {'ratio':>6} {'disk / data':>12}"
+    )
     for label, hashed, inside, wall, disk in rows:
-        print(f"{label:28} {hashed:8.2f}s {inside:7.2f}s {inside / hashed:5.2f}x {wall:11.2f}s {wall / hashed:5.2f}x {disk:11.2f}x")
+        print(
+            f"{label:28} {hashed:8.2f}s {inside:7.2f}s {inside / hashed:5.2f}x {wall:11.2f}s {wall / hashed:5.2f}x {disk:11.2f}x"
+        )
 
 
 if __name__ == "__main__":

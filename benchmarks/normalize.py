@@ -61,7 +61,9 @@ def main() -> None:
 
         read_pa = timed(lambda: pj.read_json(data))
         cache = work / "hf-cache"
-        read_ds = timed(lambda: datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache)))
+        read_ds = timed(
+            lambda: datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+        )
         cfg = {"data": {"sources": [{"name": "alpaca", "path": str(data), "reader": "alpaca"}]}}
         norm = timed(lambda: normalize(cfg, work))
         stats = json.loads((work / paths.NORMALIZE / "stats.json").read_text())

@@ -53,7 +53,13 @@ def stage(name: str, work: str, queue) -> None:
                "pack": {"max_length": 2048}}  # fmt: skip
         summary = pack(cfg, Path(work))["splits"]["train"]
     keys = ("records", "conversations", "tokens", "rows", "packing_efficiency")
-    queue.put({"stage": name, "seconds": round(time.perf_counter() - start, 1), **{k: summary[k] for k in keys if k in summary}})
+    queue.put(
+        {
+            "stage": name,
+            "seconds": round(time.perf_counter() - start, 1),
+            **{k: summary[k] for k in keys if k in summary},
+        }
+    )
 
 
 def tree_rss(pid: int) -> int:
@@ -99,8 +105,10 @@ def main() -> None:
             watcher.join()
             result["peak_gb"] = round(peak[0] / 1e9, 2)
             print(json.dumps(result))
-        print(f"\n{args.conversations:,} short conversations: peak memory of pack {result['peak_gb']:.2f} GB, "
-              "its workers included; target < 8 GB")
+        print(
+            f"\n{args.conversations:,} short conversations: peak memory of pack {result['peak_gb']:.2f} GB, "
+            "its workers included; target < 8 GB"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

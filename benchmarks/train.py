@@ -178,10 +178,14 @@ def main() -> None:
                           ("TRL script: whole (process start to exit)", trl_whole),
                           ("ftflow train stage: whole (launch to exit)", stage_s)]:  # fmt: skip
             print(f"{name:44}{sec:9.2f}{tokens / sec:11,.0f}")
-        print(f"\ntorch threads: TRL {trl_runs[0][2]}, ftflow {len(os.sched_getaffinity(0))} (its launcher's share of the cores)")
+        print(
+            f"\ntorch threads: TRL {trl_runs[0][2]}, ftflow {len(os.sched_getaffinity(0))} (its launcher's share of the cores)"
+        )
         print(f"ftflow loop / TRL  = {trl_s / loop_s:.2f}x   (target >= 0.95x)")
-        print(f"ftflow stage / TRL script = {trl_whole / stage_s:.2f}x   (process start, model init and saving included:"
-              f" accelerate launch, provenance, wandb)")
+        print(
+            f"ftflow stage / TRL script = {trl_whole / stage_s:.2f}x   (process start, model init and saving included:"
+            f" accelerate launch, provenance, wandb)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,14 +9,14 @@ rule consolidate:
         model=directory(f"{paths.CONSOLIDATE}/model"),
         summary=f"{paths.CONSOLIDATE}/summary.json",
         verification=f"{paths.CONSOLIDATE}/verification.json",
-    threads: ALL_CORES
     log:
         f"{paths.LOGS}/consolidate.log",
-    params:
-        cfg=params_of("consolidate"),
-    resources:
-        **slurm_resources("consolidate"),
     conda:
         "../envs/train.yaml"
+    threads: ALL_CORES
+    resources:
+        **slurm_resources("consolidate"),
+    params:
+        cfg=params_of("consolidate"),
     script:
         "../scripts/consolidate.py"

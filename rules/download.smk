@@ -21,10 +21,10 @@ rule download_source:
         manifest=paths.source_manifest("{source}"),
     log:
         f"{paths.LOGS}/download/{{source}}.log",
-    params:
-        cfg=lambda wildcards: source_params(wildcards.source),
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=lambda wildcards: source_params(wildcards.source),
     script:
         "../scripts/download.py"
 
@@ -38,10 +38,10 @@ rule download_model:
         manifest=paths.model_manifest("{model}"),
     log:
         f"{paths.LOGS}/download/model-{{model}}.log",
-    params:
-        cfg=params_of("download")["model"],
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=params_of("download")["model"],
     script:
         "../scripts/download.py"
 
@@ -55,9 +55,9 @@ rule download:
         manifest=paths.MANIFEST,
     log:
         f"{paths.LOGS}/download/manifest.log",
-    params:
-        cfg=params_of("download"),
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=params_of("download"),
     script:
         "../scripts/download.py"

@@ -13,14 +13,14 @@ rule evaluate:
         card=f"{paths.EVALUATE}/model_card.md",  # the consolidated model's card + these results
         base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
         tuned=directory(f"{paths.EVALUATE}/tuned"),
-    threads: ALL_CORES
     log:
         f"{paths.LOGS}/evaluate.log",
-    params:
-        cfg=params_of("evaluate"),
-    resources:
-        **slurm_resources("evaluate"),
     conda:
         "../envs/eval.yaml"
+    threads: ALL_CORES
+    resources:
+        **slurm_resources("evaluate"),
+    params:
+        cfg=params_of("evaluate"),
     script:
         "../scripts/evaluate.py"

@@ -7,14 +7,14 @@ rule normalize:
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),
         stats=f"{paths.NORMALIZE}/stats.json",
-    threads: ALL_CORES
     log:
         f"{paths.LOGS}/normalize.log",
-    params:
-        cfg=params_of("normalize"),
-    resources:
-        **slurm_resources("normalize"),
     conda:
         "../envs/data.yaml"
+    threads: ALL_CORES
+    resources:
+        **slurm_resources("normalize"),
+    params:
+        cfg=params_of("normalize"),
     script:
         "../scripts/normalize.py"

@@ -8,14 +8,14 @@ rule pack:
         packed=packed_dirs(),
         tokenizer=directory(f"{paths.PACK}/tokenizer"),
         stats=f"{paths.PACK}/stats.json",
-    threads: ALL_CORES
     log:
         f"{paths.LOGS}/pack.log",
-    params:
-        cfg=params_of("pack"),
-    resources:
-        **slurm_resources("pack"),
     conda:
         "../envs/data.yaml"
+    threads: ALL_CORES
+    resources:
+        **slurm_resources("pack"),
+    params:
+        cfg=params_of("pack"),
     script:
         "../scripts/pack.py"

@@ -2,8 +2,10 @@
 # results/report.html`) embeds them in one HTML file.
 from ftflow.report import headline
 
+
 localrules:
     report,
+
 
 # the headline figures of the report's first page (workflow/report/workflow.rst)
 config["report"] = headline()
@@ -56,9 +58,9 @@ rule report:
         summary=f"{paths.REPORT}/summary.yaml",  # the first page's figures
     log:
         f"{paths.LOGS}/report.log",
-    params:
-        cfg=params_of("report"),
     conda:
         "../envs/data.yaml"
+    params:
+        cfg=params_of("report"),
     script:
         "../scripts/report.py"

@@ -13,14 +13,14 @@ rule train:
         curve=f"{paths.TRAIN}/loss.csv",
         summary=f"{paths.TRAIN}/summary.json",
         probe=f"{paths.TRAIN}/probe.safetensors",  # the trained model's logits, for consolidate's check
-    threads: ALL_CORES
     log:
         f"{paths.LOGS}/train.log",
-    params:
-        cfg=params_of("train"),
-    resources:
-        **slurm_resources("train"),  # GPUs per node and nodes from launcher (see ftflow.slurm)
     conda:
         "../envs/train.yaml"
+    threads: ALL_CORES
+    resources:
+        **slurm_resources("train"),  # GPUs per node and nodes from launcher (see ftflow.slurm)
+    params:
+        cfg=params_of("train"),
     script:
         "../scripts/train.py"

@@ -132,7 +132,9 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 PartitionName=gpu Nodes={",".join(NODES)} MaxTime=INFINITE State=UP
 """
         )
-        (self.root / "gres.conf").write_text("AutoDetect=off\n" + "".join(f"Name=gpu File={dev}\n" for dev in FAKE_GPU_DEVICES))
+        (self.root / "gres.conf").write_text(
+            "AutoDetect=off\n" + "".join(f"Name=gpu File={dev}\n" for dev in FAKE_GPU_DEVICES)
+        )
         for node in NODES:
             (self.root / f"spool-{node}").mkdir(exist_ok=True)
 

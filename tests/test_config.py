@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -56,7 +54,9 @@ def assert_within(expected, actual, where=""):
 
 
 def test_each_trainer_picks_the_data_it_trains_on():
-    kinds = {m: compose([f"train={m}"], CONF)["data"].get("kind", "conversation") for m in ("sft", "dpo", "kto", "grpo")}
+    kinds = {
+        m: compose([f"train={m}"], CONF)["data"].get("kind", "conversation") for m in ("sft", "dpo", "kto", "grpo")
+    }
     assert kinds == {"sft": "conversation", "dpo": "preference", "kto": "unpaired", "grpo": "prompt"}
     tree = compose(["train=dpo", "peft=lora"], CONF)  # one override each
     assert (tree["train"]["method"], tree["peft"]["method"]) == ("dpo", "lora")
@@ -99,7 +99,10 @@ def test_experiment_overrides_groups_and_keys():
         (["launcher=fsdp", "launcher.cpu=true"], "launcher.distributed=fsdp needs GPUs"),
         (["launcher=zero2", "+launcher.deepspeed.offload_params=cpu"], "offload_params needs zero_stage 3"),
         (["train.method=grpo", "data=demo_prompts"], "train.method=grpo needs train.grpo.rewards"),
-        (["+data.sources.0.columns={instuction:q}"], "columns maps ['instuction'], which reader 'alpaca' does not read"),
+        (
+            ["+data.sources.0.columns={instuction:q}"],
+            "columns maps ['instuction'], which reader 'alpaca' does not read",
+        ),
     ],
 )
 def test_bad_config_names_the_key(overrides, message):
@@ -161,8 +164,12 @@ def test_params_roundtrip_and_staleness(tmp_path):
     config.write_params(tree, ["train.learning_rate=2e-4"], params)
     assert config.load_checked(params, conf) == tree  # recomposes with the recorded overrides
 
-    (conf / "train" / "sft.yaml").write_text((conf / "train" / "sft.yaml").read_text().replace("epochs: 5", "epochs: 7"))
-    with pytest.raises(ConfigError, match=r"stale .*params.yaml.*train\.epochs.*ftflow compose train.learning_rate=2e-4"):
+    (conf / "train" / "sft.yaml").write_text(
+        (conf / "train" / "sft.yaml").read_text().replace("epochs: 5", "epochs: 7")
+    )
+    with pytest.raises(
+        ConfigError, match=r"stale .*params.yaml.*train\.epochs.*ftflow compose train.learning_rate=2e-4"
+    ):
         config.load_checked(params, conf)
 
 

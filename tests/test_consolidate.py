@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import BASE, clone
 
 from ftflow import paths
 from ftflow.launcher import free_port
 
 from conftest import REPO, env, ftflow, prepared
-from test_train import BASE, clone
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def probe_logits(model_dir: Path, root: Path) -> tuple[torch.Tensor, torch.Tenso
     probe = load_file(root / paths.TRAIN / "probe.safetensors")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        got = model(input_ids=probe["input_ids"][None]).logits[0, -probe["logits"].shape[0]:]
+        got = model(input_ids=probe["input_ids"][None]).logits[0, -probe["logits"].shape[0] :]
     return got, probe["logits"]
 
 
@@ -68,11 +68,17 @@ def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
     weights.write_bytes(bytes(data))
     proc = ftflow("consolidate", *BASE, cwd=root, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "verification failed: the trained weights in results/train/model, run at the precision training ran " \
-           "in (float32), give log-probabilities on the probe that differ from those train recorded" in proc.stderr
+    assert (
+        "verification failed: the trained weights in results/train/model, run at the precision training ran "
+        "in (float32), give log-probabilities on the probe that differ from those train recorded" in proc.stderr
+    )
     assert "Not a precision difference: both sides are float32. A training output is damaged" in proc.stderr
     check = verification(root)
-    assert check["ok"] is False and check["checks"]["trained_weights"]["ok"] is False and check["check"] == "trained_weights"
+    assert (
+        check["ok"] is False
+        and check["checks"]["trained_weights"]["ok"] is False
+        and check["check"] == "trained_weights"
+    )
     assert not (root / paths.CONSOLIDATE / "model").exists()  # nothing written that looks usable
 
 
@@ -114,7 +120,7 @@ def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
     for words in ("red cat sea", "owl fig snow pink", "sun bee kiwi"):
         ids = tok.apply_chat_template([{"role": "user", "content": f"What is the last word?\n{words}"}],
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
-        new = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+        new = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :].tolist()
         stopped += new[-1] == eot and len(new) < 24
     assert stopped == 3
 
@@ -138,7 +144,9 @@ def test_evaluate_any_model_directory(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     ftflow("consolidate", *BASE, cwd=root)
     mine = str(root / paths.CONSOLIDATE / "model")
-    ftflow("evaluate", *BASE, "eval.limit=8", "eval.tasks=[demo_words_choice]", f"eval.models={{mine: '{mine}'}}", cwd=root)
+    ftflow(
+        "evaluate", *BASE, "eval.limit=8", "eval.tasks=[demo_words_choice]", f"eval.models={{mine: '{mine}'}}", cwd=root
+    )
     metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())
     assert set(metrics) == {"mine/demo_words_choice/acc", "mine/demo_words_choice/acc_norm"}
     table = (root / paths.EVALUATE / "comparison.md").read_text()
@@ -179,7 +187,13 @@ def test_a_pretrained_base_keeps_its_generation_config(tmp_path, smollm2_dir):
     assert set_generation_eos(model, tok, "<|im_end|>", base) == 2
     gen = model.generation_config
     assert gen.eos_token_id == [0, 7, 2] and gen.pad_token_id == tok.pad_token_id == 2
-    assert (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.bos_token_id) == (True, 0.2, 0.9, 1.1, 1)
+    assert (gen.do_sample, gen.temperature, gen.top_p, gen.repetition_penalty, gen.bos_token_id) == (
+        True,
+        0.2,
+        0.9,
+        1.1,
+        1,
+    )
     set_generation_eos(model, tok, None, smollm2_dir)  # eos already there (the tokenizer's): unchanged
     assert model.generation_config.to_diff_dict() == GenerationConfig.from_pretrained(smollm2_dir).to_diff_dict()
     scratch = SimpleNamespace(config=SimpleNamespace(), generation_config=None)

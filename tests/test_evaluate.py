@@ -29,7 +29,9 @@ def test_unknown_task_lists_the_shipped_ones():
 
 
 def test_flat_scores_drop_stderr_and_bookkeeping():
-    results = {"results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}}
+    results = {
+        "results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}
+    }
     assert flat_scores("tuned", results) == {"tuned/t/exact_match": 0.5}
 
 
@@ -133,7 +135,9 @@ def test_a_base_without_a_chat_template_is_scored_on_plain_prompts(tmp_path, cap
     from ftflow.evaluate import load_for_eval, uses_chat_template
 
     small_model(tmp_path / "plain", tokenizer=True)
-    small_model(tmp_path / "chat", tokenizer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    small_model(
+        tmp_path / "chat", tokenizer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     plain, chat = (load_for_eval(tmp_path / name, tmp_path / name, batch_size=4) for name in ("plain", "chat"))
     assert uses_chat_template(chat, "tuned", True) and not uses_chat_template(chat, "tuned", False)
     assert not uses_chat_template(plain, "base", True)
@@ -162,11 +166,21 @@ def filtered_eval(finished, tmp_path_factory) -> Path:
     for part in ("results/train", "results/pack", "results/consolidate", "examples"):
         (root / part).parent.mkdir(parents=True, exist_ok=True)
         (root / part).symlink_to(finished / part)
-    task = {**yaml.safe_load((REPO / "conf/eval/tasks/demo_words.yaml").read_text()), "task": "demo_words_extract", "filter_list": FILTERS}
+    task = {
+        **yaml.safe_load((REPO / "conf/eval/tasks/demo_words.yaml").read_text()),
+        "task": "demo_words_extract",
+        "filter_list": FILTERS,
+    }
     (root / "conf/eval/tasks").mkdir(parents=True)
-    for name, text in (("demo_words_extract", yaml.safe_dump(task)), ("demo_words", (REPO / "conf/eval/tasks/demo_words.yaml").read_text())):
+    for name, text in (
+        ("demo_words_extract", yaml.safe_dump(task)),
+        ("demo_words", (REPO / "conf/eval/tasks/demo_words.yaml").read_text()),
+    ):
         (root / f"conf/eval/tasks/{name}.yaml").write_text(text)
-    cfg = stage_params(compose(["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract]", "eval.limit=4"], finished / "conf"), "evaluate")
+    cfg = stage_params(
+        compose(["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract]", "eval.limit=4"], finished / "conf"),
+        "evaluate",
+    )
     evaluate(cfg, root)
     return root / "results/eval"
 
@@ -176,12 +190,19 @@ def test_every_filter_of_a_task_is_a_score_everywhere(filtered_eval):
     from ftflow.report import eval_table
 
     metrics = json.loads((filtered_eval / "metrics.json").read_text())
-    scores = ["demo_words/exact_match", "demo_words_extract/exact_match,strict-match", "demo_words_extract/exact_match,flexible-extract"]
+    scores = [
+        "demo_words/exact_match",
+        "demo_words_extract/exact_match,strict-match",
+        "demo_words_extract/exact_match,flexible-extract",
+    ]
     assert set(metrics) == {f"{m}/{s}" for m in ("base", "tuned", "delta") for s in scores}
     for label in ("base", "tuned"):  # each filter's own score, as lm-eval computed it
         results = json.loads((filtered_eval / label / "results.json").read_text())["results"]
         for name in FILTER_PATTERNS:
-            assert metrics[f"{label}/demo_words_extract/exact_match,{name}"] == results["demo_words_extract"][f"exact_match,{name}"]
+            assert (
+                metrics[f"{label}/demo_words_extract/exact_match,{name}"]
+                == results["demo_words_extract"][f"exact_match,{name}"]
+            )
         assert metrics[f"{label}/demo_words/exact_match"] == results["demo_words"]["exact_match,none"]
     table, card = (filtered_eval / "comparison.md").read_text(), (filtered_eval / "model_card.md").read_text()
     for score in scores:
@@ -199,10 +220,15 @@ def test_samples_have_each_filters_response_beside_the_raw_generation(filtered_e
     for label in ("base", "tuned"):
         lines = [json.loads(line) for line in (filtered_eval / label / "samples.jsonl").read_text().splitlines()]
         extract = [s for s in lines if s["task"] == "demo_words_extract"]
-        assert sorted((s["doc_id"], s["filter"]) for s in extract) == [(d, f) for d in range(4) for f in sorted(FILTER_PATTERNS)]
+        assert sorted((s["doc_id"], s["filter"]) for s in extract) == [
+            (d, f) for d in range(4) for f in sorted(FILTER_PATTERNS)
+        ]
         assert all(s["filter"] == "none" for s in lines if s["task"] == "demo_words")
         for s in extract:  # the filtered response is the filter applied to the raw generation
             pattern, group = FILTER_PATTERNS[s["filter"]]
             found = re.findall(pattern, s["raw"])
             assert isinstance(s["raw"], str) and s["response"] == (found[group] if found else "[invalid]")
-            assert s["target"] == json.loads((REPO / "examples/demo/test.jsonl").read_text().splitlines()[s["doc_id"]])["output"]
+            assert (
+                s["target"]
+                == json.loads((REPO / "examples/demo/test.jsonl").read_text().splitlines()[s["doc_id"]])["output"]
+            )

@@ -41,7 +41,10 @@ def test_sms_experiment_trains_smollm2_with_its_own_template_on_the_shipped_task
     tree = compose(["experiment=sms_spam"], REPO / "conf")
     assert (tree["model"]["name"], tree["tokenizer"]["source"], tree["template"]["name"], tree["peft"]["method"]) == (
         "smollm2", "model", "model", "lora")  # fmt: skip
-    assert [s["path"] for s in tree["data"]["sources"]] == ["examples/sms_spam/train.jsonl", "examples/sms_spam/test.jsonl"]
+    assert [s["path"] for s in tree["data"]["sources"]] == [
+        "examples/sms_spam/train.jsonl",
+        "examples/sms_spam/test.jsonl",
+    ]
     assert tree["eval"]["tasks"] == ["sms_spam", "sms_spam_choice"]
     for task in tree["eval"]["tasks"]:  # the eval tasks read the held-out file the data config names
         assert "examples/sms_spam/test.jsonl" in (REPO / "conf/eval/tasks" / f"{task}.yaml").read_text()

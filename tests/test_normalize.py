@@ -56,7 +56,9 @@ def raw_records(file: str) -> list:
     return [json.loads(line) for line in text.splitlines()] if ".jsonl" in file else json.loads(text)
 
 
-def fixture(tmp_path: Path, file: str, reader: str, kind="conversation", on_error="raise") -> tuple[list, list[dict], dict]:
+def fixture(
+    tmp_path: Path, file: str, reader: str, kind="conversation", on_error="raise"
+) -> tuple[list, list[dict], dict]:
     """A fixture file's raw records, and what normalize made of them with `reader` (and stats)."""
     place(tmp_path, "f", FORMATS / file)
     stats = stage(tmp_path, [{"name": "f", "reader": reader}], kind=kind, on_error=on_error)["splits"]["train"]
@@ -154,7 +156,10 @@ def test_openai_chat_fine_tuning_fixtures(tmp_path, file):
     assert len(out) == len(raw) > 0
     for rec, row in zip(raw, out):
         for m, n in zip(rec["messages"], row["messages"], strict=True):
-            assert (n["role"], n["content"]) == ("tool" if m["role"] == "function" else m["role"], m.get("content") or "")
+            assert (n["role"], n["content"]) == (
+                "tool" if m["role"] == "function" else m["role"],
+                m.get("content") or "",
+            )
             assert n["train"] == (bool(m["weight"]) if "weight" in m else None)
             assert (n["tool_call_id"], n["name"]) == (m.get("tool_call_id"), m.get("name"))
             assert [(c["id"], c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == raw_calls(m)
@@ -215,13 +220,19 @@ def test_llamafactory_v1_fixtures(tmp_path):
             assert n["reasoning"] == (v1_parts(m, "reasoning") or None)
             assert n["train"] == (bool(m["loss_weight"]) if "loss_weight" in m else None)
             calls = [json.loads(p["value"]) for p in m["content"] if p["type"] == "tool_call"]
-            assert [(c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == [(c["name"], c["arguments"]) for c in calls]
-        assert (json.loads(row["tools"]) if row["tools"] else None) == (json.loads(rec["tools"]) if "tools" in rec else None)
+            assert [(c["name"], json.loads(c["arguments"])) for c in n["tool_calls"] or []] == [
+                (c["name"], c["arguments"]) for c in calls
+            ]
+        assert (json.loads(row["tools"]) if row["tools"] else None) == (
+            json.loads(rec["tools"]) if "tools" in rec else None
+        )
     assert sum(n["tool_calls"] is not None for row in out for n in row["messages"]) == 1
     raw, out, _ = fixture(tmp_path / "dpo", "llamafactory_v1_dpo.jsonl", "messages_preference", kind="preference")
     for rec, row in zip(raw, out, strict=True):
         for side in ("chosen", "rejected"):
-            assert pairs(row["prompt"] + row[side]) == [(m["role"], v1_parts(m, "text")) for m in rec[f"{side}_messages"]]
+            assert pairs(row["prompt"] + row[side]) == [
+                (m["role"], v1_parts(m, "text")) for m in rec[f"{side}_messages"]
+            ]
             assert [n["train"] for n in row[side]] == [True]
 
 
@@ -355,8 +366,12 @@ OPENAI_FINE_TUNING = {
     "messages": [
         {"role": "system", "content": "You are a weather bot."},
         {"role": "user", "content": "Weather in Oslo?"},
-        {"role": "assistant", "tool_calls": [{"id": "call_a1", "type": "function",
-                                              "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "call_a1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_a1", "content": "-3C"},
         {"role": "assistant", "content": "It is -3C.", "weight": 0},
         {"role": "user", "content": "Thanks!"},
@@ -370,14 +385,22 @@ OPENAI_FINE_TUNING = {
 LLAMAFACTORY_V1 = {
     "messages": [
         {"role": "user", "content": [{"type": "text", "value": "Weather in Oslo?"}], "loss_weight": 0.0},
-        {"role": "assistant", "content": [{"type": "reasoning", "value": "Need the tool."},
-                                          {"type": "tool_call", "value": "{\"name\": \"weather\", \"arguments\": {\"city\": \"Oslo\"}}"}],
-         "loss_weight": 1.0},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "reasoning", "value": "Need the tool."},
+                {"type": "tool_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'},
+            ],
+            "loss_weight": 1.0,
+        },
         {"role": "tool", "content": [{"type": "text", "value": "-3C"}], "loss_weight": 0.0},
-        {"role": "assistant", "content": [{"type": "text", "value": "It is "}, {"type": "text", "value": "-3C."}],
-         "loss_weight": 1.0},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "value": "It is "}, {"type": "text", "value": "-3C."}],
+            "loss_weight": 1.0,
+        },
     ],
-    "tools": "[{\"name\": \"weather\", \"parameters\": {\"type\": \"object\"}}]",
+    "tools": '[{"name": "weather", "parameters": {"type": "object"}}]',
 }
 # Anthropic HH-RLHF (github.com/anthropics/hh-rlhf): chosen and rejected as transcript strings
 HH = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
@@ -494,7 +517,9 @@ def write_all_types(dest: Path) -> None:
     with gzip.open(dest / "a.jsonl.gz", "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in RECORDS)
     (dest / "b.json").write_text(json.dumps(RECORDS))
-    (dest / "c.csv").write_text("instruction,output\n" + "".join(f'"{r["instruction"]}",{r["output"]}\n' for r in RECORDS))
+    (dest / "c.csv").write_text(
+        "instruction,output\n" + "".join(f'"{r["instruction"]}",{r["output"]}\n' for r in RECORDS)
+    )
     pq.write_table(pa.Table.from_pylist(RECORDS), dest / "d.parquet")
 
 
@@ -587,13 +612,27 @@ CORPUS = [
     ("no_target.jsonl", "messages", "conversation", "no_target.jsonl:2", "no_target", 2),
     ("bad_tools.jsonl", "messages", "conversation", "bad_tools.jsonl:2", "bad_tools", 2),
     ("fractional_weight.jsonl", "messages", "conversation", "fractional_weight.jsonl:2", "bad_field", 2),
-    ("tool_call_id_on_assistant.jsonl", "messages", "conversation", "tool_call_id_on_assistant.jsonl:2", "bad_message", 2),
+    (
+        "tool_call_id_on_assistant.jsonl",
+        "messages",
+        "conversation",
+        "tool_call_id_on_assistant.jsonl:2",
+        "bad_message",
+        2,
+    ),
     ("image_part.jsonl", "messages", "conversation", "image_part.jsonl:2", "unsupported_content", 2),
     ("media_field.jsonl", "sharegpt", "conversation", "media_field.jsonl:2", "unsupported_content", 2),
     ("bad_tool_call.jsonl", "sharegpt", "conversation", "bad_tool_call.jsonl:2", "bad_tool_call", 2),
     ("identical_pair.jsonl", "prompt_preference", "preference", "identical_pair.jsonl:2", "identical_pair", 2),
     ("hh_broken_transcript.jsonl", "messages_preference", "preference", "hh_broken_transcript.jsonl:2", "bad_field", 2),
-    ("text_pair_without_prompt.jsonl", "messages_preference", "preference", "text_pair_without_prompt.jsonl:2", "bad_pair", 2),
+    (
+        "text_pair_without_prompt.jsonl",
+        "messages_preference",
+        "preference",
+        "text_pair_without_prompt.jsonl:2",
+        "bad_pair",
+        2,
+    ),
     ("bad_label.jsonl", "unpaired_preference", "unpaired", "bad_label.jsonl:2", "bad_label", 2),
     ("empty_text.jsonl", "text", "text", "empty_text.jsonl:2", "empty_text", 2),
 ]
@@ -629,7 +668,9 @@ def test_the_bad_input_table(tmp_path, capsys):
         said = str(err.value).split(f"(reader '{reader}'): ", 1)[1].split(" (set data.on_error", 1)[0]
         st = stage(root, [{"name": "bad", "reader": reader}], kind=kind, on_error="skip")["splits"]["train"]
         dropped = ", ".join(f"{n} {r}" for r, n in st["dropped"].items())
-        lines.append(f"| `{file}` | {reader} | {said[:110].replace('|', chr(92) + '|')} | {st['records_in']} / {st['records_out']} / {dropped} |")
+        lines.append(
+            f"| `{file}` | {reader} | {said[:110].replace('|', chr(92) + '|')} | {st['records_in']} / {st['records_out']} / {dropped} |"
+        )
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert len(lines) == len(CORPUS) + 2 >= 27  # 25 kinds at least
@@ -731,7 +772,7 @@ def test_validation_reasons():
 
 # --- user readers ----------------------------------------------------------------------------
 
-USER_READERS = '''
+USER_READERS = """
 from ftflow.messages import Message
 
 def qa(record):
@@ -739,7 +780,7 @@ def qa(record):
 
 def broken(record):
     return [{"role": "user", "content": record["q"]}, {"role": "assistant", "text": record["a"]}]
-'''
+"""
 
 
 def test_user_reader_from_a_file_beside_the_config(tmp_path):
@@ -751,7 +792,10 @@ def test_user_reader_from_a_file_beside_the_config(tmp_path):
     assert [m["content"] for m in rows(tmp_path)[0]["messages"]] == ["hi", "HELLO"]
     with pytest.raises(NormalizeError) as err:
         stage(tmp_path, [{"name": "u", "reader": "my_readers.py:broken"}])
-    assert "record qa.jsonl:1 (reader 'my_readers.py:broken'): bad_message: messages[1] has unknown keys ['text']" in str(err.value)
+    assert (
+        "record qa.jsonl:1 (reader 'my_readers.py:broken'): bad_message: messages[1] has unknown keys ['text']"
+        in str(err.value)
+    )
     with pytest.raises(NormalizeError, match="source 'u': reader 'my_readers.py:nope': .* has no function 'nope'"):
         stage(tmp_path, [{"name": "u", "reader": "my_readers.py:nope"}])
 

@@ -15,10 +15,9 @@ import torch
 from transformers import AutoTokenizer
 
 from ftflow import paths
-from ftflow.config import compose, stage_params
+from ftflow.config import Pack, Tokenizer, compose, stage_params
 from ftflow.inspect_packed import inspect as inspect_rows
 from ftflow.normalize import normalize
-from ftflow.config import Pack, Tokenizer
 from ftflow.pack import (
     IGNORE_INDEX,
     TEMPLATES,
@@ -105,7 +104,9 @@ def test_packed_forward_equals_separate_forwards(packed):
     with torch.no_grad():
         # use_cache=False as SFTTrainer passes it: transformers derives the block-diagonal mask
         # from position_ids only when no KV cache is in play
-        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[
+            0
+        ]
         # control: without per-sequence position ids, later conversations do see earlier ones
         naive_logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
         n0 = row["seq_lengths"][0]
@@ -201,7 +202,9 @@ def test_tokens_and_masks_equal_apply_chat_template(fixture_convs, name):
     enc = encode(convs, tools, tok)
     start = 0
     for conv, tool, n in zip(convs, tools, enc.lengths.tolist()):
-        ref = tok.apply_chat_template(conv, tools=tool, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ref = tok.apply_chat_template(
+            conv, tools=tool, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert enc.ids[start : start + n].tolist() == ref["input_ids"]
         trained = (enc.labels[start : start + n] != IGNORE_INDEX).astype(int).tolist()
         assert trained == ref["assistant_masks"] and any(trained)
@@ -402,8 +405,10 @@ def test_tool_call_ids_reach_templates_that_match_results_to_calls():
         {"role": "assistant", "content": "-3C at 14:00."}]}  # fmt: skip
     conversation = validate(openai_messages(record), "conversation")["messages"]
     template = (Path(trl.__file__).parent / "chat_templates/gemma4.jinja").read_text()
-    text = render_jinja_template(conversations=[[_template_message(m) for m in conversation]], chat_template=template)[0][0]
-    assert "response:clock{value:<|\"|>14:00" in text and "response:weather{value:<|\"|>-3C" in text, text
+    text = render_jinja_template(conversations=[[_template_message(m) for m in conversation]], chat_template=template)[
+        0
+    ][0]
+    assert 'response:clock{value:<|"|>14:00' in text and 'response:weather{value:<|"|>-3C' in text, text
 
 
 def test_tokenizer_training_sees_long_unbroken_runs_cut():
@@ -414,5 +419,7 @@ def test_tokenizer_training_sees_long_unbroken_runs_cut():
     assert cut_long_runs("a" * 600) == "a" * 256 + " " + "a" * 256 + " " + "a" * 88
     text = "An ordinary line, with words of ordinary length.\n" * 20
     assert cut_long_runs(text) == text
-    tok = train_tokenizer(iter(["hello world"] * 50 + ["x" * 5_000_000]), Tokenizer(source="train", vocab_size=300), "<|im_end|>")
+    tok = train_tokenizer(
+        iter(["hello world"] * 50 + ["x" * 5_000_000]), Tokenizer(source="train", vocab_size=300), "<|im_end|>"
+    )
     assert tok.decode(tok("hello world")["input_ids"]) == "hello world"

@@ -90,7 +90,10 @@ def test_bf16_trained_on_cpu_is_a_precision_difference_not_damage(packed, tmp_pa
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     # the base model's generation config (bos 1, eos = pad = <|im_end|>) kept
     gen, base = GenerationConfig.from_pretrained(out), GenerationConfig.from_pretrained(root / paths.MODELS / "smollm2")
-    assert gen.to_diff_dict() == base.to_diff_dict() and gen.eos_token_id == AutoTokenizer.from_pretrained(out).eos_token_id == 2
+    assert (
+        gen.to_diff_dict() == base.to_diff_dict()
+        and gen.eos_token_id == AutoTokenizer.from_pretrained(out).eos_token_id == 2
+    )
 
     # damage is still damage at bf16: a run of large values in the adapter fails, named as such
     adapter = root / paths.TRAIN / "model" / "adapter_model.safetensors"
@@ -98,8 +101,11 @@ def test_bf16_trained_on_cpu_is_a_precision_difference_not_damage(packed, tmp_pa
     header = 8 + struct.unpack("<Q", data[:8])[0]
     data[header : header + 4096] = struct.pack("<f", 1e4) * 1024
     adapter.write_bytes(bytes(data))
-    with pytest.raises(ConsolidateError, match=r"run at the precision training ran in \(bfloat16\).*"
-                                               r"Not a precision difference: both sides are bfloat16\. A training output is damaged"):
+    with pytest.raises(
+        ConsolidateError,
+        match=r"run at the precision training ran in \(bfloat16\).*"
+        r"Not a precision difference: both sides are bfloat16\. A training output is damaged",
+    ):
         consolidate(stage_params(tree, "consolidate"), root)
     assert verification(root)["checks"]["trained_weights"]["ok"] is False
 

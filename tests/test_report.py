@@ -85,7 +85,9 @@ def stage_output(root: Path, path: str):
 def test_report_has_every_section_with_the_stage_figures(finished, report):
     html, results = report
     page = html.read_text()
-    assert set(results) == {f"results/report/{n}" for n in ("normalize.html", "pack.html", "loss.svg", "eval.html", "provenance.html")}
+    assert set(results) == {
+        f"results/report/{n}" for n in ("normalize.html", "pack.html", "loss.svg", "eval.html", "provenance.html")
+    }
     categories = embedded(page, "categories")
     assert list(categories) == ["1. Data", "2. Training", "3. Evaluation", "4. Provenance"]
     assert all(entry["caption"].startswith("<p>") for entry in results.values())  # each has its caption
@@ -98,7 +100,10 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     assert set(rows) == set(sources) == {"demo_train", "demo_test"}
     for name, s in sources.items():
         assert (rows[name]["read"], rows[name]["kept"], rows[name]["dropped"]) == (
-            f"{s['records_in']:,}", f"{s['records_out']:,}", f"{sum(s['dropped'].values()):,}")
+            f"{s['records_in']:,}",
+            f"{s['records_out']:,}",
+            f"{sum(s['dropped'].values()):,}",
+        )
     assert rows["demo_train"]["read"] == "200"  # experiment=smoke: limit 200
 
     # pack: tokens, sequences, rows, packing efficiency, over max_length
@@ -107,7 +112,11 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     (row,) = records(table)
     assert row["split"] == "train"
     assert (row["tokens"], row["sequences"], row["packed rows"], row["over max_length"]) == (
-        f"{stats['tokens']:,}", f"{stats['sequences']:,}", f"{stats['rows']:,}", f"{stats['over_max_length']:,}")
+        f"{stats['tokens']:,}",
+        f"{stats['sequences']:,}",
+        f"{stats['rows']:,}",
+        f"{stats['over_max_length']:,}",
+    )
     assert row["packing efficiency"] == f"{100 * stats['packing_efficiency']:.2f}%"
 
     # train: the loss curve, titled with its first and last logged loss
@@ -171,13 +180,24 @@ def test_normalize_section_has_a_column_per_drop_reason(tmp_path):
     stats = normalize({"data": {"kind": "conversation", "sources": sources, "on_error": "skip"}}, tmp_path)
     (table,) = Tables(page("normalize", [normalize_table(stats)])).tables
     rows = {r["source"]: r for r in records(table)}
-    assert table[0] == ["split", "source", "reader", "read", "kept", "dropped", "bad_field", "invalid_json", "missing_field"]
+    assert table[0] == [
+        "split",
+        "source",
+        "reader",
+        "read",
+        "kept",
+        "dropped",
+        "bad_field",
+        "invalid_json",
+        "missing_field",
+    ]
     for name, src in stats["splits"]["train"]["sources"].items():
         row = rows[name]
         assert (row["read"], row["kept"], row["dropped"]) == (str(src["records_in"]), str(src["records_out"]),
                                                               str(sum(src["dropped"].values())))  # fmt: skip
         assert {r: int(row[r]) for r in ("bad_field", "invalid_json", "missing_field")} == {
-            r: src["dropped"].get(r, 0) for r in ("bad_field", "invalid_json", "missing_field")}
+            r: src["dropped"].get(r, 0) for r in ("bad_field", "invalid_json", "missing_field")
+        }
     assert (rows["a"]["invalid_json"], rows["a"]["missing_field"], rows["b"]["bad_field"]) == ("1", "1", "1")
     total = rows["(all)"]
     assert (total["read"], total["dropped"]) == (str(stats["splits"]["train"]["records_in"]), "3")
@@ -205,8 +225,10 @@ PROGRESS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ftflow\.progress
 
 
 # "[desc: ]n[/total] unit[ (p%)], rate, elapsed mm:ss[, ETA mm:ss][, postfix]"
-LINE = re.compile(r"(.+?: )?[\d.]+\w?(/[\d.]+\w?)? \w+( \(\d+%\))?, [\d.?]+\w*(/s|s/\w+), "
-                  r"elapsed \d\d:\d\d(, ETA \d\d:\d\d)?(, .*)?")
+LINE = re.compile(
+    r"(.+?: )?[\d.]+\w?(/[\d.]+\w?)? \w+( \(\d+%\))?, [\d.?]+\w*(/s|s/\w+), "
+    r"elapsed \d\d:\d\d(, ETA \d\d:\d\d)?(, .*)?"
+)
 BAR = re.compile(r"\d+%\|")  # tqdm's drawn bar: " 45%|████▌     | 450/1000 [...]"
 
 
@@ -242,7 +264,9 @@ def test_a_stage_without_a_terminal_logs_progress_at_a_bounded_rate(finished, tm
     bar = [(t, line) for t, line in progress if re.match(rf"\d+/{steps} it ", line)]  # the Trainer's
     assert len(bar) >= 3, text[-3000:]
     for _, line in bar:
-        assert re.fullmatch(rf"\d+/{steps} it \(\d+%\), [\d.]+(it/s|s/it), elapsed \d\d:\d\d, ETA \d\d:\d\d", line), line
+        assert re.fullmatch(rf"\d+/{steps} it \(\d+%\), [\d.]+(it/s|s/it), elapsed \d\d:\d\d, ETA \d\d:\d\d", line), (
+            line
+        )
     assert bar[-1][1].startswith(f"{steps}/{steps} it (100%)")
     from datetime import datetime
 

@@ -84,7 +84,9 @@ def test_two_node_zero3_training_through_the_workflow(slurm_demo, slurm_cluster,
     text = (root / "logs/train.log").read_text()  # the stage's log
     # srun --label prefixes each line with its task: one task per node, each its own machine rank
     for rank, node in ((0, "n1"), (1, "n2")):
-        assert re.search(rf"^{rank}: node {rank} on {node}: .*--num_machines 2 --machine_rank {rank} ", text, re.M), text[-3000:]
+        assert re.search(rf"^{rank}: node {rank} on {node}: .*--num_machines 2 --machine_rank {rank} ", text, re.M), (
+            text[-3000:]
+        )
     assert "--use_deepspeed --zero_stage 3" in text
     shards = sorted(p.name for p in (root / "results/train/model").rglob("zero_pp_rank_*_model_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
@@ -113,7 +115,9 @@ def test_time_limit_signal_checkpoints_and_the_retry_resumes(slurm_demo, slurm_c
     assert (records[first.stem]["JobState"], records[first.stem]["TimeLimit"]) == ("FAILED", "1")
     assert (records[second.stem]["JobState"], records[second.stem]["TimeLimit"]) == ("COMPLETED", "4")
     # the first job's log says why it stopped; the retry resumed from that checkpoint
-    stopped = re.search(r"training stopped on SIG(?:TERM|USR1) at step (\d+); checkpoint-(\d+) saved", first.read_text())
+    stopped = re.search(
+        r"training stopped on SIG(?:TERM|USR1) at step (\d+); checkpoint-(\d+) saved", first.read_text()
+    )
     assert stopped and stopped[1] == stopped[2] and 0 < int(stopped[1]) < 1000, first.read_text()[-3000:]
     log = (root / "logs/train.log").read_text()  # the stage's log, of the last attempt
     assert f"Slurm job {second.stem}" in log and re.search(rf"Resuming from \S+/checkpoint-{stopped[1]}\b", log)
@@ -155,11 +159,19 @@ def test_gpu_train_job_carries_the_configured_resources(slurm_demo, slurm_cluste
 
     job_id = re.search(r"submitted with SLURM jobid (\d+) \(log: \S+rule_train/\1\.log\)", out)[1]
     job = slurm_cluster.show_job(job_id)
-    assert (job["Partition"], job["Account"], job["TimeLimit"], job["Features"]) == ("gpu", "proj-ml", "00:07:00", "bigmem")
+    assert (job["Partition"], job["Account"], job["TimeLimit"], job["Features"]) == (
+        "gpu",
+        "proj-ml",
+        "00:07:00",
+        "bigmem",
+    )
     assert (job["NumCPUs"], job["MinMemoryNode"], job["TresPerNode"]) == ("3", "2500M", "gres:gpu:2")
     # the failure points at the job's Slurm log, which says why
     log = root / f"logs/slurm/rule_train/{job_id}.log"
-    assert re.search(rf"Error in rule train:\n    message: SLURM-job '{job_id}' failed.*(\n .*)*\n    log: .*{re.escape(str(log))}", out)
+    assert re.search(
+        rf"Error in rule train:\n    message: SLURM-job '{job_id}' failed.*(\n .*)*\n    log: .*{re.escape(str(log))}",
+        out,
+    )
     assert "needs as many GPUs; this node has 0" in log.read_text()
 
 
@@ -168,5 +180,8 @@ def test_missing_slurm_packages_fail_loudly(tmp_path, monkeypatch):
     import slurm_cluster
 
     monkeypatch.setattr(slurm_cluster, "DAEMONS", ("slurmd-not-installed",))
-    with pytest.raises(RuntimeError, match=r"missing: slurmd-not-installed\. Install them with `apt-get install -y slurmctld slurmd slurm-client munge`"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"missing: slurmd-not-installed\. Install them with `apt-get install -y slurmctld slurmd slurm-client munge`",
+    ):
         slurm_cluster.LocalSlurm(tmp_path).start()

@@ -118,7 +118,9 @@ def check_family(tok, convs) -> tuple[str, str]:
         turns = trained_turns(conv)
         spans = spans_of(enc.labels)
         assert len(spans) == len(turns) > 0
-        users = [m["content"].strip() for m in conv if m["role"] in ("user", "system") and len(m["content"].strip()) > 20]
+        users = [
+            m["content"].strip() for m in conv if m["role"] in ("user", "system") and len(m["content"].strip()) > 20
+        ]
         for (a, b), turn in zip(spans, turns):
             text = tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
             assert any(text.rstrip().endswith(e) for e in ends), text[-40:]
@@ -163,7 +165,7 @@ def test_train_on_last_assistant_takes_a_template_that_rewrites_earlier_turns(ba
     with pytest.raises(TemplateError, match=r"models/rewriter: conversation 0 of .*not prefix-preserving.*message 1"):
         encode([conv], [None], tok)
     enc = encode([conv], [None], tok, train_on="last_assistant")
-    (a, b), = spans_of(enc.labels)
+    ((a, b),) = spans_of(enc.labels)
     assert tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) == "second answer<|im_end|>"
 
 
@@ -173,9 +175,14 @@ def test_per_message_train_flags_hold_for_a_model_template(base_tokenizer):
     tok = family_tokenizer(base_tokenizer, "smollm2", SMOLLM2)
     enc = encode([conv], [None], tok)
     decoded = [tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(enc.labels)]
-    assert decoded == ["<|im_start|>user\nsecond question<|im_end|>", "second answer<|im_end|>"]  # a non-assistant turn keeps its header
+    assert decoded == [
+        "<|im_start|>user\nsecond question<|im_end|>",
+        "second answer<|im_end|>",
+    ]  # a non-assistant turn keeps its header
     assert enc.audit["trained_turns/user"] == 1 and enc.audit["trained_turns/assistant"] == 1
-    assert np.sum(enc.labels != IGNORE_INDEX) == enc.audit["trained_tokens/user"] + enc.audit["trained_tokens/assistant"]
+    assert (
+        np.sum(enc.labels != IGNORE_INDEX) == enc.audit["trained_tokens/user"] + enc.audit["trained_tokens/assistant"]
+    )
 
 
 def test_smollm2s_real_tokenizer_is_exact_or_refuses_tool_calls(fixture_convs, smollm2_dir):
@@ -186,7 +193,9 @@ def test_smollm2s_real_tokenizer_is_exact_or_refuses_tool_calls(fixture_convs, s
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     tool_calling = sum(any(m.get("tool_calls") for m in conv) for conv, _ in fixture_convs)
     assert check_family(tok, fixture_convs) == (
-        "derived", f"{len(fixture_convs) - tool_calling} exact, {tool_calling} refused: {TOOL_CALLS_DROPPED}")
+        "derived",
+        f"{len(fixture_convs) - tool_calling} exact, {tool_calling} refused: {TOOL_CALLS_DROPPED}",
+    )
 
 
 def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_not(base_tokenizer):
@@ -273,4 +282,3 @@ def test_published_reasoning_is_trained_inside_its_turn(base_tokenizer, publishe
         assert text == f"<think>\n{turn['thinking']}\n</think>\n\n{turn['content']}<|im_end|>"
         start += n
     assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (len(harmony), 0) and harmony
-

@@ -115,8 +115,7 @@ def test_grpo_samples_rewards_and_updates(tmp_path):
     # a user reward beside the train configs: favours completions of fewer characters (random
     # tokens differ in length, so the rewards in a group differ from the start)
     (root / "conf/train/my_rewards.py").write_text(
-        "def short(completions, **kwargs):\n"
-        "    return [-len(c) / 50 for c in completions]\n"
+        "def short(completions, **kwargs):\n    return [-len(c) / 50 for c in completions]\n"
     )
     ftflow("train", *overrides, cwd=root)
     state = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-3/trainer_state.json")).read_text())
@@ -274,7 +273,9 @@ def test_tracked_run_writes_provenance_and_no_secret(conversations, tmp_path):
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", "--allow-empty"],
                    cwd=root, check=True)  # fmt: skip
     # a remote URL with a token in it, as some users configure: it must not be recorded
-    subprocess.run(["git", "remote", "add", "origin", f"https://user:{FAKE_HF_TOKEN}@example.com/r.git"], cwd=root, check=True)
+    subprocess.run(
+        ["git", "remote", "add", "origin", f"https://user:{FAKE_HF_TOKEN}@example.com/r.git"], cwd=root, check=True
+    )
     secrets = {"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_HF_TOKEN}
     overrides = [*BASE[:-2], "train.logging_steps=1", "tracking=wandb", "tracking.mode=offline",
                  "tracking.tags=[demo,ci]", "train.max_steps=4", "train.save_steps=2"]  # fmt: skip

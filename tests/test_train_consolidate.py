@@ -43,7 +43,9 @@ def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
     assert summary["steps"] == 4 and summary["resumed_from"] is None
     total = sum(t.numel() for t in _tensors(out / "init" / "model.safetensors").values())
     assert 0 < summary["trainable_params"] < total / 2  # only the adapters train
-    ckpts = sorted(p.name for p in (out / "checkpoints" / checkpoint_key(stage_params(tree, "train"), root)).glob("checkpoint-*"))
+    ckpts = sorted(
+        p.name for p in (out / "checkpoints" / checkpoint_key(stage_params(tree, "train"), root)).glob("checkpoint-*")
+    )
     assert ckpts == ["checkpoint-2", "checkpoint-4"]
 
 
@@ -74,7 +76,9 @@ def test_consolidate_merges_lora_into_a_plain_model(trained):
     assert tok.chat_template and "{% generation %}" in tok.chat_template
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init"), root / paths.TRAIN / "model")
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init"), root / paths.TRAIN / "model"
+    )
     base = AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init")
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the last word?\nred cat sea"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip

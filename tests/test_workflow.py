@@ -16,7 +16,11 @@ AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "report": 1, "all": 
 @pytest.mark.slow
 def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     metrics = json.loads((finished / "results/eval/metrics.json").read_text())
-    scores = ("demo_words/exact_match", "demo_words_choice/acc", "demo_words_choice/acc_norm")  # generative, multiple choice
+    scores = (
+        "demo_words/exact_match",
+        "demo_words_choice/acc",
+        "demo_words_choice/acc_norm",
+    )  # generative, multiple choice
     assert set(metrics) == {f"{m}/{s}" for m in ("base", "tuned", "delta") for s in scores}
     for stage in ("normalize", "pack", "train", "consolidate", "eval"):  # each wrote its config
         assert (finished / "results" / stage / "config.yaml").exists()
@@ -24,7 +28,9 @@ def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     assert len(samples) == 16  # eval.limit of the smoke experiment, for each of the two tasks
     assert "| demo_words_choice/acc |" in (finished / "results/eval/comparison.md").read_text()
     card = (finished / "results/eval/model_card.md").read_text()
-    assert "verified: max |log p|" in card and "## Evaluation (lm-eval)" in card and "| demo_words/exact_match |" in card
+    assert (
+        "verified: max |log p|" in card and "## Evaluation (lm-eval)" in card and "| demo_words/exact_match |" in card
+    )
     assert json.loads((finished / "data/manifest.json").read_text())["sources"]["demo_train"]["files"]
     # the training process computes on every core it got, not on the one thread Snakemake's
     # environment gives a rule (MKL_NUM_THREADS=1 would win over OMP_NUM_THREADS)
@@ -97,6 +103,19 @@ def test_stale_params_are_refused(finished):
         conf.write_text(original)
 
 
+def test_code_is_formatted_and_lint_clean():
+    """`make lint`'s checks on the repository itself (config in pyproject.toml): ruff's pyflakes
+    and import order, its formatter, and snakefmt on the rules."""
+    from conftest import REPO
+
+    for cmd in (
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["snakefmt", "--check", "rules", "workflow"],
+    ):
+        run([str(BIN / cmd[0]), *cmd[1:]], REPO)
+
+
 def test_lint_is_clean(repo):
     ftflow("compose", cwd=repo)
     out = snakemake("--lint", cwd=repo)
@@ -134,4 +153,3 @@ def test_parsing_the_workflow_loads_no_stage_implementation(repo):
     assert chains["torch"] is None and chains["transformers"] is None and chains["datasets"] is None, chains
     assert not any(name.startswith("ftflow") for chain in chains.values() if chain for name in chain), chains
     assert import_chain(proc.stderr, "ftflow.config") is not None  # the check reads the parse it means to
-

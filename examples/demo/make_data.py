@@ -63,9 +63,13 @@ def other_end(record: dict) -> str:
 def derived(train: list[dict]) -> dict[str, list[dict]]:
     prompts = [f"{r['instruction']}\n{r['input']}" for r in train]
     return {
-        "preference.jsonl": [{"prompt": p, "chosen": r["output"], "rejected": other_end(r)} for p, r in zip(prompts, train)],
-        "unpaired.jsonl": [{"prompt": p, "completion": r["output"] if i % 2 == 0 else other_end(r), "label": i % 2 == 0}
-                           for i, (p, r) in enumerate(zip(prompts, train))],  # fmt: skip
+        "preference.jsonl": [
+            {"prompt": p, "chosen": r["output"], "rejected": other_end(r)} for p, r in zip(prompts, train)
+        ],
+        "unpaired.jsonl": [
+            {"prompt": p, "completion": r["output"] if i % 2 == 0 else other_end(r), "label": i % 2 == 0}
+            for i, (p, r) in enumerate(zip(prompts, train))
+        ],  # fmt: skip
         "prompts.jsonl": [{"prompt": p, "answer": r["output"]} for p, r in zip(prompts, train)],
     }
 

@@ -103,8 +103,12 @@ def check_params() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("compose", "run", *STAGES, "report", "dispatch", "dvc-yaml", "sync", "pull", "inspect"))
+    parser = argparse.ArgumentParser(
+        prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "command", choices=("compose", "run", *STAGES, "report", "dispatch", "dvc-yaml", "sync", "pull", "inspect")
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
     parser.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")

@@ -487,7 +487,7 @@ def read_params(path: str | Path = PARAMS_FILE) -> tuple[dict, list[str] | None]
         raise ConfigError(f"{path} not found: compose it first with `ftflow compose [overrides]`")
     text = path.read_text()
     first = text.splitlines()[0] if text else ""
-    overrides = json.loads(first[len(OVERRIDES_HEADER):]) if first.startswith(OVERRIDES_HEADER) else None
+    overrides = json.loads(first[len(OVERRIDES_HEADER) :]) if first.startswith(OVERRIDES_HEADER) else None
     return yaml.safe_load(text), overrides
 
 
@@ -504,7 +504,8 @@ def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> d
         if changed:
             raise ConfigError(
                 f"stale {path}: conf/ no longer composes to it (differs at {', '.join(changed[:8])}). "
-                f"Recompose with `ftflow compose {' '.join(overrides)}`".rstrip() + "."
+                f"Recompose with `ftflow compose {' '.join(overrides)}`".rstrip()
+                + "."
             )
     elif tree.get("conf_digest") != conf_digest(conf_dir):
         # composed elsewhere (DVC's Hydra integration records no overrides): the digest tells

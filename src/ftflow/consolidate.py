@@ -147,9 +147,11 @@ def logprobs(model, probe: Probe):
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=probe.input_ids[None]).logits[0, -probe.logits.shape[0]:].float()
+        logits = model(input_ids=probe.input_ids[None]).logits[0, -probe.logits.shape[0] :].float()
     if logits.shape != probe.logits.shape:
-        raise ConsolidateError(f"verification: logits of shape {tuple(logits.shape)}, the trained model's {tuple(probe.logits.shape)}")
+        raise ConsolidateError(
+            f"verification: logits of shape {tuple(logits.shape)}, the trained model's {tuple(probe.logits.shape)}"
+        )
     return logits.log_softmax(-1)
 
 
@@ -305,7 +307,14 @@ def model_card(cfg: dict, root: Path, check: dict) -> str:
     if record.get("packages"):
         lines += ["", "## Packages", ""] + [f"- {k} {v}" for k, v in record["packages"].items() if v]
     if train_cfg:
-        lines += ["", "## Training config", "", "```yaml", yaml.safe_dump(record["config"], sort_keys=False).rstrip(), "```"]
+        lines += [
+            "",
+            "## Training config",
+            "",
+            "```yaml",
+            yaml.safe_dump(record["config"], sort_keys=False).rstrip(),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 

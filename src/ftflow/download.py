@@ -48,7 +48,11 @@ def sha256(path: Path, chunk: int = 1 << 20) -> str:
 def file_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file (a model's weights: minutes for a large one, hence the progress)."""
     # (not huggingface_hub's .cache/ inside a downloaded folder; the folder itself may be in one)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts)
+    files = (
+        [root]
+        if root.is_file()
+        else sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts)
+    )
     hashes = {}
     with tqdm(total=sum(p.stat().st_size for p in files), desc=f"hash {root.name}", unit="B", unit_scale=True) as bar:
         for p in files:
@@ -65,7 +69,9 @@ def fetch_hub(repo_id: str, revision: str | None, repo_type: str, dest: Path, al
     try:
         # snapshot_download resolves the revision to a commit (online: via the API; offline: via
         # the cache's refs/), fetches what the cache lacks, and returns snapshots/<sha>/
-        snapshot = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns))
+        snapshot = Path(
+            snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
+        )
     except LocalEntryNotFoundError:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise DownloadError(
@@ -170,7 +176,13 @@ def download_model(model: dict, root: Path = Path(".")) -> dict | None:
             rev, uri = None, model["path"]
     except DownloadError as err:
         raise DownloadError(f"model {model['name']!r}: {err}") from None
-    entry = {"uri": uri, "requested_revision": model.get("revision"), "revision": rev, **extra, "files": file_hashes(dest)}
+    entry = {
+        "uri": uri,
+        "requested_revision": model.get("revision"),
+        "revision": rev,
+        **extra,
+        "files": file_hashes(dest),
+    }
     return write_entry(entry, root / paths.model_manifest(model["name"]))
 
 
@@ -190,7 +202,7 @@ def resolve_path(path: str) -> Path:
         if not Path(path).is_file():
             raise DownloadError(f"no such file: {path} (paths are relative to the repository root)")
         return Path(path)
-    package, _, rel = path[len(PKG):].partition("/")
+    package, _, rel = path[len(PKG) :].partition("/")
     spec = importlib.util.find_spec(package) if package.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         hint = INSTALL_HINTS.get(package, f"install the Python package that provides {package!r}")

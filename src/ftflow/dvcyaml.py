@@ -90,7 +90,9 @@ def snakemake_rules(root: Path = Path(".")):
     from snakemake.settings.types import OutputSettings, Quietness, ResourceSettings
 
     with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-        workflow = api.workflow(resource_settings=ResourceSettings(), snakefile=Path(root) / "workflow/Snakefile", workdir=Path(root))
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(), snakefile=Path(root) / "workflow/Snakefile", workdir=Path(root)
+        )
         # the API has no public accessor for parsed rules; snakemake is pinned <10 in pyproject
         return list(workflow._workflow.rules)
 
@@ -110,7 +112,10 @@ def render(graph: dict[str, dict[str, list[str]]]) -> dict:
             if found:
                 stage[key] = found
         stages[name] = stage
-    plots = [{spec["title"]: {"template": spec["template"], "x": spec["x"], "y": {path: spec["y"]}}} for path, spec in PLOTS.items()]
+    plots = [
+        {spec["title"]: {"template": spec["template"], "x": spec["x"], "y": {path: spec["y"]}}}
+        for path, spec in PLOTS.items()
+    ]
     return {"stages": stages, "plots": plots}
 
 

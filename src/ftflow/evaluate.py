@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class EvaluateError(StageError):
     pass
 
+
 TASKS_DIR = Path("conf/eval/tasks")
 # lm-eval reports metrics as "<metric>,<filter>"; these keys are bookkeeping, not scores
 _NOT_SCORES = ("alias", "samples")
@@ -70,7 +71,9 @@ def eval_backend(requested: str) -> str:
 
     has_vllm = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     if requested == "vllm" and not has_vllm:
-        raise EvaluateError("eval.backend=vllm needs vLLM installed (pip install -e '.[vllm]') and a CUDA GPU; use eval.backend=hf")
+        raise EvaluateError(
+            "eval.backend=vllm needs vLLM installed (pip install -e '.[vllm]') and a CUDA GPU; use eval.backend=hf"
+        )
     return "vllm" if requested == "vllm" or (requested == "auto" and has_vllm) else "hf"
 
 
@@ -141,7 +144,12 @@ def flat_scores(label: str, results: dict) -> dict[str, float]:
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
             metric, _, filter_name = key.partition(",")
-            if metric in _NOT_SCORES or metric == "sample_len" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            if (
+                metric in _NOT_SCORES
+                or metric == "sample_len"
+                or metric.endswith("_stderr")
+                or not isinstance(value, (int, float))
+            ):
                 continue
             out[f"{label}/{task}/{score_name(metric, filter_name)}"] = value
     return out
@@ -201,7 +209,9 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
             lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
         results = run_lm_eval(lm, tasks, eval_cfg, uses_chat_template(lm, label, eval_cfg.apply_chat_template), index)
         (out_dir / label).mkdir(parents=True, exist_ok=True)
-        (out_dir / label / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
+        (out_dir / label / "results.json").write_text(
+            json.dumps(_json_safe(results, drop="samples"), indent=2, default=str)
+        )
         with (out_dir / label / "samples.jsonl").open("w") as f:
             f.writelines(line + "\n" for line in sample_lines(results))
         metrics.update(flat_scores(label, results))
@@ -231,7 +241,9 @@ def models_to_evaluate(model_cfg: Model, eval_cfg: Eval, root: Path) -> dict[str
         for label, folder in eval_cfg.models.items():
             path = Path(folder) if Path(folder).is_absolute() else root / folder
             if not (path / "config.json").exists():
-                raise EvaluateError(f"eval.models.{label}: {path} is not a Hugging Face model directory (no config.json)")
+                raise EvaluateError(
+                    f"eval.models.{label}: {path} is not a Hugging Face model directory (no config.json)"
+                )
             out[label] = (path, path)  # a model directory carries its own tokenizer
         return out
     tuned = root / paths.CONSOLIDATE / "model"  # consolidate saved the tokenizer it trained with there

@@ -71,7 +71,10 @@ def _lines(lines, label: str, first_line: int, max_bytes: int) -> Iterator[Item]
         if not raw or raw.isspace():
             continue
         if len(raw) > max_bytes:  # checked before parsing: a runaway line costs nothing
-            yield f"{label}:{lineno}", RecordError("record_too_large", f"line of {len(raw) / 1e6:.1f} MB, over data.max_record_mb")
+            yield (
+                f"{label}:{lineno}",
+                RecordError("record_too_large", f"line of {len(raw) / 1e6:.1f} MB, over data.max_record_mb"),
+            )
         else:
             yield f"{label}:{lineno}", raw
 

@@ -59,10 +59,11 @@ def masks_line(stats: dict, s: dict) -> str:
     if not audit or not masks:
         return ""
     shares = ", ".join(f"{role} {share:.1%}" for role, share in audit["trained_token_share_by_role"].items())
-    return (f"\nmasks: {masks['method']} (train_on {masks['train_on']}); trained tokens by role: {shares}; "
-            f"{audit['turns_ending_on_end_of_turn']:,} trained turns, each ending on its end-of-turn token; "
-            f"{audit['conversations_without_trained_token']:,} conversations with no trained token"
-            + reasoning_note(audit))
+    return (
+        f"\nmasks: {masks['method']} (train_on {masks['train_on']}); trained tokens by role: {shares}; "
+        f"{audit['turns_ending_on_end_of_turn']:,} trained turns, each ending on its end-of-turn token; "
+        f"{audit['conversations_without_trained_token']:,} conversations with no trained token" + reasoning_note(audit)
+    )
 
 
 def reasoning_note(audit: dict) -> str:

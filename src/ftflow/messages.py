@@ -18,9 +18,9 @@ short stable `reason`, which normalize reports with the source and record locato
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
-import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -95,7 +95,9 @@ def _tool_call(call: Any, where: str) -> dict:
         try:
             args = json.loads(args)
         except json.JSONDecodeError as err:
-            raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} are not JSON ({err.msg})") from None
+            raise RecordError(
+                "bad_tool_call", f"{where}: arguments of {call['name']!r} are not JSON ({err.msg})"
+            ) from None
     if isinstance(args, str):  # seen in published files: json.dumps applied twice
         raise RecordError("bad_tool_call", f"{where}: arguments of {call['name']!r} are a JSON string holding "
                           f"{args[:60]!r}, not a JSON object (encoded twice?)")  # fmt: skip
@@ -134,7 +136,10 @@ def message(m: Any, field: str, i: int) -> dict:
         if m.get(key) is not None and not isinstance(m[key], str):
             raise RecordError("bad_message", f"{where} {key} is {type(m[key]).__name__}, not a string")
     if m.get("tool_call_id") is not None and role != "tool":
-        raise RecordError("bad_message", f"{where}: tool_call_id belongs on a tool result, not on {'an' if role[0] in 'aeiou' else 'a'} {role} message")
+        raise RecordError(
+            "bad_message",
+            f"{where}: tool_call_id belongs on a tool result, not on {'an' if role[0] in 'aeiou' else 'a'} {role} message",
+        )
     train = m.get("train")
     if train is not None and not isinstance(train, bool):
         raise RecordError("bad_message", f"{where} train flag is {train!r}, not true/false")
@@ -163,7 +168,9 @@ def check_turns(msgs: list[dict], field: str, *, first: int = 0) -> bool:
         is_trained = role == "assistant" if train is None else train
         if (is_trained or role == "assistant") and not calls and (not content or content.isspace()):
             reason = "empty_assistant" if role == "assistant" else "empty_target"
-            raise RecordError(reason, f"{field}[{i}]: a{' trained' if role != 'assistant' else 'n assistant'} message with no content")
+            raise RecordError(
+                reason, f"{field}[{i}]: a{' trained' if role != 'assistant' else 'n assistant'} message with no content"
+            )
         any_trained = any_trained or is_trained
         prev_role, prev_calls = role, calls
     return any_trained
@@ -172,7 +179,11 @@ def check_turns(msgs: list[dict], field: str, *, first: int = 0) -> bool:
 def _messages(record: dict, field: str, *, required: bool = True) -> list[dict]:
     msgs = record.get(field)
     if not isinstance(msgs, list) or (required and not msgs):
-        got = "missing" if msgs is None else f"{type(msgs).__name__} of length {len(msgs) if isinstance(msgs, list) else '-'}"
+        got = (
+            "missing"
+            if msgs is None
+            else f"{type(msgs).__name__} of length {len(msgs) if isinstance(msgs, list) else '-'}"
+        )
         raise RecordError("missing_field", f"{field!r} must be a non-empty list of messages ({got})")
     return [message(m, field, i) for i, m in enumerate(msgs)]
 
@@ -243,7 +254,9 @@ def _prompt_only(r: dict) -> dict:
 def _text(r: dict) -> dict:
     text = r.get("text")
     if not isinstance(text, str):
-        raise RecordError("missing_field" if text is None else "bad_field", f"'text' must be a string (got {type(text).__name__})")
+        raise RecordError(
+            "missing_field" if text is None else "bad_field", f"'text' must be a string (got {type(text).__name__})"
+        )
     if not text.strip():
         raise RecordError("empty_text", "'text' is empty")
     return {"text": text}
@@ -280,6 +293,7 @@ def content_chars(record: dict, kind: str) -> int:
 
 # --- Arrow schema per kind ------------------------------------------------------------------
 
+
 @functools.cache
 def schemas() -> dict[str, pa.Schema]:
     """The Arrow schema of each kind. Built on first use: the rules import this module (through
@@ -295,7 +309,9 @@ def schemas() -> dict[str, pa.Schema]:
     return {
         "conversation": pa.schema([*ids, ("messages", msgs), ("tools", pa.string())]),
         "preference": pa.schema([*ids, ("prompt", msgs), ("chosen", msgs), ("rejected", msgs), ("tools", pa.string())]),
-        "unpaired": pa.schema([*ids, ("prompt", msgs), ("completion", msgs), ("label", pa.bool_()), ("tools", pa.string())]),
+        "unpaired": pa.schema(
+            [*ids, ("prompt", msgs), ("completion", msgs), ("label", pa.bool_()), ("tools", pa.string())]
+        ),
         "prompt": pa.schema([*ids, ("prompt", msgs), ("answer", pa.string()), ("tools", pa.string())]),
         "text": pa.schema([*ids, ("text", pa.string())]),
     }

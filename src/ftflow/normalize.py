@@ -21,8 +21,8 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import chain, islice
@@ -35,7 +35,6 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ftflow import paths
-from ftflow.paths import SPLITS
 from ftflow.config import Data, Source, StageError, write_stage_config
 from ftflow.download import sha256
 from ftflow.formats import (
@@ -53,6 +52,7 @@ from ftflow.formats import (
 )
 from ftflow.messages import MESSAGE_FIELDS, RecordError, canonical, content_chars, schemas, to_table, validate
 from ftflow.parallel import ordered_map
+from ftflow.paths import SPLITS
 from ftflow.readers import READERS, READERS_DIR, check_media, get_reader
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ class RecordMaker:
                 record[first] = [system_message(self.source.system), *record[first]]
         chars = content_chars(record, self.kind)
         if chars > self.max_chars:
-            raise RecordError("record_too_large", f"{chars / 1e6:.1f} MB of text, over data.max_record_mb={self.max_chars / 1e6:g}")
+            raise RecordError(
+                "record_too_large", f"{chars / 1e6:.1f} MB of text, over data.max_record_mb={self.max_chars / 1e6:g}"
+            )
         return record, chars
 
     def process(self, task: list[Item] | Span) -> Batch:

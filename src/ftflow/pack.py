@@ -23,9 +23,9 @@ import os
 import re
 import shutil
 from bisect import bisect_left, insort
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.resources import files
@@ -38,10 +38,10 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
-from ftflow.paths import PACKED_SPLITS
 from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
 from ftflow.parallel import ordered_map
-from ftflow.spans import Renderer, Span, TemplateError, end_tokens, renderer, trained_messages
+from ftflow.paths import PACKED_SPLITS
+from ftflow.spans import Renderer, Span, end_tokens, renderer, trained_messages
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,11 @@ class ChatTemplate:
 
 TEMPLATES = {
     "chatml": ChatTemplate("chatml.jinja", ("<|im_start|>", "<|im_end|>")),
-    "llama3": ChatTemplate("llama3.jinja", ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                            "<|eot_id|>"), bos="<|begin_of_text|>"),  # fmt: skip
+    "llama3": ChatTemplate(
+        "llama3.jinja",
+        ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        bos="<|begin_of_text|>",
+    ),  # fmt: skip
 }
 
 
@@ -160,7 +163,9 @@ def conversations(parquet: Path) -> list[list[dict]]:
 # --- tokenizer ------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], cfg: Tokenizer, eos_token: str, markers=("<|im_start|>",)) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], cfg: Tokenizer, eos_token: str, markers=("<|im_start|>",)
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style: no unknown tokens) trained on the rendered conversations."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -373,7 +378,9 @@ def span_method(tok) -> str:
 
 def token_offsets(encodings, texts: list[str], lengths: np.ndarray) -> np.ndarray:
     """Every token's (start, end) characters on one axis: the chunk's texts one after another."""
-    offsets = np.concatenate([np.array(e.offsets, np.int64).reshape(-1, 2) for e in encodings] or [np.zeros((0, 2), np.int64)])
+    offsets = np.concatenate(
+        [np.array(e.offsets, np.int64).reshape(-1, 2) for e in encodings] or [np.zeros((0, 2), np.int64)]
+    )
     return offsets + np.repeat(text_starts(texts), lengths)[:, None]
 
 
@@ -390,7 +397,9 @@ def overlap_mask(offsets: np.ndarray, texts: list[str], spans: list[list]) -> np
                         dtype=np.int64).reshape(-1, 2)  # fmt: skip
     if not len(span_arr):
         return np.zeros(len(offsets), bool)
-    first_open = np.searchsorted(span_arr[:, 1], offsets[:, 0], side="right")  # first span ending after the token starts
+    first_open = np.searchsorted(
+        span_arr[:, 1], offsets[:, 0], side="right"
+    )  # first span ending after the token starts
     inside = first_open < len(span_arr)
     starts = span_arr[np.minimum(first_open, len(span_arr) - 1), 0]
     return inside & (offsets[:, 1] > starts)
@@ -427,7 +436,9 @@ def audit_figures(audit: Counter) -> dict:
     return {
         "trained_tokens_by_role": dict(sorted(roles.items())),
         "trained_token_share_by_role": {r: round(v / total, 4) for r, v in sorted(roles.items())} if total else {},
-        "trained_turns_by_role": {k.split("/", 1)[1]: v for k, v in sorted(audit.items()) if k.startswith("trained_turns/")},
+        "trained_turns_by_role": {
+            k.split("/", 1)[1]: v for k, v in sorted(audit.items()) if k.startswith("trained_turns/")
+        },
         "turns_ending_on_end_of_turn": audit["trained_turns"],
         "conversations_without_trained_token": audit["conversations_without_trained_token"],
         "messages_with_reasoning": audit["reasoning/messages"],
@@ -482,7 +493,9 @@ def fit(enc: Encoded, cfg: Pack, counts: dict) -> Sequences:
         kept = np.minimum(lengths, cap) if cfg.overflow == "truncate" else np.where(over, 0, lengths)
         lost, trained_lost = lengths - kept, trained_tokens(enc.labels, starts + kept, lengths - kept)
         counts["tokens_lost_to_overflow"] = counts.get("tokens_lost_to_overflow", 0) + int(lost.sum())
-        counts["trained_tokens_lost_to_overflow"] = counts.get("trained_tokens_lost_to_overflow", 0) + int(trained_lost.sum())
+        counts["trained_tokens_lost_to_overflow"] = counts.get("trained_tokens_lost_to_overflow", 0) + int(
+            trained_lost.sum()
+        )
     if cfg.overflow == "drop":
         starts, lengths = starts[~over], lengths[~over]
         counts["dropped_too_long"] = counts.get("dropped_too_long", 0) + int(over.sum())

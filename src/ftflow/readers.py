@@ -117,7 +117,7 @@ def openai_messages(record: dict) -> dict:
 
 
 def _published_tools(record: dict) -> Any:
-    """"tools", or the deprecated "functions" list of OpenAI's older fine-tuning files, each
+    """ "tools", or the deprecated "functions" list of OpenAI's older fine-tuning files, each
     function given the {"type": "function", "function": ...} wrapper that "tools" has."""
     functions = record.get("functions")
     if record.get("tools") or not isinstance(functions, list) or not functions:
@@ -176,7 +176,9 @@ def _valued_parts(parts: list, where: str, tool_calls: list | None) -> dict:
             try:
                 calls.append(json.loads(value))
             except json.JSONDecodeError as err:
-                raise RecordError("bad_tool_call", f"{where} content part {j}: tool_call value is not JSON ({err.msg})") from None
+                raise RecordError(
+                    "bad_tool_call", f"{where} content part {j}: tool_call value is not JSON ({err.msg})"
+                ) from None
         else:  # image_url, video_url, audio_url: no template here trains on them
             raise RecordError("unsupported_content", f"{where} content part {j} is of type {kind!r} (text, reasoning "
                               "and tool_call parts are read)")  # fmt: skip
@@ -209,7 +211,7 @@ def sharegpt_preference(record: dict) -> dict:
 
 
 def messages_preference(record: dict) -> dict:
-    """"chosen"/"rejected" as whole conversations that share their prompt; the shared leading
+    """ "chosen"/"rejected" as whole conversations that share their prompt; the shared leading
     messages become the prompt. Each is a message list (TRL's conversational form; LLaMA-Factory
     v1's "chosen_messages"/"rejected_messages"), an Anthropic HH transcript string
     ("\n\nHuman: ...\n\nAssistant: ..."), or plain text (TRL's standard implicit-prompt form: the

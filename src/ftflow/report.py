@@ -135,7 +135,9 @@ def pack_table(stats: dict) -> Table:
         table.rows.append([split, *cells])
     masks = stats.get("masks")  # how pack made the loss masks (spans.py)
     if masks:
-        table.note = f"loss masks: {masks['method']} (train_on {masks['train_on']}, template of {masks['template_of']}). "
+        table.note = (
+            f"loss masks: {masks['method']} (train_on {masks['train_on']}, template of {masks['template_of']}). "
+        )
     table.note += ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
                   "padding). over max_length: sequences longer than max_length, truncated, dropped or split as pack.overflow "
                   "says (tokens cut off: by truncate or drop; split keeps them). no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
@@ -187,7 +189,9 @@ def eval_table(comparison: list[dict]) -> Table:
         task, metric = name.rsplit("/", 1)
         base, tuned = by_model.get("base"), by_model.get("tuned")
         delta = f"{tuned - base:+.4f}" if base is not None and tuned is not None else ""
-        table.rows.append([task, metric, "" if base is None else score(base), "" if tuned is None else score(tuned), delta])
+        table.rows.append(
+            [task, metric, "" if base is None else score(base), "" if tuned is None else score(tuned), delta]
+        )
     table.note = "lm-eval on the held-out data; base: the model before training, tuned: the consolidated model."
     return table
 
@@ -240,7 +244,9 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
         if s["records_in"]:
             out[f"{split} records kept"] = f"{count(s['records_out'])} of {count(s['records_in'])}"
     for split, s in packed["splits"].items():
-        out[f"{split} packing"] = f"{count(s['tokens'])} tokens in {count(s['rows'])} rows, {share(s['packing_efficiency'])} full"
+        out[f"{split} packing"] = (
+            f"{count(s['tokens'])} tokens in {count(s['rows'])} rows, {share(s['packing_efficiency'])} full"
+        )
     out["training loss"] = (f"{figures['first_loss']:.4g} → {figures['final_loss']:.4g} (logged at step "
                             f"{count(figures['steps'])} of {count(train_summary['steps'])})")  # fmt: skip
     for task, metric, base, tuned, delta in evaluation.rows:

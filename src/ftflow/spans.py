@@ -146,8 +146,8 @@ class Renderer:
                 at = next((k for k, (x, y) in enumerate(zip(upto, text)) if x != y), min(len(upto), len(text)))
                 raise TemplateError(
                     f"{self.source}: {where}: the template is not prefix-preserving here: message {i} ({role}) "
-                    f"renders differently once later messages follow ({upto[max(0, at - 30):at + 30]!r} alone, "
-                    f"{text[max(0, at - 30):at + 30]!r} in the whole conversation); {CHOICES}"
+                    f"renders differently once later messages follow ({upto[max(0, at - 30) : at + 30]!r} alone, "
+                    f"{text[max(0, at - 30) : at + 30]!r} in the whole conversation); {CHOICES}"
                 )
             out[i] = Span(len(before), end, role)
         return out
@@ -182,8 +182,8 @@ class Renderer:
             d = derived[i]
             if (s.start, s.end) != (d.start, d.end):
                 raise TemplateError(
-                    f"{self.source}: {where}: the {self.method} spans of message {i} ({text[s.start:s.end][:60]!r}...) "
-                    f"differ from the ones derived from the template's own prefixes ({text[d.start:d.end][:60]!r}...)"
+                    f"{self.source}: {where}: the {self.method} spans of message {i} ({text[s.start : s.end][:60]!r}...) "
+                    f"differ from the ones derived from the template's own prefixes ({text[d.start : d.end][:60]!r}...)"
                 )
 
     # --- span edges -------------------------------------------------------------------------
@@ -219,13 +219,13 @@ class Renderer:
             probe = [{"role": "user", "content": "x"}]
             try:
                 plain, prompted = self.text(probe, None), self.text(probe, None, add_generation_prompt=True)
-                self._prompt = prompted[len(plain):] if prompted.startswith(plain) else ""
+                self._prompt = prompted[len(plain) :] if prompted.startswith(plain) else ""
             except Exception:  # a template that cannot render the probe has no usable prompt here
                 self._prompt = ""
         return self._prompt
 
     def check_span(self, text: str, s: Span, message: dict, i: int, where: str) -> None:
-        body = text[s.start:s.end]
+        body = text[s.start : s.end]
         if self.turn_end(text, s.start, s.end) != s.end:
             raise TemplateError(f"{self.source}: {where}: the trained span of message {i} ({s.role}) does not end "
                                 f"with an end-of-turn token ({body[-60:]!r}): the model would never learn to stop")  # fmt: skip

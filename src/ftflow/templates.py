@@ -50,7 +50,12 @@ def chatml(messages: list[dict], tools: list | None, bos_token: str = "") -> tup
         body = m["content"]
         for call in m.get("tool_calls") or ():
             fn = call["function"]
-            body += ("\n" if body else "") + "<tool_call>\n" + _tojson({"name": fn["name"], "arguments": fn["arguments"]}) + "\n</tool_call>"
+            body += (
+                ("\n" if body else "")
+                + "<tool_call>\n"
+                + _tojson({"name": fn["name"], "arguments": fn["arguments"]})
+                + "\n</tool_call>"
+            )
         out.put("<|im_start|>" + m["role"] + "\n")
         if _trained(m):
             out.put(body + "<|im_end|>", trained=True)

@@ -59,7 +59,9 @@ DATA_RECORDS = (f"{paths.NORMALIZE}/stats.json", f"{paths.PACK}/config.yaml", f"
 def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
     """What a checkpoint belongs to: the config that shapes the weights (tracking does not) and
     the data it trains on. Another learning rate or another dataset never resumes it."""
-    data = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in DATA_RECORDS if (root / name).exists()}
+    data = {
+        name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in DATA_RECORDS if (root / name).exists()
+    }
     return fingerprint({"config": {k: v for k, v in cfg.items() if k != "tracking"}, "data": data})
 
 
@@ -430,7 +432,9 @@ def main(config_path: str, root: str = ".") -> dict | None:
     # DPO/KTO without adapters compare against a frozen copy of the starting model (with
     # adapters, the same model with the adapters off)
     needs_ref = train_cfg.method in ("dpo", "kto") or (train_cfg.method == "grpo" and train_cfg.grpo.beta > 0)
-    ref_model = load_model(model_cfg, peft_cfg, base, len(tok), dtype) if needs_ref and peft_cfg.method == "none" else None
+    ref_model = (
+        load_model(model_cfg, peft_cfg, base, len(tok), dtype) if needs_ref and peft_cfg.method == "none" else None
+    )
     train_ds = load_packed(root / paths.PACK / "train")
     eval_ds = load_packed(root / paths.PACK / "validation")
     if train_cfg.method == "grpo":
@@ -478,7 +482,9 @@ def main(config_path: str, root: str = ".") -> dict | None:
         "steps": result.global_step,
         "train_runtime_s": round(time.time() - start, 1),
         # ZeRO-3 leaves each process a shard: ds_numel is the whole parameter's size
-        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_params": sum(
+            getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad
+        ),
         "resumed_from": resume.name if resume else None,
         "config_fingerprint": key,
     }
@@ -513,7 +519,9 @@ PROBE_POSITIONS = 8  # the last positions' logits are kept (a row of vocabulary 
 
 
 def probe_ids(tok):
-    return tok.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    return tok.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 def record_probe(trainer, tok, path: Path) -> None:

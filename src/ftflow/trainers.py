@@ -27,7 +27,9 @@ def use_bf16(train_cfg: Train, launcher: Launcher) -> bool:
     return not launcher.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def common_args(train_cfg: Train, launcher: Launcher, output_dir: Path, report_to: list[str], run_name: str | None) -> dict:
+def common_args(
+    train_cfg: Train, launcher: Launcher, output_dir: Path, report_to: list[str], run_name: str | None
+) -> dict:
     """TrainingArguments shared by every trainer."""
     return dict(
         output_dir=str(output_dir),
@@ -106,6 +108,7 @@ def build(train_cfg: Train, peft_cfg: Peft, args: dict, model, ref_model, tok, t
 
 
 # --- trainers that take pack's token ids as they are ------------------------------------------
+
 
 def _packed_dpo():
     from trl import DPOTrainer
