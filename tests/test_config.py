@@ -8,7 +8,7 @@ import yaml
 from ftflow import config
 from ftflow.config import ConfigError, compose
 
-from conftest import REPO
+from helpers import REPO
 
 CONF = REPO / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")

@@ -19,9 +19,7 @@ from test_train import BASE, clone
 from ftflow import paths
 from ftflow.launcher import free_port
 
-from conftest import REPO, env, ftflow, prepared
-
-pytestmark = pytest.mark.slow
+from helpers import REPO, env, ftflow, prepared
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +44,7 @@ def probe_logits(model_dir: Path, root: Path) -> tuple[torch.Tensor, torch.Tenso
     return got, probe["logits"]
 
 
+@pytest.mark.slow
 def test_full_weights_consolidate_into_a_verified_model(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     ftflow("consolidate", *BASE, cwd=root)
@@ -57,6 +56,7 @@ def test_full_weights_consolidate_into_a_verified_model(trained, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     weights = root / paths.TRAIN / "model" / "model.safetensors"
@@ -82,6 +82,7 @@ def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
     assert not (root / paths.CONSOLIDATE / "model").exists()  # nothing written that looks usable
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
     """accelerate runs FSDP on GPUs only: a 2-process gloo job with torch's own FSDP2 writes the
     sharded checkpoint (torch.distributed.checkpoint) that FSDP training leaves."""
@@ -90,7 +91,7 @@ def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
     (root / paths.TRAIN / "probe.safetensors").unlink()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()),
-                           str(REPO / "tests" / "fsdp_checkpoint.py"), str(root)],
+                           str(REPO / "tests" / "helpers" / "fsdp_checkpoint.py"), str(root)],
                           cwd=root, env=env(), capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "FSDP: " in proc.stdout and " 0 of " not in proc.stdout, proc.stdout  # really sharded
@@ -106,6 +107,7 @@ def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
     assert any(not torch.equal(init[k], tuned[k]) for k in init)  # the FSDP steps' weights, not the init
 
 
+@pytest.mark.slow
 def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
     """generate() with the saved generation config stops at the template's <|im_end|>."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,6 +127,7 @@ def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
     assert stopped == 3
 
 
+@pytest.mark.slow
 def test_evaluate_scores_base_and_tuned_on_both_task_kinds(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
     ftflow("consolidate", *BASE, cwd=root)
@@ -139,6 +142,7 @@ def test_evaluate_scores_base_and_tuned_on_both_task_kinds(trained, tmp_path):
     assert {s["task"] for s in samples} == {"demo_words", "demo_words_choice"} and len(samples) == 80
 
 
+@pytest.mark.slow
 def test_evaluate_any_model_directory(trained, tmp_path):
     """The same stage on model directories of one's choice (each with its tokenizer)."""
     root = clone(trained, tmp_path / "repo")
@@ -155,6 +159,7 @@ def test_evaluate_any_model_directory(trained, tmp_path):
     assert proc.returncode == 1 and "eval.models.x: /nonexistent is not a Hugging Face model directory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_16bit_output_is_verified_in_float32_and_its_rounding_reported(trained, tmp_path):
     """consolidate.dtype=bfloat16: the check runs where precision cannot blur it (the trained
     weights against train's float32 record); what rounding to bf16 then does is reported."""
@@ -169,6 +174,7 @@ def test_16bit_output_is_verified_in_float32_and_its_rounding_reported(trained, 
     assert AutoModelForCausalLM.from_pretrained(root / paths.CONSOLIDATE / "model").dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_a_pretrained_base_keeps_its_generation_config(tmp_path, smollm2_dir):
     """A real model's generation config is kept whole (sampling defaults, several eos ids), the
     template's end of turn added to its eos ids when missing; a scratch model gets eos and pad."""

@@ -15,7 +15,7 @@ import pytest
 from ftflow import paths
 from ftflow.download import DownloadError, download
 
-from conftest import ftflow
+from helpers import ftflow
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 SCRATCH = {"name": "m", "source": "scratch"}
@@ -112,7 +112,7 @@ def test_hub_dataset_subset_split_and_model_at_a_pinned_revision(repo, tmp_path)
         "  - {name: words_test, hub: org/words, revision: main, subset: fr, from_split: test, split: test}\n"
     )
     args = ["data=hub_words", "model=hub", "model.hub_id=org/tiny", f"model.revision={SHA}", "tokenizer=model"]
-    env = {"HF_HUB_CACHE": str(cache)}  # and HF_HUB_OFFLINE=1 (conftest): no network is tried
+    env = {"HF_HUB_CACHE": str(cache)}  # and HF_HUB_OFFLINE=1 (helpers.env): no network is tried
     ftflow("download", *args, cwd=repo, env_extra=env)
     manifest = json.loads((repo / paths.MANIFEST).read_text())
     words = manifest["sources"]["words"]

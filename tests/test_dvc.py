@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, REPO, copy_repo, ftflow, job_stats, planned_jobs, run, snakemake
+from helpers import BIN, REPO, copy_repo, ftflow, job_stats, planned_jobs, run, snakemake
 
 # what a DVC-enabled checkout has besides the workflow itself
 DVC_PARTS = (".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "hydra_plugins")
@@ -122,6 +122,7 @@ def compare(root: Path) -> list[str]:
     return problems
 
 
+@pytest.mark.dvc
 def test_dvc_yaml_is_the_snakemake_dag(tmp_path):
     root = make_dvc_repo(tmp_path / "repo")
     assert compare(root) == []
@@ -134,6 +135,7 @@ def test_dvc_yaml_is_the_snakemake_dag(tmp_path):
     assert (REPO / "dvc.yaml").read_text() == dvcyaml.dump(dvcyaml.render(snakemake_stage_graph(root)))
 
 
+@pytest.mark.dvc
 def test_the_comparison_fails_on_a_rule_edit(tmp_path):
     root = make_dvc_repo(tmp_path / "repo")
     rule = root / "rules/consolidate.smk"
@@ -149,6 +151,7 @@ def test_the_comparison_fails_on_a_rule_edit(tmp_path):
     assert proc.returncode != 0 and "does not match the Snakemake DAG" in proc.stdout + proc.stderr
 
 
+@pytest.mark.dvc
 def test_dispatch_runs_one_rule_with_the_profile_in_snakemake_profile(tmp_path):
     """`SNAKEMAKE_PROFILE=profiles/slurm dvc repro`: the stage command takes its profile from
     the environment (here a profile that only plans, to see which profile and jobs it used)."""
@@ -176,6 +179,7 @@ def test_dispatch_runs_one_rule_with_the_profile_in_snakemake_profile(tmp_path):
 # --- 2. dvc repro, dvc status, snakemake -n agree ------------------------------------------
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_after_repro_dvc_and_snakemake_have_nothing_to_do(project):
     assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
@@ -208,6 +212,7 @@ def report_inputs(root: Path) -> dict[str, str]:
     ],
     ids=["nothing", "eval", "normalize"],
 )
+@pytest.mark.dvc
 def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expected):
     try:
         ftflow("compose", *overrides, cwd=project)
@@ -224,6 +229,7 @@ def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expecte
         restore(project)
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_a_snakemake_run_is_recorded_by_dvc_commit(project):
     try:
@@ -235,6 +241,7 @@ def test_a_snakemake_run_is_recorded_by_dvc_commit(project):
         restore(project)
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_a_stale_composed_config_is_refused(project):
     conf = project / "conf/eval/demo.yaml"
@@ -256,6 +263,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_checkpoints_survive_dvc_and_only_the_same_config_resumes(project):
     weights = project / "results/train/model/model.safetensors"
@@ -296,6 +304,7 @@ def exp_rows(root: Path) -> dict[str, dict]:
     return rows
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_experiments_in_the_workspace_and_queued(project):
     proc = dvc("exp", "run", "-n", "lr-a", "-S", "train.learning_rate=5e-4", cwd=project)
@@ -343,6 +352,7 @@ def test_experiments_in_the_workspace_and_queued(project):
 # --- 5. a fresh clone restored by dvc pull -------------------------------------------------
 
 
+@pytest.mark.dvc
 @pytest.mark.slow
 def test_fresh_clone_and_pull_has_nothing_to_rerun(project):
     git("add", "-A", cwd=project)

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from conftest import REPO
+from helpers import REPO
 
 ENVS = REPO / "envs"
 SRC = REPO / "src" / "ftflow"

@@ -12,7 +12,7 @@ import yaml
 
 from ftflow.evaluate import flat_scores, task_config, task_data_files
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_shipped_task_resolves_its_data_files_against_the_root(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ftflow.config import compose
 
-from conftest import REPO
+from helpers import REPO
 
 SMS = REPO / "examples/sms_spam"
 

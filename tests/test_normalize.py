@@ -20,7 +20,7 @@ from ftflow import paths
 from ftflow.messages import RecordError, validate
 from ftflow.normalize import NormalizeError, normalize
 
-from conftest import REPO
+from helpers import REPO
 
 FORMATS = REPO / "examples" / "formats"  # copies of ../shared/fixtures/formats (CI has no ../shared)
 BAD = Path(__file__).parent / "bad_inputs"

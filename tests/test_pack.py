@@ -33,7 +33,7 @@ from ftflow.pack import (
     train_tokenizer,
 )
 
-from conftest import REPO, ftflow
+from helpers import REPO, ftflow
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,9 @@ from safetensors import safe_open
 from ftflow import paths
 from ftflow.config import compose, stage_params
 from ftflow.consolidate import ConsolidateError, consolidate
-from ftflow.download import download_model
 from ftflow.train import launch
 
-from conftest import REPO, prepared
-
-pytestmark = pytest.mark.slow
+from helpers import REPO, prepared
 
 # 8 demo conversations, 2 steps of one 64-token row, both with a learning rate (no warmup): on 2 CPU
 # cores about 40 s to train in float32 (mostly starting the processes) and 45 s in bf16, whose
@@ -39,9 +36,7 @@ OVERRIDES = ["model=smollm2", "tokenizer=model", "template=chatml", "peft=lora",
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory, smollm2_dir) -> Path:
     """The repository with SmolLM2 downloaded (the fixture's conversion, reused) and the data packed."""
-    root = tmp_path_factory.mktemp("smollm2") / "repo"
-    download_model(stage_params(compose(OVERRIDES, REPO / "conf"), "download")["model"], root)
-    return prepared(root, OVERRIDES)
+    return prepared(tmp_path_factory.mktemp("smollm2") / "repo", OVERRIDES, with_model=True)
 
 
 def train_and_consolidate(packed: Path, dest: Path, extra: list[str]) -> tuple[Path, dict]:
@@ -60,6 +55,7 @@ def verification(root: Path) -> dict:
     return json.loads((root / paths.CONSOLIDATE / "verification.json").read_text())
 
 
+@pytest.mark.slow
 def test_default_dtype_on_cpu_trains_in_float32_and_consolidates_exactly(packed, tmp_path):
     root, tree = train_and_consolidate(packed, tmp_path / "repo", [])
     assert tree["model"]["dtype"] == "auto" and probe_dtype(root) == "float32"
@@ -70,6 +66,7 @@ def test_default_dtype_on_cpu_trains_in_float32_and_consolidates_exactly(packed,
     assert check["argmax_agree"] == 1.0
 
 
+@pytest.mark.slow
 def test_bf16_trained_on_cpu_is_a_precision_difference_not_damage(packed, tmp_path):
     """The old default (model.dtype=bfloat16), consolidated with the defaults (float32 output)."""
     from transformers import AutoTokenizer, GenerationConfig

@@ -22,10 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import browser
-from conftest import snakemake
-
-pytestmark = pytest.mark.slow
+from helpers import browser, snakemake
 
 
 class Tables(HTMLParser):
@@ -203,6 +200,7 @@ def test_normalize_section_has_a_column_per_drop_reason(tmp_path):
     assert (total["read"], total["dropped"]) == (str(stats["splits"]["train"]["records_in"]), "3")
 
 
+@pytest.mark.browser
 def test_report_renders_in_headless_chromium(report, tmp_path):
     from PIL import Image
 

@@ -1,5 +1,5 @@
 """`snakemake --profile profiles/slurm` on a real two-node Slurm cluster that the tests start
-(tests/slurm_cluster.py: munge, slurmctld, two slurmd). Slurm's records are its job-completion
+(tests/helpers/slurm_cluster.py: munge, slurmctld, two slurmd). Slurm's records are its job-completion
 log (one line per finished job) and `scontrol show job`; the profile's job logs are
 logs/slurm/rule_<rule>/<slurm job id>.log."""
 
@@ -15,9 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, copy_repo, env, ftflow, run
-
-pytestmark = pytest.mark.slow
+from helpers import BIN, copy_repo, env, ftflow, run
 
 # the test cluster has no accounting (sacct): poll with squeue, and start polling at once
 SLURM_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2")
@@ -53,6 +51,8 @@ def slurm_demo(slurm_cluster, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_demo_runs_as_slurm_jobs_and_equals_the_local_run(slurm_demo, finished, slurm_cluster):
     logs = job_logs(slurm_demo)
     assert set(logs) == CLUSTER_STAGES and all(len(v) == 1 for v in logs.values())
@@ -69,6 +69,8 @@ def test_demo_runs_as_slurm_jobs_and_equals_the_local_run(slurm_demo, finished, 
     assert here.keys() == there.keys() and all(torch.equal(here[k], there[k]) for k in here)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_two_node_zero3_training_through_the_workflow(slurm_demo, slurm_cluster, tmp_path):
     root = copy_run(slurm_demo, tmp_path / "repo")
     # one process on each of the two nodes, DeepSpeed ZeRO-3 over gloo
@@ -95,6 +97,8 @@ def test_two_node_zero3_training_through_the_workflow(slurm_demo, slurm_cluster,
     assert "tuned/demo_words/exact_match" in metrics
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_time_limit_signal_checkpoints_and_the_retry_resumes(slurm_demo, slurm_cluster, tmp_path):
     # A 1-minute job asks for SIGTERM 10 s before its limit; Slurm checks every 30 s and sends it
     # up to 30 s early, so it comes 20-50 s into the job: after the training processes started,
@@ -131,6 +135,8 @@ def test_time_limit_signal_checkpoints_and_the_retry_resumes(slurm_demo, slurm_c
     assert (root / "results/train/loss.csv").read_text() == (reference / "results/train/loss.csv").read_text()
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_gpu_train_job_carries_the_configured_resources(slurm_demo, slurm_cluster, tmp_path):
     """launcher=gpu (2 GPUs per node) with a partition, account, constraint, CPUs, memory and
     time from config: the sbatch line and Slurm's record of the job carry them. The test
@@ -177,7 +183,7 @@ def test_gpu_train_job_carries_the_configured_resources(slurm_demo, slurm_cluste
 
 def test_missing_slurm_packages_fail_loudly(tmp_path, monkeypatch):
     """Without the daemons the Slurm tests fail (CI must never skip them), naming the install."""
-    import slurm_cluster
+    from helpers import slurm_cluster
 
     monkeypatch.setattr(slurm_cluster, "DAEMONS", ("slurmd-not-installed",))
     with pytest.raises(

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from ftflow import paths
 from ftflow.pack import _template_message
 
-from conftest import copy_repo, ftflow
+from helpers import copy_repo, ftflow
 
 OVERRIDES = [
     "experiment=smoke", "model=smollm2", "tokenizer=model", "template=model",

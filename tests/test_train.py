@@ -23,9 +23,7 @@ from ftflow import paths
 from ftflow.config import compose
 from ftflow.train import COMPLETE
 
-from conftest import BIN, env, ftflow, job_stats, prepared
-
-pytestmark = pytest.mark.slow
+from helpers import BIN, env, ftflow, job_stats, prepared
 
 # small and fast: 200 demo conversations, 128-token rows, no tracker unless a test wants one
 BASE = ["+data.sources.0.limit=200", "pack.max_length=128", "tracking=none", "train.logging_steps=1"]
@@ -64,6 +62,7 @@ def falls(curve: list[float]) -> bool:
 # --- each trainer -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sft_full_fine_tuning_learns_and_loads(conversations, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -78,6 +77,7 @@ def test_sft_full_fine_tuning_learns_and_loads(conversations, tmp_path):
     assert s["trainable_params"] == model.num_parameters() == sum(t.numel() for t in init.values())
 
 
+@pytest.mark.slow
 def test_dpo_with_lora_prefers_the_chosen_answers(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -96,6 +96,7 @@ def test_dpo_with_lora_prefers_the_chosen_answers(tmp_path):
     assert any("lora" in n for n, _ in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_kto_full_fine_tuning_trains(tmp_path):
     overrides = ["train=kto", "+data.sources.0.limit=16", "pack.max_length=128", "tracking=none",
                  "train.logging_steps=1", "train.max_steps=12", "train.learning_rate=1e-3", "train.save_steps=100"]  # fmt: skip
@@ -106,6 +107,7 @@ def test_kto_full_fine_tuning_trains(tmp_path):
     assert summary(root)["method"] == "kto"
 
 
+@pytest.mark.slow
 def test_grpo_samples_rewards_and_updates(tmp_path):
     overrides = ["train=grpo", "+data.sources.0.limit=64", "pack.max_length=128", "tracking=none",
                  "train.logging_steps=1", "train.max_steps=3", "train.save_steps=100", "train.learning_rate=1e-3",
@@ -138,6 +140,7 @@ def test_qlora_without_cuda_is_a_clear_error(conversations, tmp_path):
 # --- launchers: 2 processes over gloo -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "zero3"])
 def test_two_process_launchers_train_and_save_a_loadable_model(conversations, tmp_path, launcher):
     """DDP saves full weights; ZeRO-3 leaves one parameter shard per process, which consolidate
@@ -189,6 +192,7 @@ def wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: 
     raise AssertionError(f"no checkpoint-{step} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_killed_three_times_resumes_to_the_same_weights(conversations, tmp_path):
     """SIGKILL (no chance to save) at three points; each rerun resumes from the last complete
     checkpoint, and the final weights and loss curve are bitwise those of an uninterrupted run:
@@ -219,6 +223,7 @@ def test_killed_three_times_resumes_to_the_same_weights(conversations, tmp_path)
     assert losses(root) == losses(straight)
 
 
+@pytest.mark.slow
 def test_stop_signal_checkpoints_and_the_workflow_retry_resumes(conversations, tmp_path):
     """Slurm signals a job before its time limit (--signal=TERM@...), every process of the job
     step: the stage saves a checkpoint at the end of the current step, exits non-zero, and
@@ -267,6 +272,7 @@ FAKE_WANDB_KEY = "f3a9c1d27b4e8a6052c9e1f4b7d3a8c6e2f5b9d1"  # 40 hex characters
 FAKE_HF_TOKEN = "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"
 
 
+@pytest.mark.slow
 def test_tracked_run_writes_provenance_and_no_secret(conversations, tmp_path):
     root = clone(conversations, tmp_path / "repo")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

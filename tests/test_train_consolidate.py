@@ -15,7 +15,7 @@ from ftflow.config import compose, stage_params
 from ftflow.consolidate import consolidate
 from ftflow.train import checkpoint_key, launch
 
-from conftest import prepared
+from helpers import prepared
 
 OVERRIDES = ["peft=lora", "+data.sources.0.limit=200", "pack.max_length=128", "train.max_steps=4",
              "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=3e-3"]  # fmt: skip

@@ -8,12 +8,11 @@ import os
 
 import pytest
 
-from conftest import BIN, ftflow, planned_jobs, run, snakemake
+from helpers import BIN, ftflow, planned_jobs, run, snakemake
 
 AFTER_TRAIN = {"train": 1, "consolidate": 1, "evaluate": 1, "report": 1, "all": 1}
 
 
-@pytest.mark.slow
 def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     metrics = json.loads((finished / "results/eval/metrics.json").read_text())
     scores = (
@@ -37,7 +36,6 @@ def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     assert f"process 0: {len(os.sched_getaffinity(0))} torch threads" in (finished / "logs/train.log").read_text()
 
 
-@pytest.mark.slow
 def test_second_run_has_nothing_to_do(finished):
     assert planned_jobs(finished) == {}
     assert "Nothing to be done" in snakemake(cwd=finished).stdout + snakemake(cwd=finished).stderr
@@ -90,7 +88,6 @@ def test_editing_pack_code_reruns_pack_and_everything_after(finished):
         code.write_text(original)
 
 
-@pytest.mark.slow
 def test_stale_params_are_refused(finished):
     conf = finished / "conf/eval/demo.yaml"
     original = conf.read_text()
@@ -106,7 +103,7 @@ def test_stale_params_are_refused(finished):
 def test_code_is_formatted_and_lint_clean():
     """`make lint`'s checks on the repository itself (config in pyproject.toml): ruff's pyflakes
     and import order, its formatter, and snakefmt on the rules."""
-    from conftest import REPO
+    from helpers import REPO
 
     for cmd in (
         ["ruff", "check", "."],

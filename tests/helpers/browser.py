@@ -1,7 +1,7 @@
 """Headless Chromium (Debian's `chromium` package) for the report's tests, and for the README's
 screenshot, which comes from the same call:
 
-    python tests/browser.py results/report.html docs/report.png
+    python tests/helpers/browser.py results/report.html docs/report.png
 """
 
 from __future__ import annotations

