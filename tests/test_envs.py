@@ -1,10 +1,14 @@
-"""The conda envs (envs/, one per stage family) agree with pyproject.toml, hold what their stages
-import, and every rule uses its family's env. Text only (no env is built): well under a second."""
+"""The lock and the conda envs (envs/, one per stage family) agree with pyproject.toml, the envs
+pin what their stages import as the lock pins it, and every rule uses its family's env. Text only
+(no env is built): well under a second."""
 
 from __future__ import annotations
 
 import ast
+import hashlib
 import re
+import shutil
+import subprocess
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from helpers import REPO
+from helpers import BIN, REPO
 
 ENVS = REPO / "envs"
 SRC = REPO / "src" / "ftflow"
@@ -48,7 +52,11 @@ def canon(name: str) -> str:
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 DEPS = {canon(r.name): r for r in map(Requirement, PROJECT["dependencies"])}
 EXTRAS = {canon(r.name): r for reqs in PROJECT["optional-dependencies"].values() for r in map(Requirement, reqs)}
-TORCH = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)  # the venv's pin
+TORCH = re.search(r"^TORCH\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)  # the lock's torch build
+LOCK = {
+    canon(name): Version(v)
+    for name, v in re.findall(r"^([\w.-]+)==(\S+) \\$", (REPO / "requirements.lock").read_text(), re.M)
+}
 
 
 def env(family: str) -> tuple[list[str], list[str]]:
@@ -73,25 +81,33 @@ def test_one_env_file_per_family():
     assert sorted(p.name for p in ENVS.iterdir()) == sorted(f"{f}.yaml" for f in RULES)
 
 
+def test_the_lock_pins_every_dependency_within_pyprojects_specifiers():
+    """requirements.lock (make lock) pins each dependency of pyproject.toml and its dev extra, at
+    a version its specifier admits, torch as the Makefile's build, and nothing twice."""
+    dev = {canon(r.name): r for r in map(Requirement, PROJECT["optional-dependencies"]["dev"])}
+    for name, req in (DEPS | dev).items():
+        assert name in LOCK, f"requirements.lock has no {name}: run make lock"
+        assert req.specifier.contains(LOCK[name], prereleases=True), f"lock {name}=={LOCK[name]}, pyproject {req}"
+    assert LOCK["torch"] == Version(TORCH)
+
+
 @pytest.mark.parametrize("family", RULES)
-def test_packages_carry_pyprojects_specifiers(family):
+def test_packages_carry_the_locks_pins(family):
     for name, req in listed(family).items():
-        want = DEPS.get(name) or EXTRAS.get(name)
-        assert want is not None, f"{family}.yaml: {req} is not a pyproject.toml dependency"
-        # exactly pyproject's: the same specifier set (in any order), extras and markers
-        assert (req.specifier, req.extras, req.marker) == (want.specifier, want.extras, want.marker), (
-            f"{family}.yaml: {req}, pyproject.toml: {want}"
-        )
+        assert name in DEPS or name in EXTRAS, f"{family}.yaml: {req} is not a pyproject.toml dependency"
+        if name in EXTRAS and name not in LOCK:  # the gpu extra: not in the CPU lock, pyproject's specifier
+            assert (req.specifier, req.extras) == (EXTRAS[name].specifier, EXTRAS[name].extras), f"{family}.yaml: {req}"
+            continue
+        assert str(req.specifier) == f"=={LOCK[name]}" and not req.marker, f"{family}.yaml: {req}, lock: =={LOCK[name]}"
 
 
 @pytest.mark.parametrize("family", RULES)
 def test_torch_pinned_first_and_ftflow_installed_from_the_checkout(family):
     conda, pip = env(family)
-    # pinned before anything that requires it, or pip resolves a torch of its own choosing
-    assert pip[0] == TORCH and TORCH.startswith("torch=="), (
-        f"{family}.yaml: pip list starts with {pip[0]!r}, not {TORCH}"
-    )
-    assert Version(TORCH.split("==")[1]) in DEPS["torch"].specifier
+    # pinned before anything that requires it, or pip resolves a torch of its own choosing: the
+    # lock's version, its build (+cpu, or a CUDA one on GPU nodes) left to the node
+    torch = f"torch=={Version(TORCH).public}"
+    assert pip[0] == torch, f"{family}.yaml: pip list starts with {pip[0]!r}, not {torch}"
     assert pip.count(EDITABLE) == 1 and pip.index(EDITABLE) > 0
     root = (ENVS / EDITABLE.split()[1]).resolve()
     assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"] == "ftflow"
@@ -182,3 +198,42 @@ def test_every_rule_uses_its_familys_env():
         assert path.parent == ENVS and path.exists(), f"rule {rule}: {path}"
         by_family.setdefault(path.stem, set()).add(rule)
     assert by_family == RULES
+
+
+def test_provenance_says_whether_the_environment_is_the_locks(tmp_path):
+    """The test environment is the lock's (make setup installs exactly it); an environment with
+    another version of a pinned package is named in provenance and in the report's note."""
+    from ftflow.provenance import environment
+    from ftflow.report import environment_note
+
+    text = (REPO / "requirements.lock").read_text()
+    env = environment(REPO)
+    assert env["lock_sha256"] == hashlib.sha256(text.encode()).hexdigest() and env["differs"] == {}, env["differs"]
+    assert environment_note(env).startswith("The environment is exactly requirements.lock")
+    installed = re.search(r"^pyyaml==(\S+) \\$", text, re.M).group(1)
+    (tmp_path / "requirements.lock").write_text(text.replace(f"pyyaml=={installed} \\", "pyyaml==0.1 \\"))
+    env = environment(tmp_path)
+    assert env["differs"] == {"pyyaml": {"lock": "0.1", "installed": installed}}
+    assert "DIFFERS from requirements.lock" in environment_note(
+        env
+    ) and f"pyyaml {installed} (lock 0.1)" in environment_note(env)
+    assert environment(tmp_path / "elsewhere") == {"lock": None, "differs": None}
+
+
+def test_make_lock_keeps_the_lock_as_it_is(tmp_path):
+    """`make lock` with pyproject.toml unchanged gives the same lock: make's command, run on a
+    copy with the same relative paths (they appear in the lock's comments). uv prefers the pins
+    it finds in its output file, so a new release on the index changes nothing."""
+    make = (REPO / "Makefile").read_text()
+    assert "printf 'torch==$(TORCH)\\n' > $(VENV)/torch-override.txt" in make and "-o requirements.lock" in make
+    for name in ("pyproject.toml", "requirements.lock"):
+        shutil.copy(REPO / name, tmp_path / name)
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / "torch-override.txt").write_text(f"torch=={TORCH}\n")
+    wheels = ["--find-links", "/opt/wheels"] if list(Path("/opt/wheels").glob("torch-*")) else [
+        "--extra-index-url", "https://download.pytorch.org/whl/cpu"]  # fmt: skip
+    subprocess.run([str(BIN / "uv"), "pip", "compile", "-q", "pyproject.toml", "--extra", "dev", "--generate-hashes",
+                    "--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28",
+                    "--override", ".venv/torch-override.txt", *wheels, "--custom-compile-command", "make lock",
+                    "-o", "requirements.lock"], check=True, cwd=tmp_path)  # fmt: skip
+    assert (tmp_path / "requirements.lock").read_text() == (REPO / "requirements.lock").read_text()

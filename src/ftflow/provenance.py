@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -46,6 +47,26 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+LOCK_FILE = "requirements.lock"  # what `make setup` installs (README: Environment)
+
+
+def environment(root: Path = Path(".")) -> dict:
+    """The lock the environment is meant to be (its sha256), and the installed packages whose
+    version is not the lock's: a run in another environment says so (report: Packages)."""
+    lock = root / LOCK_FILE
+    if not lock.exists():
+        return {"lock": None, "differs": None}
+    text = lock.read_text()
+    canon = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    installed = {canon(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    differs = {
+        name: {"lock": pinned, "installed": installed.get(canon(name))}
+        for name, pinned in re.findall(r"^([\w.-]+)==(\S+) \\$", text, re.M)
+        if installed.get(canon(name)) != pinned
+    }
+    return {"lock": LOCK_FILE, "lock_sha256": hashlib.sha256(text.encode()).hexdigest(), "differs": differs}
+
+
 def manifest_digest(root: Path = Path(".")) -> str | None:
     path = root / paths.MANIFEST
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
@@ -75,7 +96,8 @@ def input_hashes(root: Path = Path(".")) -> dict:
 
 
 def provenance(cfg: dict, root: Path = Path(".")) -> dict:
-    return {"config": cfg, "git": git_state(root), "packages": package_versions(), "inputs": input_hashes(root)}
+    return {"config": cfg, "git": git_state(root), "packages": package_versions(), "environment": environment(root),
+            "inputs": input_hashes(root)}  # fmt: skip
 
 
 def write_provenance(record: dict, diff: str, folder: Path) -> None:

@@ -226,8 +226,25 @@ def provenance_tables(prov: dict, train_summary: dict, consolidated: dict, manif
     config = Table("Config of each stage (the config.yaml it wrote beside its outputs)", ["stage", "config"],
                    [[stage, text] for stage, text in stage_configs.items()])  # fmt: skip
     packages = Table("Packages", ["package", "version"],
-                     [[k, v or "(not installed)"] for k, v in sorted((prov.get("packages") or {}).items())])  # fmt: skip
+                     [[k, v or "(not installed)"] for k, v in sorted((prov.get("packages") or {}).items())],
+                     note=environment_note(prov.get("environment") or {}))  # fmt: skip
     return [code, data, config, packages]
+
+
+def environment_note(env: dict) -> str:
+    """Whether training ran in the environment of the lock file, or in which packages not."""
+    if not env.get("lock"):
+        return "No lock file beside the run: the environment is not checked against one."
+    differs = env.get("differs") or {}
+    where = f"{env['lock']} (sha256 {env['lock_sha256'][:16]})"
+    if not differs:
+        return f"The environment is exactly {where}."
+    shown = ", ".join(
+        f"{n} {d['installed'] or '(missing)'} (lock {d['lock']})" for n, d in sorted(differs.items())[:12]
+    )
+    return f"The environment DIFFERS from {where} in {len(differs)} packages: {shown}" + (
+        ", ..." if len(differs) > 12 else ""
+    )
 
 
 def verification(v: dict) -> str:

@@ -12,13 +12,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # ftflow, snakemake, accelerate live beside this python
-# what a workflow run needs from the repository (src/ too: the rules list its modules as inputs)
-WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src")
+# what a workflow run needs from the repository (src/ too: the rules list its modules as inputs;
+# the lock: provenance checks the environment against it)
+WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src", "requirements.lock")
 
 
 def copy_repo(dest: Path) -> Path:
     for part in WORKFLOW_PARTS:
-        shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        if (REPO / part).is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / part, dest / part)
+        else:
+            shutil.copytree(REPO / part, dest / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return dest
 
 
