@@ -5,7 +5,7 @@
 On a repository copy in which the demo (or `--experiment`) has run to the end:
   - `snakemake -n` (nothing to do) against a 3-rule Snakefile whose outputs exist: Snakemake's
     own start-up, parse and DAG, the floor of any workflow;
-  - `ftflow dispatch <stage> -n` for each DVC stage, what a DVC stage's command pays before the
+  - `ftflow dispatch <stage> -- -n` for each DVC stage, what a DVC stage's command pays before the
     stage's own work (ftflow's start, the Snakefile's parse, the one-step DAG), against `dvc
     status` in a one-stage repository (DVC's own start-up, the floor of any DVC stage).
 Each is timed `--repeats` times, alternately with its floor; the median is printed. Targets
@@ -91,9 +91,9 @@ def main() -> None:
                             [str(BIN / "snakemake"), "--cores", "1", "-n", "c.txt"], snakefile, args.repeats)  # fmt: skip
         rows.append(("snakemake -n (nothing to do)", ours, "3-rule Snakefile, -n", base, 2.0))
         for stage in STAGES:
-            ours, base = median([str(BIN / "ftflow"), "dispatch", stage, "-n"], work,
+            ours, base = median([str(BIN / "ftflow"), "dispatch", stage, "--", "-n"], work,
                                 [str(BIN / "dvc"), "status"], dvc, args.repeats)  # fmt: skip
-            rows.append((f"ftflow dispatch {stage} -n", ours, "dvc status, 1 stage", base, 3.0))
+            rows.append((f"ftflow dispatch {stage} -- -n", ours, "dvc status, 1 stage", base, 3.0))
 
     print("| command | median s | floor | floor s | ratio | target |\n|---|---|---|---|---|---|")
     for what, ours, floor, base, target in rows:
