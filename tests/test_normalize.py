@@ -19,6 +19,7 @@ import pytest
 from ftflow import paths
 from ftflow.messages import RecordError, validate
 from ftflow.normalize import NormalizeError, normalize
+from ftflow.readers import reader_kind
 
 from helpers import REPO
 
@@ -238,19 +239,19 @@ def test_llamafactory_v1_fixtures(tmp_path):
 
 # trl-internal-testing/zen, built by TRL's scripts/generate_zen_dataset.py: every dataset type
 # TRL's trainers take, in its standard (strings) and conversational (messages) forms
-TRL_FORMS = {
-    "standard_language_modeling": ("text", "text"),
-    "standard_prompt_only": ("prompt_answer", "prompt"),
-    "standard_prompt_completion": ("prompt_completion", "conversation"),
-    "standard_preference": ("prompt_preference", "preference"),
-    "standard_implicit_prompt_preference": ("messages_preference", "preference"),
-    "standard_unpaired_preference": ("unpaired_preference", "unpaired"),
-    "conversational_language_modeling": ("messages", "conversation"),
-    "conversational_prompt_only": ("prompt_answer", "prompt"),
-    "conversational_prompt_completion": ("prompt_completion", "conversation"),
-    "conversational_preference": ("messages_preference", "preference"),
-    "conversational_implicit_prompt_preference": ("messages_preference", "preference"),
-    "conversational_unpaired_preference": ("unpaired_preference", "unpaired"),
+TRL_FORMS = {  # config -> reader (the reader says the kind)
+    "standard_language_modeling": "text",
+    "standard_prompt_only": "prompt_answer",
+    "standard_prompt_completion": "prompt_completion",
+    "standard_preference": "prompt_preference",
+    "standard_implicit_prompt_preference": "messages_preference",
+    "standard_unpaired_preference": "unpaired_preference",
+    "conversational_language_modeling": "messages",
+    "conversational_prompt_only": "prompt_answer",
+    "conversational_prompt_completion": "prompt_completion",
+    "conversational_preference": "messages_preference",
+    "conversational_implicit_prompt_preference": "messages_preference",
+    "conversational_unpaired_preference": "unpaired_preference",
 }
 
 
@@ -261,7 +262,8 @@ def as_pairs(value, role: str) -> list[tuple]:
 
 @pytest.mark.parametrize("config", TRL_FORMS)
 def test_trl_dataset_forms(tmp_path, config):
-    reader, kind = TRL_FORMS[config]
+    reader = TRL_FORMS[config]
+    kind = reader_kind(reader)
     raw, out, _ = fixture(tmp_path, f"trl_zen/{config}.jsonl", reader, kind=kind)
     assert len(out) == len(raw) == 17
     for rec, row in zip(raw, out):

@@ -230,12 +230,12 @@ def messages_preference(record: dict) -> dict:
     chosen = [_published_message(m, f"chosen[{i}]") for i, m in enumerate(chosen)]
     rejected = [_published_message(m, f"rejected[{i}]") for i, m in enumerate(rejected)]
     prompt = record.get("prompt")
-    if prompt is not None and (not isinstance(prompt, str) or _role(chosen[:1]) == "assistant"):
+    if prompt is not None and (not isinstance(prompt, str) or _role(chosen[0] if chosen else None) == "assistant"):
         return {"prompt": _turns(prompt, "prompt", "user"), "chosen": chosen, "rejected": rejected,
                 "tools": record.get("tools")}  # fmt: skip
     shared = _shared_prompt(chosen, rejected)
     if isinstance(prompt, str):
-        last_user = next((m.get("content") for m in reversed(chosen[:shared]) if _role([m]) == "user"), None)
+        last_user = next((m.get("content") for m in reversed(chosen[:shared]) if _role(m) == "user"), None)
         if last_user != prompt:
             raise RecordError("bad_pair", "'prompt' is not the last user message that 'chosen' and 'rejected' share "
                               f"(prompt {prompt[:60]!r}, shared user message {str(last_user)[:60]!r})")  # fmt: skip
@@ -243,8 +243,8 @@ def messages_preference(record: dict) -> dict:
             "tools": record.get("tools")}  # fmt: skip
 
 
-def _role(msgs: list) -> Any:
-    return msgs[0].get("role") if msgs and isinstance(msgs[0], dict) else None
+def _role(m: Any) -> Any:
+    return m.get("role") if isinstance(m, dict) else None
 
 
 def _shared_prompt(chosen: list, rejected: list) -> int:
@@ -253,7 +253,7 @@ def _shared_prompt(chosen: list, rejected: list) -> int:
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
-    while shared and _role(chosen[shared - 1 : shared]) == "assistant":
+    while shared and _role(chosen[shared - 1]) == "assistant":
         shared -= 1
     return shared
 
