@@ -8,12 +8,9 @@ import os
 from pathlib import Path
 
 from ftflow import config as ftconfig
-from ftflow import paths
+from ftflow import inputs, paths
 from ftflow import slurm as ftslurm
 from ftflow.paths import PACKED_SPLITS, SPLITS
-from ftflow.download import local_files, model_files
-from ftflow.readers import reader_file
-from ftflow.evaluate import task_data_files
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
 PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)
@@ -49,25 +46,23 @@ def source_params(name):
 def local_source(wildcards):
     """A local source's files (a glob's matches): editing them reruns its download."""
     path = source_params(wildcards.source).get("path")
-    return [str(f) for f in local_files(path)] if path else []
+    return [str(f) for f in inputs.local_files(path)] if path else []
 
 
 def local_model():
     """A local model's directory or GGUF file: a changed one reruns download."""
-    return model_files(MODEL)
+    return inputs.model_files(MODEL)
 
 
 def user_readers():
     """User reader files ("file.py:function", under conf/data/): editing one reruns normalize."""
-    files = {reader_file(s.reader) for s in ftconfig.Data.model_validate(PARAMS["data"]).sources}
-    return sorted(str(f) for f in files if f is not None)
+    return inputs.user_files([s.get("reader") or "" for s in PARAMS["data"]["sources"]], Path(paths.READERS))
 
 
 def reward_files(train):
     """User GRPO reward files ("file.py:function", under conf/train/): editing one reruns train."""
-    from ftflow.rewards import reward_files as files
-
-    return files((train.get("grpo") or {}).get("rewards") or [])
+    rewards = (train.get("grpo") or {}).get("rewards") or []
+    return inputs.user_files([r["name"] for r in rewards], Path(paths.REWARDS))
 
 
 def raw_dirs():

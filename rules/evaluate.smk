@@ -3,7 +3,7 @@ rule evaluate:
         tuned=f"{paths.CONSOLIDATE}/model",
         base=base_model(),
         tokenizer=f"{paths.PACK}/tokenizer",
-        data=task_data_files(PARAMS["eval"]["tasks"]),  # the tasks' local data files
+        data=inputs.task_data_files(PARAMS["eval"]["tasks"]),  # the tasks' local data files
         tasks=expand("conf/eval/tasks/{task}.yaml", task=PARAMS["eval"]["tasks"]),
         code=code("evaluate"),
     output:

@@ -1,14 +1,11 @@
 # The report's files, from the stages' outputs; `ftflow report` (or `snakemake --report
 # results/report.html`) embeds them in one HTML file.
-from ftflow.report import headline
-
-
 localrules:
     report,
 
 
 # the headline figures of the report's first page (workflow/report/workflow.rst)
-config["report"] = headline()
+config["report"] = inputs.report_headline()
 
 
 rule report:

@@ -173,6 +173,37 @@ def test_params_roundtrip_and_staleness(tmp_path):
         config.load_checked(params, conf)
 
 
+def test_a_passed_check_is_reused_only_while_nothing_it_read_changed(tmp_path):
+    """The Snakefile's parse reuses a passed check (no Hydra import, no recomposition); a hand
+    edit of params.yaml, or of anything under conf/, is checked again and refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    config.write_params(compose([], conf), [], params)
+    check = "import sys; from ftflow import config; config.load_checked(sys.argv[1], sys.argv[2]); print(*sorted(m for m in sys.modules if m.split('.')[0] == 'hydra')[:1])"  # fmt: skip
+
+    def hydra_imported() -> bool:
+        out = subprocess.run([sys.executable, "-c", check, str(params), str(conf)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return bool(out.stdout.strip())
+
+    assert hydra_imported()  # the first check composes
+    assert (tmp_path / config.CHECKED).exists() and not hydra_imported()  # reused
+
+    text = params.read_text()
+    params.write_text(text.replace("max_length: 512", "max_length: 256"))  # valid, but not conf/'s
+    with pytest.raises(ConfigError, match=r"stale .*params.yaml.*pack\.max_length"):
+        config.load_checked(params, conf)
+    params.write_text(text)
+    assert config.load_checked(params, conf)["pack"]["max_length"] == 512
+    (conf / "data" / "my_reader.py").write_text("def read(record): return record\n")  # any conf/ file
+    assert hydra_imported()
+
+
 def test_stage_params_are_projections():
     tree = compose([], CONF)
     assert set(config.stage_params(tree, "evaluate")) == {"model", "eval"}

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftflow.evaluate import flat_scores, task_config, task_data_files
+from ftflow.evaluate import flat_scores, task_config
+from ftflow.inputs import task_data_files
 
 from helpers import REPO
 

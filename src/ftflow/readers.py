@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftflow import paths
 from ftflow.messages import RecordError
 
 Reader = Callable[[dict], Any]
-READERS_DIR = Path("conf/data")  # user reader files are resolved from here
+READERS_DIR = Path(paths.READERS)  # user reader files are resolved from here
 
 
 def _str(record: dict, key: str, required: bool = True) -> str:

@@ -11,7 +11,7 @@ figure on disk. results/report/ holds:
     eval.html        base vs tuned per task and metric, with the difference
     provenance.html  what produced the model: git commit, the config of every stage, the
                      hashes of the data and of the files training read, package versions
-    summary.yaml     the headline figures on the report's first page (see headline())
+    summary.yaml     the headline figures on the report's first page (see inputs.report_headline())
 """
 
 from __future__ import annotations
@@ -270,14 +270,6 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
         out[f"{task}/{metric}"] = f"{base} → {tuned} ({delta})"
     out["git commit"] = (prov.get("git") or {}).get("commit") or "(not a git checkout)"
     return out
-
-
-def headline(root: Path = Path(".")) -> dict:
-    """summary.yaml, for the report's first page (workflow/report/workflow.rst reads it from
-    Snakemake's `config`, the one thing that page can read); {} before the report stage ran.
-    Not --report-metadata: Snakemake 9 garbles its text values."""
-    path = root / paths.REPORT / "summary.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
 # --- the stage -------------------------------------------------------------------------------

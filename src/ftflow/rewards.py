@@ -18,10 +18,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from ftflow import paths
 from ftflow.config import Reward
 from ftflow.readers import load_function
 
-REWARDS_DIR = Path("conf/train")  # user reward files are resolved from here
+REWARDS_DIR = Path(paths.REWARDS)  # user reward files are resolved from here
 
 
 def _normalize(text: str) -> str:
@@ -80,8 +81,3 @@ def reward_function(reward: Reward, base: Path = REWARDS_DIR) -> Callable:
 
 def reward_functions(rewards: list[Reward], base: Path = REWARDS_DIR) -> list[Callable]:
     return [reward_function(r, base) for r in rewards]
-
-
-def reward_files(rewards: list[dict]) -> list[str]:
-    """The user reward files a config uses (the train rule's inputs)."""
-    return sorted({str(REWARDS_DIR / r["name"].rsplit(":", 1)[0]) for r in rewards if ":" in r["name"]})

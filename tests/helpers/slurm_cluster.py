@@ -34,6 +34,10 @@ GPUS = len(FAKE_GPU_DEVICES)
 FEATURE = "bigmem"  # a node feature, for a job constraint
 
 
+def _controller_running(conf: Path) -> bool:
+    return subprocess.run(["pgrep", "-f", f"slurmctld .*-f {conf}"], capture_output=True).returncode == 0
+
+
 def missing() -> list[str]:
     return [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
 
@@ -141,6 +145,11 @@ PartitionName=gpu Nodes={",".join(NODES)} MaxTime=INFINITE State=UP
     def _install_config(self) -> None:
         """Link the config to Slurm's default path: Snakemake's jobstep plugin drops SLURM_*
         variables (SLURM_CONF too) before its inner srun, which then reads only the default."""
+        if SYSTEM_CONF.is_symlink() and _controller_running(SYSTEM_CONF.resolve()):
+            raise RuntimeError(
+                f"another test cluster runs with {SYSTEM_CONF.resolve()}: one cluster per host, so the "
+                "Slurm tests run in one process (test_slurm.py's xdist_group)"
+            )
         if SYSTEM_CONF.is_symlink() or not SYSTEM_CONF.exists():
             SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
             SYSTEM_CONF.unlink(missing_ok=True)
