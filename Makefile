@@ -55,7 +55,7 @@ test: $(STAMP)
 
 ## test-all: every tier (what CI runs, .ci/run); a gpu test runs where CUDA is
 test-all: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -n 2 --dist loadgroup
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest
 
 ## lint: ruff (pyflakes, import order, format) and snakefmt as pyproject.toml configures them,
 ## then Snakemake's own linter (on a composed params.yaml)

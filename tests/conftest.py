@@ -10,12 +10,7 @@ from helpers import SMOLLM2_GGUF, copy_repo, ftflow
 
 
 def pytest_collection_modifyitems(config, items):
-    """A `gpu` test runs only where CUDA is; elsewhere it is reported as not run (pytest -ra).
-
-    Under pytest-xdist (make test-all: two workers, --dist loadgroup) the Slurm tests share one
-    worker (test_slurm.py's xdist_group). They go first: they are the longest group and mostly
-    wait on Slurm, which the other worker fills with the rest of the suite."""
-    items.sort(key=lambda item: "slurm" not in item.keywords)  # stable: otherwise in file order
+    """A `gpu` test runs only where CUDA is; elsewhere it is reported as not run (pytest -ra)."""
     gpu = [item for item in items if "gpu" in item.keywords]
     if gpu:
         import torch

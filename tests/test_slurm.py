@@ -17,10 +17,6 @@ from safetensors.torch import load_file
 
 from helpers import BIN, copy_repo, env, ftflow, run
 
-# one worker runs them all under pytest-xdist (--dist loadgroup): there is one cluster per host,
-# its slurm.conf installed at /etc/slurm/slurm.conf
-pytestmark = pytest.mark.xdist_group("slurm")
-
 # the test cluster has no accounting (sacct): poll with squeue, and start polling at once
 SLURM_FLAGS = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2")
 CLUSTER_STAGES = {"normalize", "pack", "train", "consolidate", "evaluate"}  # download runs locally

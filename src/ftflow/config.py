@@ -529,7 +529,8 @@ def _check_key(path: Path, conf_dir: Path) -> str:
     of site-packages' entries carry their versions: Hydra's, pydantic's)."""
     h = hashlib.sha256(path.read_bytes() if path.exists() else b"")
     code = sorted(Path(__file__).parent.rglob("*.py"))
-    for f in sorted(p for p in Path(conf_dir).rglob("*") if p.is_file()) + code:
+    conf = [p for p in Path(conf_dir).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    for f in sorted(conf) + code:
         h.update(str(f).encode() + b"\0" + f.read_bytes() + b"\0")
     site_packages = Path(yaml.__file__).parents[1]
     h.update("\0".join(sorted(os.listdir(site_packages))).encode())

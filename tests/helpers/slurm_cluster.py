@@ -148,7 +148,7 @@ PartitionName=gpu Nodes={",".join(NODES)} MaxTime=INFINITE State=UP
         if SYSTEM_CONF.is_symlink() and _controller_running(SYSTEM_CONF.resolve()):
             raise RuntimeError(
                 f"another test cluster runs with {SYSTEM_CONF.resolve()}: one cluster per host, so the "
-                "Slurm tests run in one process (test_slurm.py's xdist_group)"
+                "Slurm tests run in one pytest process"
             )
         if SYSTEM_CONF.is_symlink() or not SYSTEM_CONF.exists():
             SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
