@@ -499,6 +499,9 @@ def read_params(path: str | Path = PARAMS_FILE) -> tuple[dict, list[str] | None]
     return load_yaml(text), overrides
 
 
+CHECKED = Path(".snakemake/ftflow/params-checked")  # beside params.yaml; Snakemake's own folder
+
+
 def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> dict:
     """Load params.yaml, validate it, and refuse it if conf/ has changed since it was composed.
 
@@ -518,9 +521,6 @@ def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> d
         f.write(key)
     os.replace(tmp, record)  # atomic: a concurrent reader (another job step) sees one key or the other
     return tree
-
-
-CHECKED = Path(".snakemake/ftflow/params-checked")  # beside params.yaml; Snakemake's own folder
 
 
 def _check_key(path: Path, conf_dir: Path) -> str:

@@ -371,17 +371,14 @@ def reader_kind(spec: str) -> str | None:
     """The kind a built-in reader produces; None for a user reader (it must match data.kind)."""
     if spec in READERS:
         return READERS[spec][1]
-    reader_file(spec)  # raises for an unknown name
+    _refuse_unknown(spec)
     return None
 
 
-def reader_file(spec: str, base: Path = READERS_DIR) -> Path | None:
-    """The file of a user reader "file.py:function" (relative to conf/data/), None for a built-in."""
-    if spec in READERS:
-        return None
-    if ":" not in spec:
+def _refuse_unknown(spec: str) -> None:
+    """A reader is a built-in's name or user code "file.py:function" (its file: inputs.user_files)."""
+    if spec not in READERS and ":" not in spec:
         raise ValueError(f"unknown reader {spec!r}: use one of {sorted(READERS)} or 'file.py:function'")
-    return base / spec.rsplit(":", 1)[0]
 
 
 def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
@@ -389,7 +386,7 @@ def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:
     if spec in READERS:
         return READERS[spec][0]
     if ":" not in spec:
-        reader_file(spec)  # raises: unknown name
+        _refuse_unknown(spec)
     return load_function(spec, base, what="reader")
 
 
