@@ -29,6 +29,16 @@ def test_unknown_task_lists_the_shipped_ones():
         task_config("nope", REPO)
 
 
+def test_only_a_group_indexes_lm_evals_builtin_tasks():
+    """A task config stands alone, so evaluate skips lm-eval's ~10 s index of its built-in tasks;
+    a group names its members, which may be built-in tasks, so it gets the whole index."""
+    from ftflow.evaluate import task_index
+
+    assert task_index([task_config("demo_words", REPO)]).all_tasks == []
+    group = {"group": "reasoning", "task": ["arc_easy", "demo_words"]}
+    assert "arc_easy" in task_index([task_config("demo_words", REPO), group]).all_tasks
+
+
 def test_flat_scores_drop_stderr_and_bookkeeping():
     results = {
         "results": {"t": {"alias": "t", "exact_match,none": 0.5, "exact_match_stderr,none": 0.1, "sample_len": 8}}

@@ -97,12 +97,15 @@ def uses_chat_template(lm, label: str, requested: bool) -> bool:
     return requested
 
 
-def task_index():
-    """lm-eval's task index, made once for every model: simple_evaluate would index its
-    thousands of built-in task YAMLs again for each (about 20 s each time)."""
+def task_index(tasks: list[dict]):
+    """lm-eval's task index, made once for every model (simple_evaluate would make its own for
+    each). Indexing lm-eval's thousands of built-in task YAMLs takes about 10 s on 2 cores, and
+    only a group needs it: lm-eval looks a group's members up by name there (and would turn a
+    name it cannot find into an empty inline task), while a task config stands on its own."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(metadata={})  # what simple_evaluate makes without model_args
+    needs_builtins = any("group" in task for task in tasks)
+    return TaskManager(include_defaults=needs_builtins, metadata={})  # metadata: as simple_evaluate's own
 
 
 def run_lm_eval(lm, tasks: list[dict], cfg: Eval, chat: bool, index=None) -> dict:
@@ -188,7 +191,7 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     tasks = [task_config(name, root) for name in eval_cfg.tasks]
     backend = eval_backend(eval_cfg.backend)
     metrics: dict[str, float] = {}
-    index = task_index()
+    index = task_index(tasks)
     for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
         log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
         if backend == "vllm":
