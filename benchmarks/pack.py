@@ -80,9 +80,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from ftflow import paths
-    from ftflow.config import Tokenizer
     from ftflow.normalize import normalize
     from ftflow.pack import chatml_template, conversations, pack, render, train_tokenizer
+    from ftflow.schema import Tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-pack-"))
     try:

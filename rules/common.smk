@@ -13,7 +13,8 @@ from ftflow import slurm as ftslurm
 from ftflow.paths import PACKED_SPLITS, SPLITS
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
-PARAMS = ftconfig.load_checked(ftconfig.PARAMS_FILE)
+# PARAMS is params.yaml as written (the stages' config); VALID has the schema's defaults too.
+PARAMS, VALID = ftconfig.load_checked(ftconfig.PARAMS_FILE)
 MODEL = PARAMS["model"]
 SCRATCH = MODEL["source"] == "scratch"
 
@@ -30,7 +31,7 @@ def params_of(stage):
 
 def slurm_resources(stage):
     """The stage's Slurm job (conf/slurm/, and launcher for train's GPUs and nodes)."""
-    return ftslurm.resources(PARAMS, stage)
+    return ftslurm.resources(VALID, stage)
 
 
 def code(*modules):

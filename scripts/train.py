@@ -4,7 +4,7 @@ import os
 import sys
 
 from ftflow.cli import run_stage, setup_logging
-from ftflow.config import StageError
+from ftflow.errors import StageError
 
 # Snakemake's side of the job (under Slurm: the job's own log, kept per job id, while the rule's
 # log is replaced by the retry): the reason a run stopped is written there too

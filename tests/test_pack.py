@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer
 
 from ftflow import paths
-from ftflow.config import Pack, Tokenizer, compose, stage_params
+from ftflow.config import compose, stage_params
 from ftflow.inspect_packed import inspect as inspect_rows
 from ftflow.normalize import normalize
 from ftflow.pack import (
@@ -32,6 +32,7 @@ from ftflow.pack import (
     template_text,
     train_tokenizer,
 )
+from ftflow.schema import Pack, Tokenizer
 
 from helpers import REPO, ftflow
 

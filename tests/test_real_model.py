@@ -109,7 +109,7 @@ def test_bf16_trained_on_cpu_is_a_precision_difference_not_damage(packed, tmp_pa
 
 def test_auto_dtype_follows_the_training_precision():
     """dtype auto: bf16 weights exactly where training runs in bf16; an explicit dtype is kept."""
-    from ftflow.config import Launcher, Model, Train
+    from ftflow.schema import Launcher, Model, Train
     from ftflow.train import load_dtype
 
     model = Model.model_validate(compose(OVERRIDES, REPO / "conf")["model"])

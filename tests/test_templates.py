@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import trl
 
-from ftflow.config import Tokenizer
 from ftflow.pack import IGNORE_INDEX, PackError, _template_message, encode, render, template_text, train_tokenizer
+from ftflow.schema import Tokenizer
 from ftflow.spans import TemplateError, end_tokens, renderer
 
 from test_normalize import fixture

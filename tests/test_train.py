@@ -311,8 +311,8 @@ def test_gpu_launchers_without_gpus_are_a_clear_error(conversations, tmp_path):
 
 
 def launcher_flags(*overrides: str) -> list[str]:
-    from ftflow.config import Launcher
     from ftflow.launcher import accelerate_command
+    from ftflow.schema import Launcher
 
     tree = compose(list(overrides), Path(__file__).parents[1] / "conf")
     return accelerate_command(Launcher.model_validate(tree["launcher"]), False, ["ftflow.train"], {})
@@ -335,15 +335,15 @@ def test_multi_node_needs_slurm():
 
     with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm"):
         launcher_flags("launcher=gpu", "launcher.nodes=2")
-    from ftflow.config import Launcher
     from ftflow.launcher import node_tasks_command
+    from ftflow.schema import Launcher
 
     with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm: run the train rule through the Slurm profile"):
         node_tasks_command(Launcher(distributed="ddp", nodes=2), ["config.yaml", "."], {})
 
 
 def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):
-    from ftflow.config import Tracking
+    from ftflow.schema import Tracking
     from ftflow.tracking import wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc

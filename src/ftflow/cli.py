@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from ftflow import config
+from ftflow.errors import ConfigError, StageError
 from ftflow.progress import setup_logging  # noqa: F401 (the rule scripts' entry: ftflow.cli)
 
 STAGES = ("download", "normalize", "pack", "train", "consolidate", "evaluate")
@@ -72,7 +73,7 @@ def dispatch(rule: str, extra: list[str]) -> int:
     from ftflow import dvcyaml
 
     if rule not in dvcyaml.STAGES:
-        raise config.ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {dvcyaml.STAGES})")
+        raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {dvcyaml.STAGES})")
     # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
     # missing one is an error); this holds because rules name their inputs by path (common.smk)
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
@@ -147,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tree = config.compose(args.overrides)  # a hand run leaves params.yaml alone
             run_stage(args.command, config.stage_params(tree, args.command))
-    except config.ConfigError as err:
+    except ConfigError as err:
         print(f"ftflow: {err}", file=sys.stderr)
         return 2
-    except config.StageError as err:
+    except StageError as err:
         print(f"ftflow {args.command}: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 1)
     return 0

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ftflow import paths
-from ftflow.config import StageError
+from ftflow.errors import StageError
 from ftflow.inputs import PKG, local_files, package_file
 
 log = logging.getLogger(__name__)

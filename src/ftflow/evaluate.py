@@ -21,7 +21,9 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import Eval, Model, StageError, write_stage_config
+from ftflow.config import write_stage_config
+from ftflow.errors import StageError
+from ftflow.schema import Eval, Model
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftflow.config import Launcher, StageError
+from ftflow.errors import StageError
+from ftflow.schema import Launcher
 
 
 class LaunchError(StageError):

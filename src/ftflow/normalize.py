@@ -35,8 +35,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ftflow import paths
-from ftflow.config import Data, Source, StageError, write_stage_config
+from ftflow.config import write_stage_config
 from ftflow.download import sha256
+from ftflow.errors import StageError
 from ftflow.formats import (
     FileFormatError,
     Item,
@@ -54,6 +55,7 @@ from ftflow.messages import MESSAGE_FIELDS, RecordError, canonical, content_char
 from ftflow.parallel import ordered_map
 from ftflow.paths import SPLITS
 from ftflow.readers import READERS, READERS_DIR, check_media, get_reader
+from ftflow.schema import Data, Source
 
 log = logging.getLogger(__name__)
 

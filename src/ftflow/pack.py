@@ -38,9 +38,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
-from ftflow.config import Model, Pack, StageError, Template, Tokenizer, write_stage_config
+from ftflow.config import write_stage_config
+from ftflow.errors import StageError
 from ftflow.parallel import ordered_map
 from ftflow.paths import PACKED_SPLITS
+from ftflow.schema import Model, Pack, Template, Tokenizer
 from ftflow.spans import Renderer, Span, end_tokens, renderer, trained_messages
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ftflow import paths
-from ftflow.config import Reward
 from ftflow.readers import load_function
+from ftflow.schema import Reward
 
 REWARDS_DIR = Path(paths.REWARDS)  # user reward files are resolved from here
 

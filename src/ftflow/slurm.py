@@ -1,5 +1,6 @@
 """Each stage's Slurm job, as the Snakemake resources that snakemake-executor-plugin-slurm turns
-into sbatch flags (profiles/slurm). The rules call `resources(PARAMS, stage)`.
+into sbatch flags (profiles/slurm). The rules call `resources(VALID, stage)`, on the validated
+config tree (ftflow.schema's defaults filled in) that config.load_checked returns.
 
 Partition, account, QoS, constraint, CPUs, memory and time come from the `slurm` config section;
 the train job's GPUs per node and node count come from `launcher`, which also tells accelerate
@@ -8,29 +9,27 @@ how many processes to start: one source, so the allocation and the launch cannot
 
 from __future__ import annotations
 
-from ftflow.config import Launcher, Slurm, SlurmJob
-
 # config key -> the plugin's resource name
 _PLACEMENT = (("partition", "slurm_partition"), ("account", "slurm_account"), ("qos", "qos"),
               ("constraint", "constraint"))  # fmt: skip
 
 
-def resources(tree: dict, stage: str) -> dict:
-    slurm = Slurm.model_validate(tree.get("slurm") or {})
-    job = slurm.jobs.get(stage, SlurmJob())
+def resources(valid: dict, stage: str) -> dict:
+    slurm = valid["slurm"]
+    job = slurm["jobs"].get(stage) or {}  # a stage without a job of its own: every value None
     out: dict = {}
     for key, resource in _PLACEMENT:
-        value = getattr(job, key) or getattr(slurm, key)  # the stage's own value wins
+        value = job.get(key) or slurm[key]  # the stage's own value wins
         if value is not None:
             out[resource] = value
-    if job.cpus is not None:
-        out["cpus_per_task"] = job.cpus
-    if job.mem_mb is not None:
-        out["mem_mb"] = job.mem_mb
-    if job.runtime is not None:
-        out["runtime"] = runtime(job.runtime, slurm.runtime_growth)
+    if job.get("cpus") is not None:
+        out["cpus_per_task"] = job["cpus"]
+    if job.get("mem_mb") is not None:
+        out["mem_mb"] = job["mem_mb"]
+    if job.get("runtime") is not None:
+        out["runtime"] = runtime(job["runtime"], slurm["runtime_growth"])
     if stage == "train":
-        out.update(train_resources(Launcher.model_validate(tree["launcher"]), slurm.stop_signal_s))
+        out.update(train_resources(valid["launcher"], slurm["stop_signal_s"]))
     return out
 
 
@@ -41,17 +40,17 @@ def runtime(minutes: int, growth: float):
     return lambda wildcards, attempt: round(minutes * growth ** (attempt - 1))
 
 
-def train_resources(launcher: Launcher, stop_signal_s: int) -> dict:
+def train_resources(launcher: dict, stop_signal_s: int) -> dict:
     # SIGTERM reaches every process of the job's steps (not the batch shell): Snakemake waits for
     # its job on SIGTERM, and the training processes checkpoint and exit 75 (see train.py)
-    out = {"nodes": launcher.nodes, "slurm_extra": f"--signal=TERM@{stop_signal_s}"}
-    if not launcher.cpu:
-        out["gres"] = f"gpu:{launcher.num_processes}"  # --gres counts per node (--gpus would be per job)
-    if launcher.nodes > 1:
+    out = {"nodes": launcher["nodes"], "slurm_extra": f"--signal=TERM@{stop_signal_s}"}
+    if not launcher["cpu"]:
+        out["gres"] = f"gpu:{launcher['num_processes']}"  # --gres counts per node (--gpus would be per job)
+    if launcher["nodes"] > 1:
         # one task per node, started by the stage itself with srun (launcher.node_tasks_command); the
         # `mpi` resource makes the plugin run the stage in the batch step rather than inside a
         # one-task step that would hold the first node's resources
-        out.update(mpi="srun", tasks=launcher.nodes)
-        if not launcher.cpu:
+        out.update(mpi="srun", tasks=launcher["nodes"])
+        if not launcher["cpu"]:
             out["tasks_per_gpu"] = 0  # else the plugin turns `tasks` into --ntasks-per-gpu
     return out

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ftflow.config import StageError
+from ftflow.errors import StageError
 
 ASSISTANT = "assistant"
 

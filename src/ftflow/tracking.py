@@ -13,7 +13,7 @@ import netrc
 import os
 from pathlib import Path
 
-from ftflow.config import Tracking
+from ftflow.schema import Tracking
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,9 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import Launcher, Model, Peft, StageError, Tracking, Train, fingerprint, write_stage_config
+from ftflow.config import fingerprint, write_stage_config
+from ftflow.errors import StageError
+from ftflow.schema import Launcher, Model, Peft, Tracking, Train
 
 log = logging.getLogger(__name__)
 

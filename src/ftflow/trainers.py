@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftflow.config import Launcher, Peft, Train
+from ftflow.schema import Launcher, Peft, Train
 
 
 def use_bf16(train_cfg: Train, launcher: Launcher) -> bool:
