@@ -10,6 +10,7 @@ from pathlib import Path
 from ftflow import config as ftconfig
 from ftflow import inputs, paths
 from ftflow import slurm as ftslurm
+from ftflow import stages as ftstages
 from ftflow.paths import PACKED_SPLITS, SPLITS
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
@@ -34,9 +35,9 @@ def slurm_resources(stage):
     return ftslurm.resources(VALID, stage)
 
 
-def code(*modules):
-    """A stage's own modules, as inputs: editing its logic reruns it and what follows."""
-    return [f"src/ftflow/{m}.py" for m in modules]
+def code(stage):
+    """A stage's modules (ftflow.stages), as inputs: editing its logic reruns it and what follows."""
+    return ftstages.BY_NAME[stage].code()
 
 
 def source_params(name):

@@ -15,7 +15,7 @@ wildcard_constraints:
 rule download_source:
     input:
         local=local_source,
-        code=code("download", "inputs"),
+        code=code("download"),
     output:
         raw=directory(f"{paths.RAW}/{{source}}"),
         manifest=paths.source_manifest("{source}"),
@@ -32,7 +32,7 @@ rule download_source:
 rule download_model:
     input:
         local=local_model(),
-        code=code("download", "inputs"),
+        code=code("download"),
     output:
         model=directory(f"{paths.MODELS}/{{model}}"),
         manifest=paths.model_manifest("{model}"),
@@ -50,7 +50,7 @@ rule download:
     input:
         sources=[paths.source_manifest(s["name"]) for s in PARAMS["data"]["sources"]],
         models=[] if SCRATCH else [paths.model_manifest(MODEL["name"])],
-        code=code("download", "inputs"),
+        code=code("download"),
     output:
         manifest=paths.MANIFEST,
     log:

@@ -2,7 +2,7 @@ rule normalize:
     input:
         raw=raw_dirs(),
         manifest=paths.MANIFEST,
-        code=code("normalize", "formats", "readers", "messages", "parallel"),
+        code=code("normalize"),
         readers=user_readers(),
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),

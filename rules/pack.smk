@@ -3,7 +3,7 @@ rule pack:
         train=f"{paths.NORMALIZE}/train.parquet",
         validation=f"{paths.NORMALIZE}/validation.parquet",
         base=[] if SCRATCH else [base_model()],
-        code=code("pack", "spans", "templates", "parallel") + templates(),
+        code=code("pack") + templates(),
     output:
         packed=packed_dirs(),
         tokenizer=directory(f"{paths.PACK}/tokenizer"),

@@ -5,7 +5,7 @@ rule train:
         packed=[f"{paths.PACK}/{s}" for s in PACKED_SPLITS],
         tokenizer=f"{paths.PACK}/tokenizer",
         base=[] if SCRATCH else [base_model()],
-        code=code("train", "trainers", "launcher", "rewards", "tracking", "provenance"),
+        code=code("train"),
         rewards=reward_files(PARAMS["train"]),
     output:
         model=directory(f"{paths.TRAIN}/model"),

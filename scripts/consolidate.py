@@ -1,12 +1,5 @@
-"""Rule entry for the consolidate stage: output to the rule's log, run the stage on its params."""
+"""Rule entry for the consolidate stage: see ftflow.cli.run_rule."""
 
-import os
+from ftflow.cli import run_rule
 
-from ftflow.cli import run_stage, setup_logging
-
-# dup2, not sys.stderr=: child processes (accelerate's workers) must log there too
-log_fd = os.open(snakemake.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # noqa: F821
-os.dup2(log_fd, 1)
-os.dup2(log_fd, 2)
-setup_logging()
-run_stage("consolidate", snakemake.params.cfg)  # noqa: F821 (injected by Snakemake)
+run_rule(snakemake)  # noqa: F821 (injected by Snakemake)

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from ftflow import config
+from ftflow import config, stages
 from ftflow.config import compose
 from ftflow.errors import ConfigError
 from ftflow.schema import validate
@@ -274,7 +274,7 @@ def test_slurm_resources_come_from_the_slurm_section_and_the_launcher():
     assert cpu["nodes"] == 1 and not {"gres", "mpi", "tasks"} & cpu.keys()
     assert [cpu["runtime"](None, attempt) for attempt in (1, 2, 3)] == [30, 60, 120]
     # the slurm section is no stage's params: changing it reruns nothing
-    assert all("slurm" not in config.stage_params(tree, s) for s in config.STAGE_SECTIONS)
+    assert all("slurm" not in config.stage_params(tree, s) for s in stages.NAMES)
 
 
 def test_a_misspelt_slurm_key_is_an_error():

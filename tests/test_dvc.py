@@ -109,15 +109,15 @@ def snakemake_stage_graph(root: Path) -> dict:
 
 
 def compare(root: Path) -> list[str]:
-    from ftflow import config, dvcyaml
+    from ftflow import dvcyaml, stages
 
     declared, rules = dvc_stage_graph(root), snakemake_stage_graph(root)
     problems = dvcyaml.differences(rules, {k: v for k, v in declared.items() if k != "compose"})
-    for name in dvcyaml.STAGES:
+    for name in stages.DVC_STAGES:
         if name in declared:
             if declared[name]["cmd"] != f"ftflow dispatch {name}":
                 problems.append(f"{name}: cmd {declared[name]['cmd']!r} does not dispatch its own rule")
-            if declared[name]["params"] != sorted(config.STAGE_SECTIONS[name]):
+            if declared[name]["params"] != sorted(stages.BY_NAME[name].sections):
                 problems.append(f"{name}: params {declared[name]['params']} != its sections")
     return problems
 

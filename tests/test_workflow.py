@@ -141,7 +141,7 @@ def import_chain(importtime: str, module: str) -> list[str] | None:
 
 # what the Snakefile's parse may import of ftflow: the params check, the paths, the rules' input
 # files, the Slurm resources and the dvc.yaml check; no stage
-PARSE_MODULES = {"ftflow", "ftflow.config", "ftflow.errors", "ftflow.paths", "ftflow.inputs", "ftflow.slurm",
+PARSE_MODULES = {"ftflow", "ftflow.config", "ftflow.errors", "ftflow.paths", "ftflow.inputs", "ftflow.slurm", "ftflow.stages",
                  "ftflow.dvcyaml"}  # fmt: skip
 
 

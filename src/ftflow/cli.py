@@ -26,32 +26,31 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftflow import config
+from ftflow import config, stages
 from ftflow.errors import ConfigError, StageError
-from ftflow.progress import setup_logging  # noqa: F401 (the rule scripts' entry: ftflow.cli)
-
-STAGES = ("download", "normalize", "pack", "train", "consolidate", "evaluate")
+from ftflow.progress import setup_logging
 
 
-def run_stage(stage: str, params: dict, root: Path = Path(".")):
-    """The one entry every path into a stage goes through (rule script or CLI)."""
-    if stage == "download":
-        from ftflow.download import download as fn
-    elif stage == "normalize":
-        from ftflow.normalize import normalize as fn
-    elif stage == "pack":
-        from ftflow.pack import pack as fn
-    elif stage == "train":
-        from ftflow.train import launch as fn
-    elif stage == "consolidate":
-        from ftflow.consolidate import consolidate as fn
-    elif stage == "evaluate":
-        from ftflow.evaluate import evaluate as fn
-    elif stage == "report":
-        from ftflow.report import report as fn
-    else:
-        raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
-    return fn(params, root)
+def run_rule(smk) -> None:
+    """Every rule script's body (`smk`: the `snakemake` object Snakemake gives a script): output to
+    the rule's log, run the rule's part of its stage on its params, and end a StageError with
+    its message and exit status, no traceback."""
+    # Snakemake's side of the job (under Slurm: the job's own log, kept per job id, while the
+    # rule's log is replaced by a retry): the reason a job stopped is written there too
+    job_stderr = os.fdopen(os.dup(2), "w")
+    # dup2, not sys.stderr=: child processes (accelerate's workers) must log there too
+    log_fd = os.open(smk.log[0], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    setup_logging()
+    if "SLURM_JOB_ID" in os.environ:
+        print(f"Slurm job {os.environ['SLURM_JOB_ID']}", flush=True)
+    try:
+        stages.run_rule(smk.rule, smk.params.cfg)
+    except StageError as err:
+        for out in (sys.stderr, job_stderr):
+            print(f"ftflow {smk.rule}: {err}", file=out, flush=True)
+        sys.exit(getattr(err, "exit_status", 1))
 
 
 def compose_and_write(overrides: list[str]) -> dict:
@@ -72,8 +71,8 @@ def dispatch(rule: str, extra: list[str]) -> int:
     that its inputs are current (so no upstream rule may run, and the rule is forced)."""
     from ftflow import dvcyaml
 
-    if rule not in dvcyaml.STAGES:
-        raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {dvcyaml.STAGES})")
+    if rule not in stages.DVC_STAGES:
+        raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {stages.DVC_STAGES})")
     # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
     # missing one is an error); this holds because rules name their inputs by path (common.smk)
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "command", choices=("compose", "run", *STAGES, "report", "dispatch", "dvc-yaml", "sync", "pull", "inspect")
+        "command", choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect")
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             sync()
         else:
             tree = config.compose(args.overrides)  # a hand run leaves params.yaml alone
-            run_stage(args.command, config.stage_params(tree, args.command))
+            stages.run(args.command, config.stage_params(tree, args.command))
     except ConfigError as err:
         print(f"ftflow: {err}", file=sys.stderr)
         return 2

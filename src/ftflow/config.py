@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
+from ftflow import stages
 from ftflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -22,18 +23,6 @@ CONF_DIR = Path("conf")  # workflows run from the repository root
 PARAMS_FILE = "params.yaml"
 OVERRIDES_HEADER = "# ftflow compose overrides: "
 
-
-# Which sections each stage reads. A rule gets exactly these through `params:`, so a change
-# elsewhere in the tree does not rerun it (Snakemake's params trigger, DVC's stage params).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "download": ("data", "model"),  # projected to locations only, see stage_params()
-    "normalize": ("data",),
-    "pack": ("model", "tokenizer", "template", "pack"),
-    "train": ("model", "train", "peft", "launcher", "tracking"),
-    "consolidate": ("model", "peft", "template", "consolidate"),
-    "evaluate": ("model", "eval"),
-    "report": (),  # it reads the stages' outputs (and the config.yaml each wrote), no config
-}
 
 # Keys that say *where* data comes from; the rest (limit, reader, split) is normalize's business
 # and must not trigger a re-download.
@@ -151,7 +140,7 @@ def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> C
     path = Path(path)
     record = path.parent / CHECKED
     key = _check_key(path, conf_dir)
-    recorded = json.loads(record.read_text()) if record.exists() else {}
+    recorded = _recorded(record)
     if recorded.get("key") == key:
         return Checked(read_params(path)[0], recorded["valid"])
     checked = _check(path, conf_dir)
@@ -161,6 +150,15 @@ def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> C
         json.dump({"key": key, "valid": checked.valid}, f)
     os.replace(tmp, record)  # atomic: a concurrent reader (another job step) sees one record or the other
     return checked
+
+
+def _recorded(record: Path) -> dict:
+    """The recorded check, or {} if there is none (or one in an earlier ftflow's format)."""
+    try:
+        recorded = json.loads(record.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _check_key(path: Path, conf_dir: Path) -> str:
@@ -213,7 +211,7 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
 
 def stage_params(tree: dict, stage: str) -> dict:
     """The part of the config a stage may read; a rule's `params:` and nothing more."""
-    out = {name: tree[name] for name in STAGE_SECTIONS[stage]}
+    out = {name: tree[name] for name in stages.BY_NAME[stage].sections}
     if stage == "download":
         out["data"] = {"sources": [{k: s.get(k) for k in _SOURCE_LOCATION_KEYS} for s in tree["data"]["sources"]]}
         out["model"] = {k: tree["model"].get(k) for k in _MODEL_LOCATION_KEYS}

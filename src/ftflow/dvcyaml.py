@@ -28,9 +28,9 @@ from pathlib import Path
 import yaml
 
 from ftflow import config, paths
+from ftflow.stages import BY_NAME, DVC_STAGES
 
 DVC_YAML = "dvc.yaml"
-STAGES = ("normalize", "pack", "train", "consolidate", "evaluate", "report")  # every rule after download
 COMPOSE_STAGE = {"cmd": "ftflow compose --check", "deps": ["conf"]}
 PERSIST = {"train": [paths.CHECKPOINTS]}
 METRICS = (f"{paths.TRAIN}/summary.json", f"{paths.EVALUATE}/metrics.json")
@@ -71,14 +71,14 @@ def rule_graph(rules, root: Path = Path(".")) -> dict[str, dict[str, list[str]]]
     deps are the rule's inputs (coarsened) plus its script; outs its outputs plus PERSIST."""
     graph = {}
     for rule in rules:
-        if rule.name not in STAGES:
+        if rule.name not in DVC_STAGES:
             continue
         script = os.path.normpath(os.path.join(str(rule.basedir), rule.script))
         deps = {coarse(str(f)) for f in rule.input} | {os.path.relpath(script, Path(root).resolve())}
         deps |= set(FIXED_DEPS.get(rule.name, []))
         outs = {str(f) for f in rule.output} | set(PERSIST.get(rule.name, []))
         graph[rule.name] = {"deps": sorted(deps), "outs": sorted(outs)}
-    missing = set(STAGES) - set(graph)
+    missing = set(DVC_STAGES) - set(graph)
     if missing:
         raise DriftError(f"the Snakefile has no rule for the DVC stage(s) {sorted(missing)}")
     return graph
@@ -100,11 +100,11 @@ def snakemake_rules(root: Path = Path(".")):
 def render(graph: dict[str, dict[str, list[str]]]) -> dict:
     """dvc.yaml's content for a stage graph."""
     stages: dict[str, dict] = {"compose": dict(COMPOSE_STAGE)}
-    for name in STAGES:
+    for name in DVC_STAGES:
         outs = graph[name]["outs"]
         stage: dict = {"cmd": f"ftflow dispatch {name}", "deps": graph[name]["deps"]}
-        if config.STAGE_SECTIONS[name]:  # report reads no config
-            stage["params"] = list(config.STAGE_SECTIONS[name])
+        if BY_NAME[name].sections:  # report reads no config
+            stage["params"] = list(BY_NAME[name].sections)
         plain = [o for o in outs if o not in METRICS and o not in PLOTS]
         stage["outs"] = [{o: {"persist": True}} if o in PERSIST.get(name, []) else o for o in plain]
         for key, kind in (("metrics", METRICS), ("plots", PLOTS)):
@@ -145,7 +145,7 @@ def declared_graph(content: dict) -> dict[str, dict[str, list[str]]]:
 
     graph = {}
     for name, stage in content.get("stages", {}).items():
-        if name in STAGES:
+        if name in DVC_STAGES:
             outs = names(stage.get("outs")) + names(stage.get("metrics")) + names(stage.get("plots"))
             graph[name] = {"deps": sorted(names(stage.get("deps"))), "outs": sorted(outs)}
     return graph

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ftflow import stages
 from ftflow.errors import ConfigError
 
 
@@ -303,10 +304,6 @@ class SlurmJob(Section):
     runtime: int | None = Field(default=None, ge=1)  # minutes
 
 
-# the stages that run as Slurm jobs; download runs where Snakemake runs (login nodes have internet)
-SLURM_STAGES = ("normalize", "pack", "train", "consolidate", "evaluate")
-
-
 class Slurm(Section):
     partition: str | None = None  # for every stage unless its job says otherwise
     account: str | None = None
@@ -317,7 +314,7 @@ class Slurm(Section):
     stop_signal_s: int = Field(default=300, ge=1)
     # a retried job asks for runtime x runtime_growth^(attempt-1): more time after a time limit
     runtime_growth: float = Field(default=1.0, ge=1.0)
-    jobs: dict[Literal[SLURM_STAGES], SlurmJob] = {}  # type: ignore[valid-type]  # (a tuple: the same as listing them)
+    jobs: dict[Literal[stages.SLURM_JOBS], SlurmJob] = {}  # type: ignore[valid-type]  # (a tuple: the same as listing them)
 
 
 class Config(Section):

@@ -24,12 +24,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from ftflow import config, dvcyaml
+from ftflow import config, dvcyaml, stages
 
 log = logging.getLogger(__name__)
 
-DOWNLOAD_RULES = ("download_source", "download_model", "download")  # versioned by `dvc add data`
-ORDER = (*DOWNLOAD_RULES, *dvcyaml.STAGES)  # the DAG, upstream first
+DOWNLOAD_RULES = tuple(stages.BY_NAME["download"].rule_entries())  # versioned by `dvc add data`
+ORDER = tuple(stages.RULES)  # the DAG, upstream first
 DATA_DVC = "data.dvc"
 TIMESTAMP = ".snakemake_timestamp"
 STALE_TIME = 0.0  # older than any input: Snakemake reruns the job
