@@ -81,7 +81,7 @@ def main() -> None:
 
     from ftflow import paths
     from ftflow.normalize import normalize
-    from ftflow.pack import chatml_template, conversations, pack, render, train_tokenizer
+    from ftflow.pack import conversations, pack, render, template_text, train_tokenizer
     from ftflow.schema import Tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-pack-"))
@@ -89,9 +89,9 @@ def main() -> None:
         write_raw(work / paths.RAW / "alpaca" / "alpaca.jsonl", args.conversations)
         normalize({"data": {"sources": [{"name": "alpaca", "path": "x", "reader": "alpaca"}]}}, work)
         convs = conversations(work / paths.NORMALIZE / "train.parquet")
-        texts = render(convs, chatml_template())
+        texts = render(convs, template_text("chatml"))
         tok = train_tokenizer(texts + vocab_corpus(), Tokenizer(source="train", vocab_size=args.vocab), "<|im_end|>")
-        tok.chat_template = chatml_template()
+        tok.chat_template = template_text("chatml")
         tok.save_pretrained(work / paths.MODELS / "bench")
         print(f"data: {len(convs):,} alpaca conversations; byte-level BPE, {len(tok):,} tokens; "
               f"ChatML; max_length {args.max_length}; {os.cpu_count()} cores\n")  # fmt: skip

@@ -13,7 +13,7 @@ from ftflow import paths, stages
 from ftflow.schema import Config
 
 from helpers import REPO
-from helpers.imports import reachable
+from helpers.imports import circles, reachable
 
 # The registry itself reaches a stage as its rule's params and inputs, which Snakemake compares
 # on their own: an edit to it is not an edit to what a stage runs.
@@ -32,6 +32,11 @@ def test_a_stage_lists_exactly_the_modules_it_runs(stage):
     assert not missing and not extra, (
         f"runs but does not list {sorted(missing)}; lists but does not run {sorted(extra)}"
     )
+
+
+def test_no_module_imports_itself_back():
+    """No import circle in src/ (launcher and train once imported each other)."""
+    assert circles() == set()
 
 
 def test_an_unknown_stage_names_the_known_ones():

@@ -276,7 +276,7 @@ def comparison(metrics: dict[str, float]) -> list[dict]:
     for key, value in sorted(metrics.items()):
         model, score = key.split("/", 1)
         if model in ("base", "tuned"):
-            rows.append({"score": score, "model": model, "name": f"{score} ({model})", "value": value})
+            rows.append({"score": score, "model": model, "value": value})
     return rows
 
 

@@ -1,4 +1,5 @@
-"""The `accelerate launch` command line of a launcher config (conf/launcher/).
+"""train's job side: the `accelerate launch` command line of a launcher config (conf/launcher/),
+and running it with stop signals passed on to the training processes.
 
 One config says how many processes and nodes a training run has; the Slurm profile reads the
 same values for its resource request (issue: the two can never disagree). On a multi-node
@@ -8,15 +9,24 @@ node's address come from Slurm's environment.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from ftflow import paths
 from ftflow.errors import StageError
-from ftflow.schema import Launcher
+from ftflow.schema import Launcher, Train
+
+log = logging.getLogger(__name__)
+
+# what Slurm sends before a time limit or on preemption: the workers checkpoint and stop (train.py)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class LaunchError(StageError):
@@ -135,11 +145,75 @@ def job_cpus_per_task(job_id: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def accelerate_launch(cfg: dict, root: Path, env: dict) -> list[str]:
+    """`accelerate launch -m ftflow.train <stage config>` for this node."""
+    from ftflow.trainers import use_bf16
+
+    launcher = Launcher.model_validate(cfg["launcher"])
+    bf16 = use_bf16(Train.model_validate(cfg["train"]), launcher)
+    worker = ["ftflow.train", str(root / paths.TRAIN / "config.yaml"), str(root)]
+    return accelerate_command(launcher, bf16, worker, env, adapters=cfg["peft"]["method"] != "none")
+
+
+def block_stop_signals() -> None:
+    """For the launcher processes: accelerate's and torchrun's processes then wait for the
+    workers' checkpoint instead of dying first. Blocked, not ignored: the launchers may install
+    their own handlers (accelerate >= 1.16 ends the workers 5 s after a SIGTERM), which do not
+    run while the signal is blocked. The mask is inherited across fork and exec; each worker
+    unblocks the signals once its own handler is in place (StopOnSignal), and a signal that came
+    before is then delivered, not lost. (Slurm signals every process of the step.)"""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: bool = False) -> int:
+    """Run the launcher; a stop signal that reaches this process is passed to the training
+    processes: on this node through the pids they write to `pid_dir` once their handler is in
+    place, across nodes through srun (which signals every process of its step). A signal that
+    comes before the workers are ready (Slurm's may come at any time) is passed on when they are."""
+    shutil.rmtree(pid_dir, ignore_errors=True)
+    pid_dir.mkdir(parents=True)
+    stop: list[int] = []  # the signal, once one came
+    told: set[str] = set()
+    proc: subprocess.Popen | None = None
+
+    def tell_workers():
+        if via_srun:
+            if proc is not None:
+                proc.send_signal(signal.SIGUSR1)
+            return
+        for pid_file in pid_dir.glob("*.pid"):
+            if pid_file.name not in told:
+                told.add(pid_file.name)
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+    def forward(signum, frame):
+        log.warning("Got %s: asking the training processes to checkpoint and stop", signal.Signals(signum).name)
+        stop.append(signum)
+        tell_workers()
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        with subprocess.Popen(cmd, env=env, preexec_fn=None if via_srun else block_stop_signals) as proc:
+            waited = 0
+            while True:
+                try:
+                    return proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    waited += 1
+                    # workers that registered since; through srun, again every 10 s
+                    if stop and (not via_srun or waited % 10 == 0):
+                        tell_workers()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def node_main(config_path: str, root: str) -> None:
     """One node's task (srun): start this node's `accelerate launch` of the training workers."""
     import yaml
-
-    from ftflow.train import accelerate_launch, block_stop_signals
 
     cfg = yaml.safe_load(Path(config_path).read_text())
     env = launch_env(Launcher.model_validate(cfg["launcher"]))

@@ -77,10 +77,6 @@ def template_text(name: str) -> str:
     return files("ftflow").joinpath("templates", TEMPLATES[name].file).read_text()
 
 
-def chatml_template() -> str:
-    return template_text("chatml")
-
-
 # --- reading normalize's output -------------------------------------------------------------
 
 

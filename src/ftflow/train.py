@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import yaml
 from ftflow import paths
 from ftflow.config import fingerprint, write_stage_config
 from ftflow.errors import StageError
+from ftflow.launcher import STOP_SIGNALS, accelerate_launch, launch_env, node_tasks_command, run_forwarding_signals
 from ftflow.schema import Launcher, Model, Peft, Tracking, Train
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 LOSS_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 PREEMPTED = 75  # EX_TEMPFAIL: stopped on a signal after saving a checkpoint; run again to resume
 COMPLETE = "ftflow_complete"  # marker in a checkpoint folder once every process has saved its part
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class TrainError(StageError):
@@ -72,8 +71,6 @@ def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
 
 def launch(cfg: dict, root: Path = Path(".")) -> dict:
     """Run the stage: write its config, start the training processes, wait for them."""
-    from ftflow.launcher import launch_env, node_tasks_command
-
     out_dir = root / paths.TRAIN
     write_stage_config(cfg, out_dir)
     launcher = Launcher.model_validate(cfg["launcher"])
@@ -100,73 +97,6 @@ def launch(cfg: dict, root: Path = Path(".")) -> dict:
     if returncode != 0:
         raise TrainError(f"training failed (exit status {returncode}); see the log above")
     return json.loads((out_dir / "summary.json").read_text())
-
-
-def accelerate_launch(cfg: dict, root: Path, env: dict) -> list[str]:
-    """`accelerate launch -m ftflow.train <stage config>` for this node."""
-    from ftflow.launcher import accelerate_command
-    from ftflow.trainers import use_bf16
-
-    launcher = Launcher.model_validate(cfg["launcher"])
-    bf16 = use_bf16(Train.model_validate(cfg["train"]), launcher)
-    worker = ["ftflow.train", str(root / paths.TRAIN / "config.yaml"), str(root)]
-    return accelerate_command(launcher, bf16, worker, env, adapters=cfg["peft"]["method"] != "none")
-
-
-def block_stop_signals() -> None:
-    """For the launcher processes: accelerate's and torchrun's processes then wait for the
-    workers' checkpoint instead of dying first. Blocked, not ignored: the launchers may install
-    their own handlers (accelerate >= 1.16 ends the workers 5 s after a SIGTERM), which do not
-    run while the signal is blocked. The mask is inherited across fork and exec; each worker
-    unblocks the signals once its own handler is in place (StopOnSignal), and a signal that came
-    before is then delivered, not lost. (Slurm signals every process of the step.)"""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-
-
-def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: bool = False) -> int:
-    """Run the launcher; a stop signal that reaches this process is passed to the training
-    processes: on this node through the pids they write to `pid_dir` once their handler is in
-    place, across nodes through srun (which signals every process of its step). A signal that
-    comes before the workers are ready (Slurm's may come at any time) is passed on when they are."""
-    shutil.rmtree(pid_dir, ignore_errors=True)
-    pid_dir.mkdir(parents=True)
-    stop: list[int] = []  # the signal, once one came
-    told: set[str] = set()
-    proc: subprocess.Popen | None = None
-
-    def tell_workers():
-        if via_srun:
-            if proc is not None:
-                proc.send_signal(signal.SIGUSR1)
-            return
-        for pid_file in pid_dir.glob("*.pid"):
-            if pid_file.name not in told:
-                told.add(pid_file.name)
-                try:
-                    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
-                except (ProcessLookupError, ValueError):
-                    pass
-
-    def forward(signum, frame):
-        log.warning("Got %s: asking the training processes to checkpoint and stop", signal.Signals(signum).name)
-        stop.append(signum)
-        tell_workers()
-
-    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
-    try:
-        with subprocess.Popen(cmd, env=env, preexec_fn=None if via_srun else block_stop_signals) as proc:
-            waited = 0
-            while True:
-                try:
-                    return proc.wait(timeout=1)
-                except subprocess.TimeoutExpired:
-                    waited += 1
-                    # workers that registered since; through srun, again every 10 s
-                    if stop and (not via_srun or waited % 10 == 0):
-                        tell_workers()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:

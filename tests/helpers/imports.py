@@ -14,10 +14,11 @@ SRC = Path(__file__).resolve().parents[2] / "src/ftflow"
 MODULE_LEVEL_ONLY = {"config", "schema"}
 
 
-def ftflow_imports(module: str) -> set[str]:
-    """The ftflow modules that `module` imports, at module level or inside its functions."""
+def ftflow_imports(module: str, every: bool = False) -> set[str]:
+    """The ftflow modules that `module` imports, at module level or inside its functions
+    (`every`: inside the functions of MODULE_LEVEL_ONLY's modules too)."""
     tree = ast.parse((SRC / f"{module}.py").read_text())
-    nodes = tree.body if module in MODULE_LEVEL_ONLY else list(ast.walk(tree))
+    nodes = tree.body if module in MODULE_LEVEL_ONLY and not every else list(ast.walk(tree))
     typing_only = {id(n) for block in ast.walk(tree) if _type_checking(block) for n in ast.walk(block)}
     nodes = [n for n in nodes if id(n) not in typing_only]
     found: set[str] = set()
@@ -36,12 +37,22 @@ def _type_checking(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
 
 
-def reachable(module: str) -> set[str]:
+def reachable(module: str, every: bool = False) -> set[str]:
     """`module` and every ftflow module its imports reach."""
     seen, todo = set(), [module]
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo += ftflow_imports(name)
+            todo += ftflow_imports(name, every)
     return seen
+
+
+def modules() -> list[str]:
+    return sorted(p.stem for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__"))
+
+
+def circles() -> set[tuple[str, str]]:
+    """Pairs of modules that import each other, directly or through others (every import)."""
+    return {tuple(sorted((a, b))) for a in modules() for b in ftflow_imports(a, every=True)
+            if b != a and a in reachable(b, every=True)}  # fmt: skip
