@@ -218,11 +218,6 @@ def stage_params(tree: dict, stage: str) -> dict:
     return out
 
 
-def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able object (used to key checkpoints to one config)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def write_stage_config(section: dict, out_dir: str | Path) -> None:
     """Each stage writes the exact config it ran with beside its outputs."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from ftflow import paths
-from ftflow.config import fingerprint, write_stage_config
+from ftflow.config import write_stage_config
 from ftflow.errors import StageError
+from ftflow.hashing import fingerprint
 from ftflow.provenance import git_state, manifest_digest
 from ftflow.schema import Consolidate, Model, Peft, Template
 

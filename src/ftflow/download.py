@@ -17,7 +17,6 @@ by the GGUF file's sha256 (gguf_cache()) and copied from there.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from ftflow import paths
 from ftflow.errors import StageError
+from ftflow.hashing import file_sha256
 from ftflow.inputs import PKG, local_files, package_file
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,6 @@ log = logging.getLogger(__name__)
 
 class DownloadError(StageError):
     """A source or model that cannot be brought in, with what to do about it."""
-
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -56,7 +48,7 @@ def file_hashes(root: Path) -> dict[str, str]:
     hashes = {}
     with tqdm(total=sum(p.stat().st_size for p in files), desc=f"hash {root.name}", unit="B", unit_scale=True) as bar:
         for p in files:
-            hashes[str(p.relative_to(root) if p != root else p.name)] = sha256(p)
+            hashes[str(p.relative_to(root) if p != root else p.name)] = file_sha256(p)
             bar.update(p.stat().st_size)
     return hashes
 
@@ -217,7 +209,7 @@ def convert_gguf(gguf: Path) -> tuple[Path, dict]:
     hashes written when it was made; a damaged or half-written one is converted again."""
     from filelock import FileLock
 
-    digest = sha256(gguf)
+    digest = file_sha256(gguf)
     out = gguf_cache() / f"{gguf.stem}-{digest[:12]}"
     record = out.with_name(out.name + ".json")  # beside it: the model directory stays plain HF
     out.parent.mkdir(parents=True, exist_ok=True)

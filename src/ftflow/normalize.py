@@ -36,7 +36,6 @@ from tqdm import tqdm
 
 from ftflow import paths
 from ftflow.config import write_stage_config
-from ftflow.download import sha256
 from ftflow.errors import StageError
 from ftflow.formats import (
     FileFormatError,
@@ -51,6 +50,7 @@ from ftflow.formats import (
     parse_json_line,
     saved_dataset_records,
 )
+from ftflow.hashing import file_sha256
 from ftflow.messages import MESSAGE_FIELDS, RecordError, canonical, content_chars, schemas, to_table, validate
 from ftflow.parallel import ordered_map
 from ftflow.paths import SPLITS
@@ -380,7 +380,7 @@ class SplitWriter:
         self.thread.shutdown()
         self.writer.close()
         os.replace(self.tmp, self.path)
-        return sha256(self.path)
+        return file_sha256(self.path)
 
     def abort(self) -> None:
         self.thread.shutdown(cancel_futures=True)

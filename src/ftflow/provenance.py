@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ftflow import paths
+from ftflow.hashing import file_sha256, tree_sha256
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "tokenizers",
             "flash-attn", "bitsandbytes", "wandb", "lm-eval", "snakemake", "dvc", "ftflow")  # fmt: skip
@@ -69,20 +70,12 @@ def environment(root: Path = Path(".")) -> dict:
 
 def manifest_digest(root: Path = Path(".")) -> str | None:
     path = root / paths.MANIFEST
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+    return file_sha256(path)[:16] if path.exists() else None
 
 
 def tree_digest(folder: Path) -> str | None:
     """sha256 over a folder's files (names and bytes, in name order)."""
-    if not folder.exists():
-        return None
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    return tree_sha256(folder) if folder.exists() else None
 
 
 def input_hashes(root: Path = Path(".")) -> dict:

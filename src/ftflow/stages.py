@@ -42,7 +42,14 @@ STAGES = (
         "download",
         "ftflow.download:download",
         ("data", "model"),  # projected to where things come from: config.stage_params
-        ("config", "download", "errors", "inputs", "paths"),
+        (
+            "config",
+            "download",
+            "errors",
+            "hashing",
+            "inputs",
+            "paths",
+        ),
         slurm_job=False,
         dvc_stage=False,
         rules={
@@ -57,10 +64,9 @@ STAGES = (
         ("data",),
         (
             "config",
-            "download",
             "errors",
             "formats",
-            "inputs",
+            "hashing",
             "messages",
             "normalize",
             "parallel",
@@ -82,6 +88,7 @@ STAGES = (
         (
             "config",
             "errors",
+            "hashing",
             "launcher",
             "messages",
             "paths",
@@ -99,7 +106,15 @@ STAGES = (
         "consolidate",
         "ftflow.consolidate:consolidate",
         ("model", "peft", "template", "consolidate"),
-        ("config", "consolidate", "errors", "paths", "provenance", "schema"),
+        (
+            "config",
+            "consolidate",
+            "errors",
+            "hashing",
+            "paths",
+            "provenance",
+            "schema",
+        ),
     ),
     Stage(
         "evaluate",

@@ -18,7 +18,6 @@ fails with a message saying so, and the retry (Snakemake --retries, Slurm requeu
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -31,8 +30,9 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import fingerprint, write_stage_config
+from ftflow.config import write_stage_config
 from ftflow.errors import StageError
+from ftflow.hashing import file_sha256, fingerprint
 from ftflow.launcher import STOP_SIGNALS, accelerate_launch, launch_env, node_tasks_command, run_forwarding_signals
 from ftflow.schema import Launcher, Model, Peft, Tracking, Train
 
@@ -60,9 +60,7 @@ DATA_RECORDS = (f"{paths.NORMALIZE}/stats.json", f"{paths.PACK}/config.yaml", f"
 def checkpoint_key(cfg: dict, root: Path = Path(".")) -> str:
     """What a checkpoint belongs to: the config that shapes the weights (tracking does not) and
     the data it trains on. Another learning rate or another dataset never resumes it."""
-    data = {
-        name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in DATA_RECORDS if (root / name).exists()
-    }
+    data = {name: file_sha256(root / name) for name in DATA_RECORDS if (root / name).exists()}
     return fingerprint({"config": {k: v for k, v in cfg.items() if k != "tracking"}, "data": data})
 
 
