@@ -8,15 +8,10 @@ import hashlib
 import json
 from pathlib import Path
 
-CHUNK = 1 << 20  # read in chunks: a model's weights need not fit in memory
-
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with Path(path).open("rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # read in chunks: weights need not fit in memory
 
 
 def tree_sha256(folder: Path) -> str:
@@ -25,7 +20,7 @@ def tree_sha256(folder: Path) -> str:
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         h.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with path.open("rb") as f:
-            while block := f.read(CHUNK):
+            while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()
 
