@@ -47,8 +47,7 @@ def main() -> None:
     import datasets
     import pyarrow.json as pj
 
-    from ftflow import paths
-    from ftflow.normalize import normalize
+    from ftflow import paths, runner
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-normalize-"))
     try:
@@ -65,7 +64,7 @@ def main() -> None:
             lambda: datasets.load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
         )
         cfg = {"data": {"sources": [{"name": "alpaca", "path": str(data), "reader": "alpaca"}]}}
-        norm = timed(lambda: normalize(cfg, work))
+        norm = timed(lambda: runner.run("normalize", cfg, work))
         stats = json.loads((work / paths.NORMALIZE / "stats.json").read_text())
         assert stats["splits"]["train"]["records_out"] == args.records
 

@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--experiment", default=None, help="e.g. smoke (default: the demo)")
     args = parser.parse_args()
-    from ftflow.dvcyaml import STAGES
+    from ftflow.stages import DVC_STAGES
 
     with tempfile.TemporaryDirectory() as tmp:
         work = copy_repo(Path(tmp) / "repo")
@@ -92,7 +92,7 @@ def main() -> None:
         ours, base = median([str(BIN / "snakemake"), "--profile", "profiles/local", "-n"], work,
                             [str(BIN / "snakemake"), "--cores", "1", "-n", "c.txt"], snakefile, args.repeats)  # fmt: skip
         rows.append(("snakemake -n (nothing to do)", ours, "3-rule Snakefile, -n", base, 2.0))
-        for stage in STAGES:
+        for stage in DVC_STAGES:
             ours, base = median([str(BIN / "ftflow"), "dispatch", stage, "--", "-n"], work,
                                 [str(BIN / "dvc"), "status"], dvc, args.repeats)  # fmt: skip
             rows.append((f"ftflow dispatch {stage} -- -n", ours, "dvc status, 1 stage", base, 3.0))

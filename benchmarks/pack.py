@@ -79,15 +79,16 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32_000)
     args = parser.parse_args()
 
-    from ftflow import paths
-    from ftflow.normalize import normalize
-    from ftflow.pack import conversations, pack, render, template_text, train_tokenizer
-    from ftflow.schema import Tokenizer
+    from ftflow import paths, runner
+    from ftflow.config.schema import Tokenizer
+    from ftflow.pack.io import conversations
+    from ftflow.pack.templates import template_text
+    from ftflow.pack.tokenizer import render, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="ftflow-bench-pack-"))
     try:
         write_raw(work / paths.RAW / "alpaca" / "alpaca.jsonl", args.conversations)
-        normalize({"data": {"sources": [{"name": "alpaca", "path": "x", "reader": "alpaca"}]}}, work)
+        runner.run("normalize", {"data": {"sources": [{"name": "alpaca", "path": "x", "reader": "alpaca"}]}}, work)
         convs = conversations(work / paths.NORMALIZE / "train.parquet")
         texts = render(convs, template_text("chatml"))
         tok = train_tokenizer(texts + vocab_corpus(), Tokenizer(source="train", vocab_size=args.vocab), "<|im_end|>")
@@ -105,7 +106,7 @@ def main() -> None:
             "template": {"name": "chatml"},
             "pack": {"max_length": args.max_length},
         }
-        stats, ft_s = timed(lambda: pack(cfg, work))
+        stats, ft_s = timed(lambda: runner.run("pack", cfg, work))
         train = stats["splits"]["train"]
 
         print(f"{'':40}{'seconds':>9}{'tokens':>13}{'tokens/s':>12}")

@@ -40,18 +40,19 @@ def write_raw(dest: Path, n: int) -> None:
 
 def stage(name: str, work: str, queue) -> None:
     """One stage in a fresh process, so that its peak memory is its own."""
-    from ftflow.normalize import normalize
-    from ftflow.pack import pack
+    from ftflow import runner
 
     start = time.perf_counter()
     if name == "normalize":
-        stats = normalize({"data": {"sources": [{"name": "short", "path": "x", "reader": "alpaca"}]}}, Path(work))
+        stats = runner.run(
+            "normalize", {"data": {"sources": [{"name": "short", "path": "x", "reader": "alpaca"}]}}, Path(work)
+        )
         summary = {"records": stats["splits"]["train"]["records_out"]}
     else:
         cfg = {"model": {"name": "m", "source": "scratch", "architecture": {}},
                "tokenizer": {"source": "train", "vocab_size": 512}, "template": {"name": "chatml"},
                "pack": {"max_length": 2048}}  # fmt: skip
-        summary = pack(cfg, Path(work))["splits"]["train"]
+        summary = runner.run("pack", cfg, Path(work))["splits"]["train"]
     keys = ("records", "conversations", "tokens", "rows", "packing_efficiency")
     queue.put(
         {

@@ -36,7 +36,7 @@ from helpers import prepared  # noqa: E402
 def prepare(work: Path, overrides: list[str]) -> dict:
     """The data normalized and packed in `work` and a pretrained model's base weights in place
     (the tests' helpers.prepared); returns the composed config."""
-    from ftflow.config import compose
+    from ftflow.config.params import compose
 
     prepared(work, overrides, with_model=True)  # no weights for the tiny model (trained from scratch)
     return compose(overrides, work / "conf")
@@ -117,13 +117,12 @@ def run_trl(work: Path, tree: dict) -> tuple[float, float, int]:
 
 def run_ftflow(work: Path, tree: dict) -> tuple[float, float]:
     """(trainer.train() seconds, whole stage seconds) of ftflow's train stage, from scratch."""
-    from ftflow import paths
-    from ftflow.config import stage_params
-    from ftflow.train import launch
+    from ftflow import paths, runner
+    from ftflow.config.params import stage_params
 
     shutil.rmtree(work / paths.TRAIN, ignore_errors=True)  # no checkpoint to resume from
     start = time.perf_counter()
-    launch(stage_params(tree, "train"), work)
+    runner.run("train", stage_params(tree, "train"), work)
     stage_s = time.perf_counter() - start
     return json.loads((work / paths.TRAIN / "summary.json").read_text())["train_runtime_s"], stage_s
 

@@ -3,19 +3,20 @@
 # Inputs name the outputs they read by path (ftflow.paths), not by reference to the producing
 # step's output object: Snakemake follows such a reference even under --allowed-rules, so
 # `ftflow dispatch` (a DVC stage's command, exactly one step) would rerun an upstream step
-# whose outputs DVC relinked to an older cached copy. tests/test_dvc.py checks it.
+# whose outputs DVC relinked to an older cached copy. tests/workflow/test_dvc.py checks it.
 import os
 from pathlib import Path
 
-from ftflow import config as ftconfig
-from ftflow import inputs, paths
-from ftflow import slurm as ftslurm
+from ftflow.config import params as ftparams
+from ftflow import paths
+from ftflow.workflow import inputs
+from ftflow.workflow import slurm as ftslurm
 from ftflow import stages as ftstages
 from ftflow.paths import PACKED_SPLITS, SPLITS
 
 # Validated, and checked against a fresh composition of conf/ (stale params.yaml is an error).
 # PARAMS is params.yaml as written (the stages' config); VALID has the schema's defaults too.
-PARAMS, VALID = ftconfig.load_checked(ftconfig.PARAMS_FILE)
+PARAMS, VALID = ftparams.load_checked(ftparams.PARAMS_FILE)
 MODEL = PARAMS["model"]
 SCRATCH = MODEL["source"] == "scratch"
 
@@ -27,7 +28,7 @@ ALL_CORES = os.cpu_count() or 1
 
 def params_of(stage):
     """The config sections a stage reads: a change elsewhere does not rerun it."""
-    return ftconfig.stage_params(PARAMS, stage)
+    return ftparams.stage_params(PARAMS, stage)
 
 
 def slurm_resources(stage):
@@ -73,7 +74,7 @@ def raw_dirs():
 
 def templates():
     """The shipped chat templates (pack renders with the configured one)."""
-    return sorted(str(p) for p in Path("src/ftflow/templates").glob("*.jinja"))
+    return sorted(str(p) for p in Path("src/ftflow/pack/templates").glob("*.jinja"))
 
 
 def base_model():
@@ -83,3 +84,8 @@ def base_model():
 
 def packed_dirs():
     return [directory(f"{paths.PACK}/{s}") for s in PACKED_SPLITS]
+
+
+def report_file(name):
+    """One of the report's files (ftflow.paths.REPORT_FILES: what the report stage writes)."""
+    return f"{paths.REPORT}/{paths.REPORT_FILES[name]}"

@@ -21,38 +21,38 @@ rule report:
         code=code("report"),
     output:
         normalize=report(
-            f"{paths.REPORT}/normalize.html",
+            report_file("normalize"),
             caption="../workflow/report/normalize.rst",
             category="1. Data",
             subcategory="normalize",
             labels={"stage": "normalize", "figure": "records per source"},
         ),
         pack=report(
-            f"{paths.REPORT}/pack.html",
+            report_file("pack"),
             caption="../workflow/report/pack.rst",
             category="1. Data",
             subcategory="pack",
             labels={"stage": "pack", "figure": "tokens and packing"},
         ),
         loss=report(
-            f"{paths.REPORT}/loss.svg",
+            report_file("loss"),
             caption="../workflow/report/loss.rst",
             category="2. Training",
             labels={"stage": "train", "figure": "loss curve"},
         ),
         evaluate=report(
-            f"{paths.REPORT}/eval.html",
+            report_file("evaluate"),
             caption="../workflow/report/eval.rst",
             category="3. Evaluation",
             labels={"stage": "evaluate", "figure": "base vs tuned"},
         ),
         provenance=report(
-            f"{paths.REPORT}/provenance.html",
+            report_file("provenance"),
             caption="../workflow/report/provenance.rst",
             category="4. Provenance",
             labels={"stage": "train", "figure": "what produced the model"},
         ),
-        summary=f"{paths.REPORT}/summary.yaml",  # the first page's figures
+        summary=report_file("summary"),
     log:
         f"{paths.LOGS}/report.log",
     conda:

@@ -55,7 +55,7 @@ def smollm2_dir() -> Path:
     and reused after that (the cache is keyed by the GGUF's sha256: ~/.cache/ftflow/gguf/, or
     $FTFLOW_CACHE/gguf/). Read-only for tests: copy it to change it. Without the package this
     fails with the install command: a test of the real path is never skipped."""
-    from ftflow.download import DownloadError, convert_gguf, resolve_path
+    from ftflow.data.download import DownloadError, convert_gguf, resolve_path
 
     try:
         gguf = resolve_path(SMOLLM2_GGUF)

@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import BASE, clone
 
 from ftflow import paths
-from ftflow.launcher import free_port
+from ftflow.train.launcher import free_port
 
-from helpers import REPO, env, ftflow, prepared
+from helpers import REPO, SMALL_SFT, clone, env, ftflow, prepared
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    root = prepared(tmp_path_factory.mktemp("full") / "repo", BASE)
+    root = prepared(tmp_path_factory.mktemp("full") / "repo", SMALL_SFT)
     # long enough (about 4 epochs of 200 conversations) to learn that an answer ends the turn
-    ftflow("train", *BASE, "train.max_steps=80", "train.save_steps=100", "train.logging_steps=10", cwd=root)
+    ftflow("train", *SMALL_SFT, "train.max_steps=80", "train.save_steps=100", "train.logging_steps=10", cwd=root)
     return root
 
 
@@ -47,7 +46,7 @@ def probe_logits(model_dir: Path, root: Path) -> tuple[torch.Tensor, torch.Tenso
 @pytest.mark.slow
 def test_full_weights_consolidate_into_a_verified_model(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
-    ftflow("consolidate", *BASE, cwd=root)
+    ftflow("consolidate", *SMALL_SFT, cwd=root)
     check = verification(root)
     assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5 and check["tolerance"] == 1e-3, check
     assert check["precision"] == {"training": "float32", "output": "float32", "training_rounding": 0.0,
@@ -66,7 +65,7 @@ def test_a_damaged_weight_file_fails_the_stage(trained, tmp_path):
     middle = header + (len(data) - header) // 2
     data[middle : middle + 4096] = struct.pack("<f", 1e4) * 1024
     weights.write_bytes(bytes(data))
-    proc = ftflow("consolidate", *BASE, cwd=root, check=False)
+    proc = ftflow("consolidate", *SMALL_SFT, cwd=root, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert (
         "verification failed: the trained weights in results/train/model, run at the precision training ran "
@@ -97,7 +96,7 @@ def test_fsdp_sharded_checkpoint_consolidates(trained, tmp_path):
     assert "FSDP: " in proc.stdout and " 0 of " not in proc.stdout, proc.stdout  # really sharded
     shards = sorted(p.name for p in (root / paths.TRAIN / "model" / "pytorch_model_fsdp_0").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
-    ftflow("consolidate", *BASE, cwd=root)
+    ftflow("consolidate", *SMALL_SFT, cwd=root)
     check = verification(root)
     assert check["ok"] and check["max_abs_logprob_diff"] < 1e-4, check
     got, want = probe_logits(root / paths.CONSOLIDATE / "model", root)
@@ -113,7 +112,7 @@ def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = clone(trained, tmp_path / "repo")
-    ftflow("consolidate", *BASE, cwd=root)
+    ftflow("consolidate", *SMALL_SFT, cwd=root)
     out = root / paths.CONSOLIDATE / "model"
     tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
@@ -130,8 +129,8 @@ def test_consolidated_model_stops_at_the_end_of_turn(trained, tmp_path):
 @pytest.mark.slow
 def test_evaluate_scores_base_and_tuned_on_both_task_kinds(trained, tmp_path):
     root = clone(trained, tmp_path / "repo")
-    ftflow("consolidate", *BASE, cwd=root)
-    ftflow("evaluate", *BASE, "eval.limit=40", cwd=root)
+    ftflow("consolidate", *SMALL_SFT, cwd=root)
+    ftflow("evaluate", *SMALL_SFT, "eval.limit=40", cwd=root)
     metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())
     for label in ("base", "tuned"):
         assert f"{label}/demo_words/exact_match" in metrics  # generative
@@ -146,16 +145,21 @@ def test_evaluate_scores_base_and_tuned_on_both_task_kinds(trained, tmp_path):
 def test_evaluate_any_model_directory(trained, tmp_path):
     """The same stage on model directories of one's choice (each with its tokenizer)."""
     root = clone(trained, tmp_path / "repo")
-    ftflow("consolidate", *BASE, cwd=root)
+    ftflow("consolidate", *SMALL_SFT, cwd=root)
     mine = str(root / paths.CONSOLIDATE / "model")
     ftflow(
-        "evaluate", *BASE, "eval.limit=8", "eval.tasks=[demo_words_choice]", f"eval.models={{mine: '{mine}'}}", cwd=root
+        "evaluate",
+        *SMALL_SFT,
+        "eval.limit=8",
+        "eval.tasks=[demo_words_choice]",
+        f"eval.models={{mine: '{mine}'}}",
+        cwd=root,
     )
     metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())
     assert set(metrics) == {"mine/demo_words_choice/acc", "mine/demo_words_choice/acc_norm"}
     table = (root / paths.EVALUATE / "comparison.md").read_text()
     assert table.splitlines()[0] == "| task / metric | mine |" and "| demo_words_choice/acc | " in table
-    proc = ftflow("evaluate", *BASE, "eval.models={x: /nonexistent}", cwd=root, check=False)
+    proc = ftflow("evaluate", *SMALL_SFT, "eval.models={x: /nonexistent}", cwd=root, check=False)
     assert proc.returncode == 1 and "eval.models.x: /nonexistent is not a Hugging Face model directory" in proc.stderr
 
 
@@ -164,7 +168,7 @@ def test_16bit_output_is_verified_in_float32_and_its_rounding_reported(trained, 
     """consolidate.dtype=bfloat16: the check runs where precision cannot blur it (the trained
     weights against train's float32 record); what rounding to bf16 then does is reported."""
     root = clone(trained, tmp_path / "repo")
-    ftflow("consolidate", *BASE, "consolidate.dtype=bfloat16", cwd=root)
+    ftflow("consolidate", *SMALL_SFT, "consolidate.dtype=bfloat16", cwd=root)
     check = verification(root)
     assert check["ok"] and check["max_abs_logprob_diff"] < 1e-5, check
     prec = check["precision"]

@@ -20,9 +20,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from helpers import BIN, REPO
+from helpers.imports import path as module_path
+from helpers.imports import reachable
 
 ENVS = REPO / "envs"
-SRC = REPO / "src" / "ftflow"
 EDITABLE = "-e .."  # ftflow itself, from the checkout (relative to envs/)
 
 # family -> its rules (and the modules those rules run)
@@ -32,13 +33,13 @@ RULES = {
     "eval": {"evaluate"},
 }
 MODULES = {
-    "data": ("download", "normalize", "pack", "report"),
-    "train": ("train", "consolidate"),
+    "data": ("data.download", "data.normalize", "pack.stage", "report"),
+    "train": ("train.stage", "train.__main__", "consolidate"),
     "eval": ("evaluate",),
 }
 # what ftflow needs wherever it is installed: its config (`ftflow <stage>` composes conf/), and the
 # Snakemake and DVC front ends of its CLI (run, dispatch, dvc-yaml, sync, pull)
-COMMON = ("config", "dvcyaml", "sync")
+COMMON = ("config.params", "config.schema", "workflow.dvcyaml", "workflow.sync")
 # needed although no ftflow module imports them: train runs under `python -m accelerate...`;
 # lm-eval's HF backend imports transformers and accelerate (its hf extra, not requested)
 UNIMPORTED = {"train": {"accelerate"}, "eval": {"transformers", "accelerate"}}
@@ -124,27 +125,17 @@ def test_every_dependency_is_in_an_env():
 def imported_modules(roots: tuple[str, ...]) -> set[str]:
     """Top-level modules that these ftflow modules, and the ftflow modules they import, import
     (inside functions too: most heavy imports are deferred)."""
-    seen, todo, found = set(), list(roots), set()
-    while todo:
-        mod = todo.pop()
-        if mod in seen:
-            continue
-        seen.add(mod)
-        for node in ast.walk(ast.parse((SRC / f"{mod}.py").read_text())):
-            names = []
+    ftflow = set().union(*(reachable(root, every=True) for root in roots))
+    found = set()
+    for mod in ftflow:
+        for node in ast.walk(ast.parse(module_path(mod).read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "ftflow":
-                names = [f"ftflow.{a.name}" for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module]
-            for name in names:
-                if name.startswith("ftflow."):
-                    sub = name.split(".")[1]
-                    if (SRC / f"{sub}.py").exists():
-                        todo.append(sub)
-                else:
-                    found.add(name.split(".")[0])
+            else:
+                continue
+            found |= {name.split(".")[0] for name in names if name.split(".")[0] != "ftflow"}
     return found
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftflow import runner
 from ftflow.evaluate import flat_scores, task_config
-from ftflow.inputs import task_data_files
+from ftflow.workflow.inputs import task_data_files
 
 from helpers import REPO
 
@@ -122,8 +123,8 @@ def test_base_is_evaluated_with_its_own_tokenizer_when_it_has_one(tmp_path):
     """A hub/local base ships its tokenizer and chat template: it is scored with them, not with
     pack's (the pipeline's template, which it never saw). Without tokenizer files, and for a
     scratch model (whose tokenizer pack trained), pack's tokenizer it is."""
+    from ftflow.config.schema import Eval, Model
     from ftflow.evaluate import models_to_evaluate
-    from ftflow.schema import Eval, Model
 
     hub = Model(name="hub_model", source="hub", hub_id="org/hub-model")
     scratch = Model(name="tiny", source="scratch", architecture={"model_type": "llama"})
@@ -170,8 +171,7 @@ FILTER_PATTERNS = {"strict-match": (r"^\s*(\w+)\s*$", 0), "flexible-extract": (r
 def filtered_eval(finished, tmp_path_factory) -> Path:
     """evaluate on the finished smoke run's base and tuned models with the filtered task (and
     demo_words, unfiltered), in a tree of its own: the finished run's outputs stay as they were."""
-    from ftflow.config import compose, stage_params
-    from ftflow.evaluate import evaluate
+    from ftflow.config.params import compose, stage_params
 
     root = tmp_path_factory.mktemp("filtered") / "repo"
     for part in ("results/train", "results/pack", "results/consolidate", "examples"):
@@ -192,7 +192,7 @@ def filtered_eval(finished, tmp_path_factory) -> Path:
         compose(["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract]", "eval.limit=4"], finished / "conf"),
         "evaluate",
     )
-    evaluate(cfg, root)
+    runner.run("evaluate", cfg, root)
     return root / "results/eval"
 
 

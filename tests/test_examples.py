@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftflow.config import compose
+from ftflow.config.params import compose
 
 from helpers import REPO
 

@@ -165,7 +165,7 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
 def test_normalize_section_has_a_column_per_drop_reason(tmp_path):
     """Two sources with bad records, normalized with on_error=skip: each reason gets a column,
     each source its counts, and the split its total (the smoke run drops nothing)."""
-    from ftflow.normalize import normalize
+    from ftflow import runner
     from ftflow.report import normalize_table, page
 
     bad = Path(__file__).parent / "bad_inputs"
@@ -174,7 +174,9 @@ def test_normalize_section_has_a_column_per_drop_reason(tmp_path):
         for f in files:
             shutil.copy(bad / f, tmp_path / "data/raw" / name)
     sources = [{"name": n, "path": "unused", "reader": "alpaca"} for n in ("a", "b")]
-    stats = normalize({"data": {"kind": "conversation", "sources": sources, "on_error": "skip"}}, tmp_path)
+    stats = runner.run(
+        "normalize", {"data": {"kind": "conversation", "sources": sources, "on_error": "skip"}}, tmp_path
+    )
     (table,) = Tables(page("normalize", [normalize_table(stats)])).tables
     rows = {r["source"]: r for r in records(table)}
     assert table[0] == [

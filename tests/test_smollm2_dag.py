@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer, GenerationConfig
 
 from ftflow import paths
-from ftflow.pack import _template_message
+from ftflow.pack.io import template_message
 
 from helpers import copy_repo, ftflow
 
@@ -42,7 +42,7 @@ def test_whole_dag_on_smollm2_with_its_own_template(tmp_path, smollm2_dir, peft)
     convs = pq.read_table(root / paths.NORMALIZE / "train.parquet").column("messages").to_pylist()
     assert len(rows) == len(convs) == 200
     for k in (0, 1, 199):
-        conv = [_template_message(m) for m in convs[k]]
+        conv = [template_message(m) for m in convs[k]]
         want = original.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
         assert rows[k]["input_ids"] == want[: stats["max_length"]]
         assert "You are a helpful AI assistant named SmolLM" in original.decode(rows[k]["input_ids"])

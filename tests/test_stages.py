@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ftflow import paths, stages
-from ftflow.schema import Config
+from ftflow import paths, runner, stages
+from ftflow.config.schema import Config
 
 from helpers import REPO
 from helpers.imports import circles, reachable
 
 # The registry itself reaches a stage as its rule's params and inputs, which Snakemake compares
 # on their own: an edit to it is not an edit to what a stage runs.
-REGISTRY = {"stages"}
+REGISTRY = frozenset({"stages"})
 
 
 @pytest.mark.parametrize("stage", stages.STAGES, ids=stages.NAMES)
@@ -25,10 +25,11 @@ def test_a_stage_lists_exactly_the_modules_it_runs(stage):
     """Its code inputs: a module it imports but does not list would not rerun it when edited
     (normalize once missed download.py, consolidate provenance.py); one it lists but does not
     import would rerun it for nothing."""
-    runs = set()
-    for entry in stage.rule_entries().values():
-        runs |= reachable(entry.split(":")[0].removeprefix("ftflow."))
-    missing, extra = runs - REGISTRY - set(stage.modules), set(stage.modules) - runs
+    starts = [entry.split(":")[0].removeprefix("ftflow.") for entry in stage.rule_entries().values()]
+    runs = set().union(*(reachable(m, skip=REGISTRY) for m in [*starts, *stage.processes]))
+    if stage.typed:
+        runs |= reachable("config.schema", skip=REGISTRY)  # runner.run_rule validates the sections with it
+    missing, extra = runs - set(stage.modules), set(stage.modules) - runs
     assert not missing and not extra, (
         f"runs but does not list {sorted(missing)}; lists but does not run {sorted(extra)}"
     )
@@ -39,14 +40,32 @@ def test_no_module_imports_itself_back():
     assert circles() == set()
 
 
+def test_a_stage_gets_its_sections_validated_once(tmp_path):
+    """runner.run hands a stage its sections as a typed config, and a bad value stops it before
+    it starts, named by its dotted path in the stage's sections."""
+    from ftflow.config.params import compose, stage_params
+    from ftflow.config.schema import Eval, StageConfig, stage_config
+    from ftflow.errors import ConfigError
+
+    sections = stage_params(compose([], REPO / "conf"), "evaluate")
+    cfg = stage_config("evaluate", sections)
+    assert isinstance(cfg, StageConfig) and cfg.sections is sections
+    assert cfg.eval == Eval.model_validate(sections["eval"])
+    with pytest.raises(
+        ConfigError, match=r"invalid evaluate config:\n  eval.batch_size: Input should be a valid integer"
+    ):
+        runner.run("evaluate", {**sections, "eval": {**sections["eval"], "batch_size": "many"}}, tmp_path)
+    assert not (tmp_path / paths.EVALUATE).exists()  # stopped before the stage began
+
+
 def test_an_unknown_stage_names_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown stage 'trian': one of \('download', 'normalize'"):
-        stages.run("trian", {})
+        runner.run("trian", {})
 
 
 @pytest.fixture(scope="module")
 def rules(tmp_path_factory):
-    from ftflow import dvcyaml
+    from ftflow.workflow import dvcyaml
 
     from helpers import copy_repo, ftflow
 
@@ -63,14 +82,19 @@ def test_a_stage_has_its_rule_script_config_dvc_stage_and_output_folder(stage, r
         rule = rules[name]
         assert Path(rule.script).name == f"{stage.name}.py", (name, rule.script)
         assert all(str(out).startswith(folder + "/") or str(out) == folder for out in rule.output), (name, folder)
-        assert stages.resolve(entry)  # the entry exists
+        assert runner.resolve(entry)  # the entry exists
         if stage.name != "download":  # a download rule gets one source's or the model's location
             assert sorted(rule.params.cfg) == sorted(stage.sections), name
     assert (REPO / "scripts" / f"{stage.name}.py").exists()
+    # its code: the module or package of its name (download and normalize: in data/)
+    entry_module = stage.entry.split(":")[0].split(".")
+    assert stage.name in entry_module[-2:], stage.entry
     assert set(stage.sections) <= set(Config.model_fields)  # sections of the schema
     assert (stage.name in dvc) == stage.dvc_stage
     if stage.dvc_stage:
         assert dvc[stage.name]["cmd"] == f"ftflow dispatch {stage.name}"
+    if stage.name == "report":  # the files the stage writes, each one an output of its rule
+        assert {str(o) for o in rules["report"].output} == {f"{paths.REPORT}/{f}" for f in paths.REPORT_FILES.values()}
     assert (stage.name in stages.SLURM_JOBS) == (
         "slurm_resources" in (REPO / "rules" / f"{stage.name}.smk").read_text()
     )

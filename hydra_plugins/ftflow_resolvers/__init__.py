@@ -7,6 +7,6 @@ in conf/config.yaml needs this to be registered there too.
 
 from pathlib import Path
 
-from ftflow.config import register_resolvers
+from ftflow.config.params import register_resolvers
 
 register_resolvers(Path(__file__).resolve().parents[2] / "conf")

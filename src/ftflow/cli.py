@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftflow import config, stages
+from ftflow import runner, stages
+from ftflow.config import params
 from ftflow.errors import ConfigError, StageError
 from ftflow.progress import setup_logging
 
@@ -46,7 +47,7 @@ def run_rule(smk) -> None:
     if "SLURM_JOB_ID" in os.environ:
         print(f"Slurm job {os.environ['SLURM_JOB_ID']}", flush=True)
     try:
-        stages.run_rule(smk.rule, smk.params.cfg)
+        runner.run_rule(smk.rule, smk.params.cfg)
     except StageError as err:
         for out in (sys.stderr, job_stderr):
             print(f"ftflow {smk.rule}: {err}", file=out, flush=True)
@@ -54,9 +55,9 @@ def run_rule(smk) -> None:
 
 
 def compose_and_write(overrides: list[str]) -> dict:
-    tree = config.compose(overrides)
-    config.write_params(tree, overrides)
-    print(f"composed conf/ {' '.join(overrides) or '(no overrides)'} -> {config.PARAMS_FILE}", file=sys.stderr)
+    tree = params.compose(overrides)
+    params.write_params(tree, overrides)
+    print(f"composed conf/ {' '.join(overrides) or '(no overrides)'} -> {params.PARAMS_FILE}", file=sys.stderr)
     return tree
 
 
@@ -69,7 +70,7 @@ def snakemake_cmd(*args: str) -> list[str]:
 def dispatch(rule: str, extra: list[str]) -> int:
     """Run one rule, and only it, through Snakemake: DVC has already decided it must run and
     that its inputs are current (so no upstream rule may run, and the rule is forced)."""
-    from ftflow import dvcyaml
+    from ftflow.workflow import dvcyaml
 
     if rule not in stages.DVC_STAGES:
         raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {stages.DVC_STAGES})")
@@ -84,11 +85,11 @@ def html_report(extra: list[str] = ()) -> int:
     """Snakemake's report of the finished run, its first page showing the headline figures.
     Not after a dry run, nor after a run of part of the DAG that left the report's files out."""
     from ftflow import paths
-    from ftflow.report import HTML, OUTPUTS
+    from ftflow.report import HTML
 
     if {"-n", "--dry-run", "--dryrun"} & set(extra):
         return 0
-    if not all((Path(paths.REPORT) / name).exists() for name in OUTPUTS):
+    if not all((Path(paths.REPORT) / name).exists() for name in paths.REPORT_FILES.values()):
         print(f"report: not written ({paths.REPORT}/ is incomplete); `ftflow report` makes it", file=sys.stderr)
         return 0
     rc = subprocess.call(snakemake_cmd("--report", HTML))
@@ -98,62 +99,71 @@ def html_report(extra: list[str] = ()) -> int:
 
 
 def check_params() -> None:
-    config.load_checked(config.PARAMS_FILE)
-    print(f"{config.PARAMS_FILE} is what conf/ composes to", file=sys.stderr)
+    params.load_checked(params.PARAMS_FILE)
+    print(f"{params.PARAMS_FILE} is what conf/ composes to", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "command", choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect")
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
+    p.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
+    p.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "command", choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect")
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
-    parser.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
-    parser.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
     argv = list(sys.argv[1:] if argv is None else argv)
+    # what follows `--` goes to Snakemake (run, report, dispatch) or DVC (pull)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     setup_logging()
     try:
-        if args.command == "compose" and args.check:
-            check_params()
-        elif args.command == "compose":
-            compose_and_write(args.overrides)
-        elif args.command == "run":
-            compose_and_write(args.overrides)
-            return subprocess.call(snakemake_cmd(*extra)) or html_report(extra)
-        elif args.command == "report":
-            return subprocess.call(snakemake_cmd(*extra, "--", "report")) or html_report()
-        elif args.command == "dispatch":
-            if len(args.overrides) != 1:
-                parser.error("dispatch takes one rule name")
-            return dispatch(args.overrides[0], extra)
-        elif args.command == "dvc-yaml":
-            from ftflow import dvcyaml
-
-            print(f"wrote {dvcyaml.write()}", file=sys.stderr)
-        elif args.command == "inspect":
-            from ftflow.inspect_packed import inspect
-
-            print(inspect(*(Path(p) for p in args.overrides[:1]), rows=args.rows))
-        elif args.command in ("sync", "pull"):
-            from ftflow.sync import sync
-
-            if args.command == "pull" and subprocess.call(["dvc", "pull", *args.overrides, *extra]) != 0:
-                return 1
-            sync()
-        else:
-            tree = config.compose(args.overrides)  # a hand run leaves params.yaml alone
-            stages.run(args.command, config.stage_params(tree, args.command))
+        return command(args, extra) or 0
     except ConfigError as err:
         print(f"ftflow: {err}", file=sys.stderr)
         return 2
     except StageError as err:
         print(f"ftflow {args.command}: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 1)
-    return 0
+
+
+def command(args: argparse.Namespace, extra: list[str]) -> int | None:
+    """Run one command; its exit status (None: 0)."""
+    if args.command == "compose" and args.check:
+        check_params()
+    elif args.command == "compose":
+        compose_and_write(args.overrides)
+    elif args.command == "run":
+        compose_and_write(args.overrides)
+        return subprocess.call(snakemake_cmd(*extra)) or html_report(extra)
+    elif args.command == "report":
+        return subprocess.call(snakemake_cmd(*extra, "--", "report")) or html_report()
+    elif args.command == "dispatch":
+        if len(args.overrides) != 1:
+            parser().error("dispatch takes one rule name")
+        return dispatch(args.overrides[0], extra)
+    elif args.command == "dvc-yaml":
+        from ftflow.workflow import dvcyaml
+
+        print(f"wrote {dvcyaml.write()}", file=sys.stderr)
+    elif args.command == "inspect":
+        from ftflow.pack.inspect import inspect
+
+        print(inspect(*(Path(p) for p in args.overrides[:1]), rows=args.rows))
+    elif args.command in ("sync", "pull"):
+        from ftflow.workflow.sync import sync
+
+        if args.command == "pull" and subprocess.call(["dvc", "pull", *args.overrides, *extra]) != 0:
+            return 1
+        sync()
+    else:  # a stage, by hand: composed with the overrides, params.yaml left alone
+        runner.run(args.command, params.stage_params(params.compose(args.overrides), args.command))
+    return None
 
 
 if __name__ == "__main__":

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from ftflow import paths
-from ftflow.config import write_stage_config
+from ftflow.config.params import write_stage_config
+from ftflow.config.schema import Model, Peft, StageConfig
 from ftflow.errors import StageError
 from ftflow.hashing import fingerprint
 from ftflow.provenance import git_state, manifest_digest
-from ftflow.schema import Consolidate, Model, Peft, Template
+from ftflow.train.probe import Probe, logprobs, read_probe
 
 log = logging.getLogger(__name__)
 
@@ -121,41 +120,6 @@ def _from_state_dict(folder: Path, state: dict, dtype, trust_remote_code: bool):
 TOL_FLOAT32 = 1e-3  # both sides float32: only summation order differs
 MIN_TOL_16BIT = 0.1
 ROUNDING_MARGIN = 3.0  # another device's 16-bit kernels round differently again: a margin over this one's
-
-
-@dataclass
-class Probe:
-    """What train recorded: the probe's token ids, the trained model's logits at its last
-    positions, and the precision (weights' dtype) and device they were computed with."""
-
-    input_ids: Any
-    logits: Any
-    dtype: str = "float32"  # probes written before the precision was recorded: float32 training
-    device: str = "cpu"
-
-
-def read_probe(path: Path) -> Probe:
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise ConsolidateError(f"{path} is missing: rerun train (it records the trained model's logits there)")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return Probe(tensors["input_ids"], tensors["logits"], **{k: meta[k] for k in ("dtype", "device") if k in meta})
-
-
-def logprobs(model, probe: Probe):
-    """log p over the vocabulary at the probe's recorded positions, as float32."""
-    import torch
-
-    with torch.no_grad():
-        logits = model(input_ids=probe.input_ids[None]).logits[0, -probe.logits.shape[0] :].float()
-    if logits.shape != probe.logits.shape:
-        raise ConsolidateError(
-            f"verification: logits of shape {tuple(logits.shape)}, the trained model's {tuple(probe.logits.shape)}"
-        )
-    return logits.log_softmax(-1)
 
 
 def compare(got, want) -> dict:
@@ -325,16 +289,15 @@ def _json_or_none(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def consolidate(cfg: dict, root: Path = Path(".")) -> dict:
-    """Run the stage; `cfg` is the stage's params (model, peft, template, consolidate)."""
+def consolidate(cfg: StageConfig, root: Path = Path(".")) -> dict:
+    """Run the stage on its config (model, peft, template, consolidate)."""
     import torch
     from transformers import AutoTokenizer
 
-    model_cfg, peft_cfg = Model.model_validate(cfg["model"]), Peft.model_validate(cfg["peft"])
-    tpl, cons = Template.model_validate(cfg["template"]), Consolidate.model_validate(cfg["consolidate"])
+    model_cfg, peft_cfg, tpl, cons = cfg.model, cfg.peft, cfg.template, cfg.consolidate
     out_dir = root / paths.CONSOLIDATE / "model"
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
-    probe = read_probe(root / paths.TRAIN / "probe.safetensors")
+    probe = read_probe(root / paths.TRAIN)
     model = trained_model(model_cfg, peft_cfg, getattr(torch, probe.dtype), root, len(tok))
     model, check = verify(model.eval(), probe, cons.dtype, peft_cfg, cons.verify_tolerance)
     (out_dir.parent).mkdir(parents=True, exist_ok=True)
@@ -350,8 +313,8 @@ def consolidate(cfg: dict, root: Path = Path(".")) -> dict:
     log.info("Saving the consolidated model to %s", out_dir)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cons.max_shard_size)
     tok.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(model_card(cfg, root, check))
-    write_stage_config(cfg, out_dir.parent)
+    (out_dir / "README.md").write_text(model_card(cfg.sections, root, check))
+    write_stage_config(cfg.sections, out_dir.parent)
     summary = {"eos_token_id": eos_id, "parameters": model.num_parameters(), "merged_lora": peft_cfg.method != "none",
                "verification": check}  # fmt: skip
     (out_dir.parent / "summary.json").write_text(json.dumps(summary, indent=2))

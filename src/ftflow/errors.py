@@ -8,3 +8,7 @@ class ConfigError(ValueError):
 class StageError(Exception):
     """Bad input that a stage reports with what to do about it: `ftflow` prints the message
     alone, no traceback (the stages' own error classes derive from it)."""
+
+
+class PackError(StageError):
+    """pack: data it cannot turn into token rows (its modules share it)."""

@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from ftflow import paths
-from ftflow.config import write_stage_config
+from ftflow.config.params import write_stage_config
+from ftflow.config.schema import Eval, Model, StageConfig
 from ftflow.errors import StageError
-from ftflow.schema import Eval, Model
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ def _plain(value):
     return value
 
 
-def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
-    """Run the stage; `cfg` is the stage's params (model, eval)."""
-    model_cfg, eval_cfg = Model.model_validate(cfg["model"]), Eval.model_validate(cfg["eval"])
+def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
+    """Run the stage on its config (model, eval)."""
+    model_cfg, eval_cfg = cfg.model, cfg.eval
     out_dir = root / paths.EVALUATE
     tasks = [task_config(name, root) for name in eval_cfg.tasks]
     backend = eval_backend(eval_cfg.backend)
@@ -222,7 +222,7 @@ def evaluate(cfg: dict, root: Path = Path(".")) -> dict:
     head = card.read_text() if card.exists() and not eval_cfg.models else "# Evaluation\n"
     (out_dir / "model_card.md").write_text(head + "\n## Evaluation (lm-eval)\n\n" + table)
     (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
-    write_stage_config(cfg, out_dir)
+    write_stage_config(cfg.sections, out_dir)
     log.info("Scores:\n%s", table)
     return metrics
 

@@ -16,6 +16,15 @@ CHECKPOINTS = f"{TRAIN}/checkpoints"  # <config fingerprint>/checkpoint-<step>/:
 CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
 EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
 REPORT = "results/report"  # the report's files; the HTML report itself: results/report.html
+# the report's files (rules/report.smk gives each its caption): name -> file in REPORT
+REPORT_FILES = {
+    "normalize": "normalize.html",
+    "pack": "pack.html",
+    "loss": "loss.svg",
+    "evaluate": "eval.html",
+    "provenance": "provenance.html",
+    "summary": "summary.yaml",  # the first page's figures
+}
 LOGS = "logs"
 
 # user code and task files that conf/ names, resolved from these folders

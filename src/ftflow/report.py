@@ -31,7 +31,6 @@ from ftflow import paths
 log = logging.getLogger(__name__)
 
 HTML = "results/report.html"  # `ftflow report` writes the report here
-OUTPUTS = ("normalize.html", "pack.html", "loss.svg", "eval.html", "provenance.html", "summary.yaml")
 
 
 @dataclass
@@ -281,8 +280,8 @@ def read_json(path: Path):
 
 def report(cfg: dict, root: Path = Path(".")) -> dict:
     """Run the stage: write results/report/ from the other stages' outputs (`cfg` is empty)."""
-    out = root / paths.REPORT
-    out.mkdir(parents=True, exist_ok=True)
+    (root / paths.REPORT).mkdir(parents=True, exist_ok=True)
+    out = {name: root / paths.REPORT / file for name, file in paths.REPORT_FILES.items()}
     normalized = read_json(root / paths.NORMALIZE / "stats.json")
     packed = read_json(root / paths.PACK / "stats.json")
     prov = read_json(root / paths.TRAIN / "model" / "provenance.json")
@@ -292,16 +291,16 @@ def report(cfg: dict, root: Path = Path(".")) -> dict:
                                            ("consolidate", paths.CONSOLIDATE), ("evaluate", paths.EVALUATE))
                      if (root / folder / "config.yaml").exists()}  # fmt: skip
 
-    (out / "normalize.html").write_text(page("normalize: records per source", [normalize_table(normalized)]))
-    (out / "pack.html").write_text(page("pack: tokens and packing", [pack_table(packed)]))
-    figures = loss_figure(read_curve(root / paths.TRAIN / "loss.csv"), out / "loss.svg")
-    (out / "eval.html").write_text(page("evaluate: base vs tuned", [evaluation]))
+    out["normalize"].write_text(page("normalize: records per source", [normalize_table(normalized)]))
+    out["pack"].write_text(page("pack: tokens and packing", [pack_table(packed)]))
+    figures = loss_figure(read_curve(root / paths.TRAIN / "loss.csv"), out["loss"])
+    out["evaluate"].write_text(page("evaluate: base vs tuned", [evaluation]))
     train_summary = read_json(root / paths.TRAIN / "summary.json")
     tables = provenance_tables(prov, train_summary,
                                read_json(root / paths.CONSOLIDATE / "summary.json"),
                                read_json(root / paths.MANIFEST), normalized, stage_configs)  # fmt: skip
-    (out / "provenance.html").write_text(page("provenance of the model", tables))
+    out["provenance"].write_text(page("provenance of the model", tables))
     headline = summary(normalized, packed, figures, train_summary, evaluation, prov)
-    (out / "summary.yaml").write_text(yaml.safe_dump(headline, sort_keys=False, allow_unicode=True))
-    log.info("Report files in %s: %s", out, ", ".join(OUTPUTS))
+    out["summary"].write_text(yaml.safe_dump(headline, sort_keys=False, allow_unicode=True))
+    log.info("Report files in %s: %s", paths.REPORT, ", ".join(paths.REPORT_FILES.values()))
     return headline

@@ -8,9 +8,10 @@ imported only when the stage runs.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+SRC = Path(__file__).parent  # src/ftflow
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,25 @@ class Stage:
     dvc_stage: bool = True  # a stage of dvc.yaml
     # its Snakemake rules, when they are not one rule of its own name: rule -> entry
     rules: dict[str, str] = field(default_factory=dict)
+    # modules its entry starts as processes (`python -m`), not by import: code it runs too
+    processes: tuple[str, ...] = ()
+    # gets its sections validated once, as a typed StageConfig (download gets the locations
+    # config.stage_params projects out of them, report no config)
+    typed: bool = True
 
     def rule_entries(self) -> dict[str, str]:
         return self.rules or {self.name: self.entry}
 
     def code(self) -> list[str]:
-        return [f"src/ftflow/{m}.py" for m in self.modules]
+        return [module_file(m) for m in self.modules]
+
+
+def module_file(module: str) -> str:
+    """A module's file: "train.worker" -> src/ftflow/train/worker.py, the package "config" ->
+    src/ftflow/config/__init__.py."""
+    base = SRC / module.replace(".", "/")
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    return str(path.relative_to(SRC.parents[1]))
 
 
 STAGES = (
@@ -40,67 +54,98 @@ STAGES = (
     # job per source and per model; `dvc add data` versions what they bring, not a DVC stage
     Stage(
         "download",
-        "ftflow.download:download",
+        "ftflow.data.download:download",
         ("data", "model"),  # projected to where things come from: config.stage_params
         (
             "config",
-            "download",
+            "config.params",
+            "data",
+            "data.download",
             "errors",
             "hashing",
-            "inputs",
             "paths",
+            "workflow",
+            "workflow.inputs",
         ),
         slurm_job=False,
         dvc_stage=False,
         rules={
-            "download_source": "ftflow.download:download_source",
-            "download_model": "ftflow.download:download_model",
-            "download": "ftflow.download:gather",
+            "download_source": "ftflow.data.download:download_source",
+            "download_model": "ftflow.data.download:download_model",
+            "download": "ftflow.data.download:gather",
         },
+        typed=False,
     ),
     Stage(
         "normalize",
-        "ftflow.normalize:normalize",
+        "ftflow.data.normalize:normalize",
         ("data",),
         (
             "config",
+            "config.params",
+            "config.schema",
+            "data",
+            "data.formats",
+            "data.messages",
+            "data.normalize",
+            "data.readers",
             "errors",
-            "formats",
             "hashing",
-            "messages",
-            "normalize",
             "parallel",
             "paths",
-            "readers",
-            "schema",
         ),
     ),  # fmt: skip
     Stage(
         "pack",
-        "ftflow.pack:pack",
+        "ftflow.pack.stage:pack",
         ("model", "tokenizer", "template", "pack"),
-        ("config", "errors", "pack", "parallel", "paths", "schema", "spans", "templates"),
-    ),
+        (
+            "config",
+            "config.params",
+            "config.schema",
+            "errors",
+            "pack",
+            "pack.encode",
+            "pack.io",
+            "pack.packing",
+            "pack.pairs",
+            "pack.spans",
+            "pack.stage",
+            "pack.templates",
+            "pack.tokenizer",
+            "parallel",
+            "paths",
+        ),
+    ),  # fmt: skip
     Stage(
         "train",
-        "ftflow.train:launch",
+        "ftflow.train.stage:launch",
         ("model", "train", "peft", "launcher", "tracking"),
         (
             "config",
+            "config.params",
+            "config.schema",
+            "data",
+            "data.messages",
+            "data.readers",
             "errors",
             "hashing",
-            "launcher",
-            "messages",
             "paths",
             "progress",
             "provenance",
-            "readers",
-            "rewards",
-            "schema",
-            "tracking",
             "train",
-            "trainers",
+            "train.__main__",
+            "train.callbacks",
+            "train.checkpoints",
+            "train.launcher",
+            "train.probe",
+            "train.rewards",
+            "train.stage",
+            "train.tracking",
+            "train.trainers",
+            "train.worker",
         ),
+        processes=("train.__main__",),  # accelerate launch -m ftflow.train: the workers
     ),  # fmt: skip
     Stage(
         "consolidate",
@@ -108,22 +153,25 @@ STAGES = (
         ("model", "peft", "template", "consolidate"),
         (
             "config",
+            "config.params",
+            "config.schema",
             "consolidate",
             "errors",
             "hashing",
             "paths",
             "provenance",
-            "schema",
+            "train",
+            "train.probe",
         ),
-    ),
+    ),  # fmt: skip
     Stage(
         "evaluate",
         "ftflow.evaluate:evaluate",
         ("model", "eval"),
-        ("config", "errors", "evaluate", "paths", "schema"),
+        ("config", "config.params", "config.schema", "errors", "evaluate", "paths"),
     ),
     # the report reads the stages' outputs (and the config.yaml each wrote), no config
-    Stage("report", "ftflow.report:report", (), ("paths", "report"), slurm_job=False),
+    Stage("report", "ftflow.report:report", (), ("paths", "report"), slurm_job=False, typed=False),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}
@@ -131,20 +179,3 @@ NAMES = tuple(BY_NAME)
 SLURM_JOBS = tuple(s.name for s in STAGES if s.slurm_job)
 DVC_STAGES = tuple(s.name for s in STAGES if s.dvc_stage)
 RULES = {rule: stage for stage in STAGES for rule in stage.rule_entries()}  # every rule, upstream first
-
-
-def resolve(entry: str):
-    module, _, function = entry.partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
-def run(stage: str, params: dict, root: Path = Path(".")):
-    """Run a stage on its params (its config sections): the CLI's `ftflow <stage>`."""
-    if stage not in BY_NAME:
-        raise ValueError(f"unknown stage {stage!r}: one of {NAMES}")
-    return resolve(BY_NAME[stage].entry)(params, root)
-
-
-def run_rule(rule: str, params: dict, root: Path = Path(".")):
-    """Run a rule's part of its stage on the rule's params: the rule scripts' call."""
-    return resolve(RULES[rule].rule_entries()[rule])(params, root)

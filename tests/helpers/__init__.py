@@ -17,6 +17,16 @@ BIN = Path(sys.executable).parent  # ftflow, snakemake, accelerate live beside t
 WORKFLOW_PARTS = ("workflow", "rules", "scripts", "conf", "examples", "profiles", "envs", "src", "requirements.lock")
 
 
+# a small, fast SFT run: 200 demo conversations, 128-token rows, no tracker unless a test wants one
+SMALL_SFT = ["+data.sources.0.limit=200", "pack.max_length=128", "tracking=none", "train.logging_steps=1"]
+
+
+def clone(src: Path, dest: Path) -> Path:
+    """A copy of a prepared or trained repository (links kept as links, as DVC leaves them)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
 def copy_repo(dest: Path) -> Path:
     for part in WORKFLOW_PARTS:
         if (REPO / part).is_file():
@@ -32,11 +42,9 @@ def prepared(root: Path, overrides: list[str], with_model: bool = False) -> Path
     local source), normalized and packed: the starting point of train tests and benchmarks.
     `with_model`: the model's base weights downloaded too (a pretrained model; a model trained
     from scratch has none)."""
-    from ftflow import paths
-    from ftflow.config import compose, stage_params
-    from ftflow.download import download_model
-    from ftflow.normalize import normalize
-    from ftflow.pack import pack
+    from ftflow import paths, runner
+    from ftflow.config.params import compose, stage_params
+    from ftflow.data.download import download_model
 
     copy_repo(root)
     tree = compose(overrides, root / "conf")
@@ -45,8 +53,8 @@ def prepared(root: Path, overrides: list[str], with_model: bool = False) -> Path
         shutil.copy(root / s["path"], root / paths.RAW / s["name"])
     if with_model:
         download_model(stage_params(tree, "download")["model"], root)
-    normalize(stage_params(tree, "normalize"), root)
-    pack(stage_params(tree, "pack"), root)
+    for stage in ("normalize", "pack"):
+        runner.run(stage, stage_params(tree, stage), root)
     return root
 
 

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftflow import paths
-from ftflow.train import PROBE_FILE, PROBE_POSITIONS, probe_ids
+from ftflow.train.probe import PROBE_FILE, PROBE_POSITIONS, probe_ids
 
 
 def main(root: Path) -> None:

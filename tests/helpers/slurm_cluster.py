@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ftflow.launcher import free_port
+from ftflow.train.launcher import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol")
 INSTALL = "apt-get install -y slurmctld slurmd slurm-client munge"

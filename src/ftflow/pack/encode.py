@@ -1,0 +1,211 @@
+"""Conversations -> token ids and loss masks, exactly as `apply_chat_template(...,
+return_assistant_tokens_mask=True)` gives them, for a chunk of conversations at once: the
+template renders each conversation with its trained spans (a plain-Python twin for ftflow's own
+templates, pack/spans.py's renderer for a model's), one Rust batch encode tokenizes the chunk,
+and numpy turns token offsets and spans into masks. The mask audit counts what was trained."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ftflow.errors import PackError
+from ftflow.pack.io import parquet_file, piece_table, read_piece
+from ftflow.pack.spans import Renderer, Span, end_tokens, renderer, trained_messages
+from ftflow.pack.templates import template_text
+
+IGNORE_INDEX = -100  # label value that the loss skips
+
+
+@dataclass
+class Encoded:
+    """A chunk of conversations as flat token arrays: conversation i is [starts[i], +lengths[i])."""
+
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where not trained
+    lengths: np.ndarray  # int64
+    audit: Counter = field(default_factory=Counter)  # the masking audit's counts (see mask_audit)
+
+
+def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant", first: int = 0,
+           name: str = "the data") -> Encoded:  # fmt: skip
+    """What apply_chat_template(conv, tools=..., tokenize=True) gives for each conversation, as
+    flat arrays, with the loss on the spans that `train_on` picks (assistant turns, the last of
+    them, or every token); `first` and `name` say where the chunk comes from, for errors."""
+    texts, spans = render_with_spans(convs, tools, tok, train_on, first, name)
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    per_text = [np.array(e.ids, np.int32) for e in encodings]
+    lengths = np.fromiter(map(len, per_text), np.int64, len(per_text))
+    ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
+    if train_on == "all":
+        audit = Counter({"trained_tokens/all": len(ids)}) + reasoning_audit(convs, texts)
+        return Encoded(ids, ids.copy(), lengths, audit)
+    offsets = token_offsets(encodings, texts, lengths)
+    mask = overlap_mask(offsets, texts, [[(s.start, s.end) for s in conv] for conv in spans])
+    audit = mask_audit(offsets, texts, spans, ids, tok, first, name) + reasoning_audit(convs, texts)
+    return Encoded(ids, np.where(mask, ids, IGNORE_INDEX).astype(np.int32), lengths, audit)
+
+
+def reasoning_audit(convs: list[list[dict]], texts: list[str]) -> Counter:
+    """Messages that carry reasoning, and those whose reasoning the template left out of the
+    text (ftflow's ChatML and Llama 3 have no place for it; models' own templates often drop it
+    from turns before the last user message): that reasoning is not trained."""
+    out: Counter = Counter()
+    for conv, text in zip(convs, texts):
+        for m in conv:
+            reasoning = m.get("reasoning_content")
+            if reasoning:
+                out["reasoning/messages"] += 1
+                out["reasoning/not_rendered"] += reasoning not in text
+    return out
+
+
+def encode_text(texts: list[str], tok) -> Encoded:
+    """Raw text for continued pre-training: every token trained, the eos token closing each text."""
+    encodings = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    per_text = [np.array([*e.ids, tok.eos_token_id], np.int32) for e in encodings]
+    ids = np.concatenate(per_text) if per_text else np.zeros(0, np.int32)
+    return Encoded(ids, ids.copy(), np.fromiter(map(len, per_text), np.int64, len(per_text)))
+
+
+def encode_piece(parquet: Path, piece: tuple[int, int, int], kind: str, tok, train_on: str) -> Encoded:
+    if kind == "text":
+        return encode_text(piece_table(parquet, piece, ["text"]).column("text").to_pylist(), tok)
+    first = sum(parquet_file(parquet).metadata.row_group(g).num_rows for g in range(piece[0])) + piece[1]
+    return encode(*read_piece(parquet, piece), tok, train_on, first, str(parquet))
+
+
+def render_with_spans(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant", first: int = 0,
+                      name: str = "the data") -> tuple[list[str], list[list[Span]]]:  # fmt: skip
+    """Rendered texts and trained spans. ftflow's own templates have a plain-Python twin
+    (templates.py), ~20x faster than Jinja's sandbox: the first conversation of every chunk is
+    rendered both ways and must agree. Any other template goes through spans.Renderer, which
+    verifies the spans of every conversation (and derives the chunk's first from prefixes)."""
+    fast = fast_renderer(tok)
+    if fast is None:
+        r = span_renderer(tok)
+        out = [r.render(c, t, train_on, f"conversation {first + k} of {name}", check=k == 0)
+               for k, (c, t) in enumerate(zip(convs, tools))]  # fmt: skip
+        return [t for t, _ in out], [s for _, s in out]
+    out = [fast(c, t, tok.bos_token or "") for c, t in zip(convs, tools)]
+    if out and out[0] != (expected := jinja_render(convs[0], tools[0], tok)):
+        raise PackError(f"the fast renderer of this template disagrees with its Jinja text: {out[0]!r} != {expected!r}")
+    texts, spans = [t for t, _ in out], []
+    for conv, (text, conv_spans) in zip(convs, out):
+        roles = [conv[i]["role"] for i in sorted(trained_messages(conv, "assistant"))]
+        if len(roles) != len(conv_spans):  # one block per trained message is how ftflow's templates are written
+            raise PackError(f"{len(conv_spans)} trained blocks for {len(roles)} trained messages in {text[:80]!r}")
+        conv_spans = [Span(a, b, role) for (a, b), role in zip(conv_spans, roles)]
+        spans.append(conv_spans[-1:] if train_on == "last_assistant" else conv_spans)
+    if train_on == "all":
+        spans = [[Span(0, len(t), "all")] for t in texts]
+    return texts, spans
+
+
+def jinja_render(conv: list[dict], tools, tok) -> tuple[str, list]:
+    """transformers' own rendering: the text and the {% generation %} character spans."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    text, spans = render_jinja_template(conversations=[conv], tools=tools, chat_template=tok.chat_template,
+                                        return_assistant_tokens_mask=True, **tok.special_tokens_map)  # fmt: skip
+    return text[0], [tuple(s) for s in spans[0]]
+
+
+def fast_renderer(tok):
+    from ftflow.pack import templates
+
+    for name, render_fn in templates.FAST.items():
+        if tok.chat_template == template_text(name):
+            return render_fn
+    return None
+
+
+_RENDERERS: dict[int, tuple] = {}
+
+
+def span_renderer(tok) -> Renderer:
+    """One spans.Renderer per tokenizer (and process): its method is decided once."""
+    if id(tok) not in _RENDERERS:
+        _RENDERERS[id(tok)] = (tok, renderer(tok))  # the tokenizer is kept, so its id stays its own
+    return _RENDERERS[id(tok)][1]
+
+
+def span_method(tok) -> str:
+    return "ftflow" if fast_renderer(tok) else span_renderer(tok).method
+
+
+def token_offsets(encodings, texts: list[str], lengths: np.ndarray) -> np.ndarray:
+    """Every token's (start, end) characters on one axis: the chunk's texts one after another."""
+    offsets = np.concatenate(
+        [np.array(e.offsets, np.int64).reshape(-1, 2) for e in encodings] or [np.zeros((0, 2), np.int64)]
+    )
+    return offsets + np.repeat(text_starts(texts), lengths)[:, None]
+
+
+def text_starts(texts: list[str]) -> np.ndarray:
+    return np.cumsum([0] + [len(t) for t in texts[:-1]]).astype(np.int64)
+
+
+def overlap_mask(offsets: np.ndarray, texts: list[str], spans: list[list]) -> np.ndarray:
+    """A token is trained when its characters overlap a span, as in transformers' assistant mask
+    (so a span cut by truncation keeps its tokens). Done for the whole chunk at once: offsets and
+    spans on one character axis (text after text), where spans stay sorted and a token can only
+    overlap spans of its own text."""
+    span_arr = np.array([(a + s, b + s) for s, conv_spans in zip(text_starts(texts), spans) for a, b in conv_spans],
+                        dtype=np.int64).reshape(-1, 2)  # fmt: skip
+    if not len(span_arr):
+        return np.zeros(len(offsets), bool)
+    first_open = np.searchsorted(
+        span_arr[:, 1], offsets[:, 0], side="right"
+    )  # first span ending after the token starts
+    inside = first_open < len(span_arr)
+    starts = span_arr[np.minimum(first_open, len(span_arr) - 1), 0]
+    return inside & (offsets[:, 1] > starts)
+
+
+def mask_audit(offsets: np.ndarray, texts: list[str], spans: list[list[Span]], ids: np.ndarray, tok, first: int,
+               name: str) -> Counter:  # fmt: skip
+    """Counts for pack's masking audit: trained tokens per role, trained turns, and those whose
+    last trained token is an end-of-turn (special) token. A trained turn that does not end on
+    one would teach the model never to stop: that fails the stage, naming the conversation."""
+    audit = Counter()
+    for role in {s.role for conv in spans for s in conv}:
+        only = [[(s.start, s.end) for s in conv if s.role == role] for conv in spans]
+        audit[f"trained_tokens/{role}"] += int(overlap_mask(offsets, texts, only).sum())
+    special = special_ids(tok)
+    token_ends = offsets[:, 1]
+    for k, (start, conv) in enumerate(zip(text_starts(texts), spans)):
+        for s in conv:
+            last = int(np.searchsorted(token_ends, start + s.end, side="left"))
+            if last == len(ids) or token_ends[last] != start + s.end or int(ids[last]) not in special:
+                raise PackError(f"conversation {first + k} of {name}: the trained {s.role} turn "
+                                f"{texts[k][s.start:s.end][-60:]!r} does not end on an end-of-turn token")  # fmt: skip
+            audit["trained_turns"] += 1
+            audit[f"trained_turns/{s.role}"] += 1
+    audit["conversations_without_trained_token"] += sum(not conv for conv in spans)
+    return audit
+
+
+def audit_figures(audit: Counter) -> dict:
+    """The masking audit of a split: trained tokens and turns per role (each trained turn ends on
+    its end-of-turn token, or pack has failed), and conversations that train nothing."""
+    roles = {k.split("/", 1)[1]: v for k, v in audit.items() if k.startswith("trained_tokens/")}
+    total = sum(roles.values())
+    return {
+        "trained_tokens_by_role": dict(sorted(roles.items())),
+        "trained_token_share_by_role": {r: round(v / total, 4) for r, v in sorted(roles.items())} if total else {},
+        "trained_turns_by_role": {
+            k.split("/", 1)[1]: v for k, v in sorted(audit.items()) if k.startswith("trained_turns/")
+        },
+        "turns_ending_on_end_of_turn": audit["trained_turns"],
+        "conversations_without_trained_token": audit["conversations_without_trained_token"],
+        "messages_with_reasoning": audit["reasoning/messages"],
+        "reasoning_not_in_rendered_text": audit["reasoning/not_rendered"],
+    }
+
+
+def special_ids(tok) -> frozenset:
+    return frozenset(tok.convert_tokens_to_ids(list(end_tokens(tok))))

@@ -1,0 +1,99 @@
+"""The train stage's job side, once per job (several nodes: srun starts one launcher per node):
+check the machine, write the stage config, start the training processes (worker.py) under
+`accelerate launch`, pass stop signals on, and turn how they ended into the stage's result.
+
+Preemption: SIGUSR1 or SIGTERM (what Slurm sends before a time limit or on preemption) makes
+every process finish its step, save a checkpoint and exit with PREEMPTED; the stage then
+fails with a message saying so, and the retry (Snakemake --retries, Slurm requeue) resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ftflow import paths
+from ftflow.config.params import write_stage_config
+from ftflow.config.schema import Launcher, Peft, StageConfig
+from ftflow.errors import StageError
+from ftflow.train.checkpoints import checkpoint_key, own_files, remove_interrupted_saves
+from ftflow.train.launcher import (
+    PREEMPTED,
+    PREEMPTED_FILE,
+    accelerate_launch,
+    launch_env,
+    node_tasks_command,
+    run_forwarding_signals,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(StageError):
+    pass
+
+
+class Preempted(TrainError):
+    exit_status = PREEMPTED  # `ftflow train` exits with it
+
+
+def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
+    """Run the stage: write its config, start the training processes, wait for them."""
+    out_dir = root / paths.TRAIN
+    write_stage_config(cfg.sections, out_dir)
+    check_peft_backend(cfg.peft, cfg.launcher)
+    check_accelerators(cfg.launcher)
+    ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg.sections, root)
+    own_files(ckpt_dir)
+    remove_interrupted_saves(ckpt_dir)  # once per job (srun starts the nodes after this), before anyone saves
+    (out_dir / PREEMPTED_FILE).unlink(missing_ok=True)
+    env = launch_env(cfg.launcher)
+    if cfg.launcher.nodes > 1:  # one `accelerate launch` per node, each started by srun
+        cmd = node_tasks_command(cfg.launcher, [str(out_dir / "config.yaml"), str(root)], env)
+    else:
+        cmd = accelerate_launch(cfg, root, env)
+    log.info("Launching: %s", " ".join(cmd))
+    returncode = run_forwarding_signals(cmd, env, out_dir / "workers", via_srun=cfg.launcher.nodes > 1)
+    preempted = out_dir / PREEMPTED_FILE
+    if preempted.exists():
+        info = json.loads(preempted.read_text())
+        raise Preempted(
+            f"training stopped on {info['signal']} at step {info['step']}; {info['checkpoint']} saved. "
+            "Run the stage again to resume from it (the Slurm profile retries it)."
+        )
+    if returncode != 0:
+        raise TrainError(f"training failed (exit status {returncode}); see the log above")
+    return json.loads((out_dir / "summary.json").read_text())
+
+
+def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
+    """QLoRA quantizes the base with bitsandbytes kernels, which need a CUDA GPU."""
+    if peft_cfg.method != "qlora":
+        return
+    import importlib.util
+
+    import torch
+
+    missing = []
+    if launcher.cpu or not torch.cuda.is_available():
+        missing.append("a CUDA GPU (launcher.cpu=false on a GPU node)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    if missing:
+        raise TrainError(f"peft=qlora needs {' and '.join(missing)}; use peft=lora on this machine")
+
+
+def check_accelerators(launcher: Launcher) -> None:
+    """A launcher that asks for GPUs gets them or stops here (accelerate would quietly fall back
+    to CPU, FSDP to DDP)."""
+    if launcher.cpu:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < launcher.num_processes:
+        raise TrainError(
+            f"launcher.cpu=false with {launcher.num_processes} processes per node needs as many GPUs; "
+            f"this node has {have}. On a CPU machine use launcher=local, ddp or zero3."
+        )

@@ -1,0 +1,320 @@
+"""One training process (of those `accelerate launch` started): setup, train, finish.
+
+    python -m ftflow.train results/train/config.yaml <root>
+
+setup() builds everything the run needs (tokenizer, models, data, the TRL trainer) into a Run;
+train() runs it from the last complete checkpoint; finish() writes the model and the records,
+or, after a stop signal, the preemption note the job side reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ftflow import paths
+from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
+from ftflow.train import tracking, trainers
+from ftflow.train.callbacks import LossCurve, MarkComplete, StopOnSignal, write_curve
+from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
+from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
+from ftflow.train.probe import PROBE_FILE, record_probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """What setup built for this process."""
+
+    cfg: StageConfig
+    out_dir: Path  # results/train
+    key: str  # the checkpoint key: config and data
+    ckpt_dir: Path  # results/train/checkpoints/<key>
+    resume: Path | None  # the last complete checkpoint
+    tok: object
+    trainer: object
+    stop: StopOnSignal
+    record: dict  # provenance
+
+
+def main(config_path: str, root: str = ".") -> dict | None:
+    """Train in this process."""
+    cfg = stage_config("train", yaml.safe_load(Path(config_path).read_text()))
+    run = setup(cfg, Path(root))
+    start = time.time()
+    result = train(run)
+    if run.stop.signal:
+        stop(run)
+    return finish(run, result, time.time() - start)
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def setup(cfg: StageConfig, root: Path) -> Run:
+    from transformers import AutoTokenizer, set_seed
+
+    from ftflow.provenance import provenance
+
+    out_dir, key = root / paths.TRAIN, checkpoint_key(cfg.sections, root)
+    ckpt_dir = root / paths.CHECKPOINTS / key
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
+    stop = StopOnSignal()  # handlers installed before the slow part, then the pid file
+    announce(out_dir / "workers", rank)
+    callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(), stop]
+
+    tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
+    base = base_weights(cfg, tok, root)
+    resume = last_complete_checkpoint(ckpt_dir)
+    init_deepspeed(cfg.launcher)
+    set_seed(cfg.train.seed)
+    model, ref_model = load_models(cfg, base, len(tok))
+    train_ds, eval_ds = load_data(cfg.train, root)
+    record = provenance(cfg.sections, root)
+    report_to = start_records(cfg, key, record, root, fresh=resume is None) if rank == 0 else []
+    args = trainers.common_args(cfg.train, cfg.launcher, ckpt_dir, report_to, run_name=key)
+    trainer = trainers.build(cfg.train, cfg.peft, args, model, ref_model, tok, train_ds, eval_ds, callbacks)
+    return Run(cfg, out_dir, key, ckpt_dir, resume, tok, trainer, stop, record)
+
+
+def announce(pid_dir: Path, rank: int) -> None:
+    """The job side signals a process once its pid is listed (its handler is in place)."""
+    pid_file = pid_dir / f"{rank}.pid"
+    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+    pid_file.with_suffix(".tmp").rename(pid_file)
+
+
+def base_weights(cfg: StageConfig, tok, root: Path) -> Path:
+    base = root / paths.base_model_dir(cfg.model.model_dump())
+    if cfg.model.source == "scratch":
+        init_scratch(cfg.model, tok, cfg.train.seed, base)
+    return base
+
+
+def init_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
+    """Save a randomly initialised model of model.architecture as the base (for evaluation and
+    merging too); every process then loads it like a downloaded base. The first process to get
+    the lock writes it (the same bytes each time: seeded), the others wait for it."""
+    from filelock import FileLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker, what = out / "ftflow_init.json", {"model": model_cfg.model_dump(), "vocab": len(tok), "seed": seed}
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if not marker.exists() or json.loads(marker.read_text()) != what:
+            _write_scratch(model_cfg, tok, seed, out)
+            marker.write_text(json.dumps(what))
+
+
+def _write_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(model_cfg.architecture)
+    model_type = arch.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None, **arch,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    # float32 on disk whatever the training precision: load_model casts it, as it does a
+    # downloaded base, and evaluation and merging read the init at full precision
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def init_deepspeed(launcher: Launcher) -> None:
+    """Before the models are loaded (after the scratch init: with a process group, only rank 0's
+    save_pretrained writes): TRL prepares DPO's reference model with DeepSpeed, which otherwise
+    sees a world of one process."""
+    if launcher.distributed == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
+
+
+def attn_implementation(requested: str) -> str:
+    """auto: flash-attn 2 when it is installed and a GPU is there, else PyTorch sdpa."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_dtype(model_cfg: Model, train_cfg: Train, launcher: Launcher) -> str:
+    """The dtype the weights are loaded, trained and saved in. auto follows the training
+    precision: bfloat16 where training runs in bf16, float32 otherwise. (bf16 weights on CPU,
+    where train.bf16=auto is off, would train in pure bf16 and give a model whose float32
+    copy answers differently.)"""
+    if model_cfg.dtype != "auto":
+        return model_cfg.dtype
+    return "bfloat16" if trainers.use_bf16(train_cfg, launcher) else "float32"
+
+
+def load_models(cfg: StageConfig, base: Path, vocab: int):
+    """The model to train and, where the method needs one, the frozen reference: DPO/KTO
+    without adapters compare against a copy of the starting model (with adapters, the same
+    model with the adapters off)."""
+    import torch
+
+    log.info("process %s: %d torch threads", os.environ.get("RANK", "0"), torch.get_num_threads())
+    dtype = load_dtype(cfg.model, cfg.train, cfg.launcher)
+    model = load_model(cfg.model, cfg.peft, base, vocab, dtype)
+    method = cfg.train.method
+    needs_ref = method in ("dpo", "kto") or (method == "grpo" and cfg.train.grpo.beta > 0)
+    if needs_ref and cfg.peft.method == "none":
+        return model, load_model(cfg.model, cfg.peft, base, vocab, dtype)
+    return model, None
+
+
+def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if peft_cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation(model_cfg.attn_implementation),
+        trust_remote_code=model_cfg.trust_remote_code,
+        **kwargs,
+    )
+    if vocab > model.get_input_embeddings().num_embeddings:
+        # pack added the chat template's marker tokens to the vocabulary
+        model.resize_token_embeddings(vocab)
+    return model
+
+
+def load_data(train_cfg: Train, root: Path):
+    """pack's train and validation rows (GRPO: its prompts, no validation)."""
+    train_ds = load_packed(root / paths.PACK / "train")
+    eval_ds = load_packed(root / paths.PACK / "validation")
+    if train_cfg.method == "grpo":
+        return trainers.grpo_dataset(train_ds), None
+    return train_ds, eval_ds
+
+
+def load_packed(path: Path):
+    """A packed split, or None when no source feeds it (pack then saves it with no rows, which
+    `datasets` saves but cannot load back)."""
+    import datasets
+
+    if not path.exists() or not json.loads((path / "state.json").read_text())["_data_files"]:
+        return None
+    return datasets.load_from_disk(str(path))
+
+
+def start_records(cfg: StageConfig, key: str, record: dict, root: Path, fresh: bool) -> list[str]:
+    """The first process: a fresh curve for a fresh run, the provenance beside the checkpoints,
+    and the tracker's run (the trainer's `report_to`)."""
+    from ftflow.provenance import git_diff, write_provenance
+
+    out_dir, ckpt_dir = root / paths.TRAIN, root / paths.CHECKPOINTS / key
+    if fresh:
+        (out_dir / "loss.csv").unlink(missing_ok=True)
+    write_provenance(record, git_diff(root), ckpt_dir)
+    return tracking.start(cfg.tracking, run_id=key, name=f"{cfg.train.method}-{cfg.peft.method}-{key}", config=record,
+                          files=[ckpt_dir / "provenance.json", ckpt_dir / "git.diff"], folder=out_dir)  # fmt: skip
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def train(run: Run):
+    """Train from the last complete checkpoint (or from the start)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer, resume = run.trainer, run.resume
+    if resume:
+        log.info("Resuming from %s", resume)
+    if resume and finished(resume) and not trainer.is_deepspeed_enabled:
+        # the last checkpoint is the end of training: load it, train nothing (resuming would
+        # take one more step: the trainer checks for the end only after a step)
+        log.info("%s is the end of training: loading it, nothing left to train", resume.name)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        return TrainOutput(trainer.state.global_step, _last_logged(trainer.state.log_history, "train_loss"), {})
+    return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+# --- finish ----------------------------------------------------------------------------------
+
+
+def stop(run: Run) -> None:
+    """After a stop signal (the checkpoint is saved): say where training stopped, exit PREEMPTED."""
+    if run.trainer.is_world_process_zero():
+        step = run.trainer.state.global_step
+        (run.out_dir / PREEMPTED_FILE).write_text(json.dumps(
+            {"signal": signal.Signals(run.stop.signal).name, "step": step, "checkpoint": f"checkpoint-{step}"}))  # fmt: skip
+    tracking.finish()
+    end_process_group()
+    sys.exit(PREEMPTED)
+
+
+def finish(run: Run, result, seconds: float) -> dict:
+    """The trained model (the adapter for LoRA, full weights otherwise), its probe, the curve,
+    the provenance and the summary."""
+    from ftflow.provenance import write_provenance
+
+    trainer, out_dir = run.trainer, run.out_dir
+    trainer.save_model(str(out_dir / "model"))
+    record_probe(trainer, run.tok, out_dir / PROBE_FILE)
+    summary = {
+        "method": run.cfg.train.method,
+        "train_loss": result.training_loss,
+        "final_loss": _last_logged(trainer.state.log_history, "loss"),
+        "steps": result.global_step,
+        "train_runtime_s": round(seconds, 1),
+        # ZeRO-3 leaves each process a shard: ds_numel is the whole parameter's size
+        "trainable_params": sum(
+            getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad
+        ),
+        "resumed_from": run.resume.name if run.resume else None,
+        "config_fingerprint": run.key,
+    }
+    if trainer.is_world_process_zero():
+        write_curve(out_dir / "loss.csv", trainer.state.log_history)
+        run.tok.save_pretrained(out_dir / "model")
+        write_provenance(run.record, "", out_dir / "model")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        prune_other_configs(run.ckpt_dir)
+    tracking.finish()
+    end_process_group()
+    return summary
+
+
+def end_process_group() -> None:
+    """Leave the process group cleanly: torch can abort at interpreter exit otherwise, and the
+    launcher then reports a finished run as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _last_logged(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None

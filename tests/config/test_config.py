@@ -1,0 +1,283 @@
+"""The Hydra tree composes, every shipped option validates, and bad configs fail by key path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ftflow import stages
+from ftflow.config import params as config
+from ftflow.config.params import compose
+from ftflow.config.schema import validate
+from ftflow.errors import ConfigError
+
+from helpers import REPO
+
+CONF = REPO / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
+# options that need company: a value the shipped file leaves required, or a consistent pairing
+NEEDS = {
+    ("model", "local"): ["model.path=/models/x", "tokenizer=model"],
+    ("model", "hub"): ["tokenizer=model"],
+    ("tokenizer", "model"): ["model=hub"],
+    ("template", "model"): ["model=hub", "tokenizer=model"],
+    ("data", "demo_preference"): ["train=dpo"],
+    ("data", "demo_unpaired"): ["train=kto"],
+    ("data", "demo_prompts"): ["train=grpo"],
+}
+
+
+def options():
+    for group in GROUPS:
+        for file in sorted((CONF / group).glob("*.yaml")):
+            yield group, file.stem
+    for file in sorted((CONF / "experiment").glob("*.yaml")):
+        yield "experiment", file.stem
+
+
+@pytest.mark.parametrize("group,option", list(options()))
+def test_every_shipped_option_composes_and_validates(group, option):
+    tree = compose([f"{group}={option}", *NEEDS.get((group, option), [])], CONF)
+    validate(tree)
+    if group != "experiment" and group != "data":
+        text = (CONF / group / f"{option}.yaml").read_text()
+        chosen = yaml.safe_load(text)
+        chosen.pop("defaults", None)
+        if text.startswith("# @package _global_"):  # e.g. train=dpo also picks its data
+            chosen = chosen[group]
+        assert_within(chosen, tree[group])  # the option's own values made it into the tree
+
+
+def assert_within(expected, actual, where=""):
+    if isinstance(expected, dict):
+        for key, value in expected.items():
+            assert_within(value, actual[key], f"{where}.{key}")
+    elif expected != "???":
+        assert actual == expected, where
+
+
+def test_each_trainer_picks_the_data_it_trains_on():
+    kinds = {
+        m: compose([f"train={m}"], CONF)["data"].get("kind", "conversation") for m in ("sft", "dpo", "kto", "grpo")
+    }
+    assert kinds == {"sft": "conversation", "dpo": "preference", "kto": "unpaired", "grpo": "prompt"}
+    tree = compose(["train=dpo", "peft=lora"], CONF)  # one override each
+    assert (tree["train"]["method"], tree["peft"]["method"]) == ("dpo", "lora")
+    assert tree["train"]["gradient_accumulation_steps"] == 1  # SFT's settings underneath
+
+
+def test_default_is_the_demo():
+    tree = compose([], CONF)
+    assert tree["model"]["source"] == "scratch"
+    assert tree["tokenizer"]["source"] == "train"
+    assert [s["path"] for s in tree["data"]["sources"]] == ["examples/demo/train.jsonl", "examples/demo/test.jsonl"]
+
+
+def test_overrides_reach_the_tree():
+    tree = compose(["train.learning_rate=1e-4", "peft=lora", "eval.limit=5"], CONF)
+    assert tree["train"]["learning_rate"] == 1e-4
+    assert tree["peft"]["method"] == "lora"
+    assert tree["eval"]["limit"] == 5
+
+
+def test_experiment_overrides_groups_and_keys():
+    tree = compose(["experiment=demo_lora"], CONF)
+    assert tree["peft"]["method"] == "lora"
+    assert tree["train"]["learning_rate"] == 3e-3
+    assert "experiment" not in tree
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+train.learnin_rate=1"], "train.learnin_rate: unknown key"),
+        (["train.epochs=abc"], "train.epochs: Input should be a valid number"),
+        (["pack.strategy=zigzag"], "pack.strategy: Input should be 'bfd' or 'none'"),
+        (["model=local", "tokenizer=model"], "model.path: missing required value"),
+        (["+data.sources.0.colour=red"], "data.sources[0].colour: unknown key"),
+        (["tokenizer=model"], "model.source=scratch has no tokenizer of its own"),
+        (["train.learning_rate=-1"], "train.learning_rate: Input should be greater than 0"),
+        (["train=dpo", "data=demo"], "train.method=dpo trains on preference data but data.kind is conversation"),
+        (["launcher.num_processes=2"], "launcher.distributed=none runs one process"),
+        (["launcher=fsdp", "launcher.cpu=true"], "launcher.distributed=fsdp needs GPUs"),
+        (["launcher=zero2", "+launcher.deepspeed.offload_params=cpu"], "offload_params needs zero_stage 3"),
+        (["train.method=grpo", "data=demo_prompts"], "train.method=grpo needs train.grpo.rewards"),
+        (
+            ["+data.sources.0.columns={instuction:q}"],
+            "columns maps ['instuction'], which reader 'alpaca' does not read",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, CONF)
+    assert message in str(err.value)
+
+
+def test_a_section_check_gives_its_reason_without_the_section():
+    with pytest.raises(ConfigError) as err:
+        compose(["train=dpo", "data=demo"], CONF)
+    assert "data.kind is conversation" in str(err.value) and len(str(err.value)) < 400, str(err.value)
+
+
+@pytest.mark.parametrize(
+    "reader,message",
+    [
+        ("missing.py:read", "reader 'missing.py:read': file "),
+        ("my_readers.py:raed", "my_readers.py defines no 'raed' at its top level"),
+        ("broken.py:read", "broken.py line 1: "),
+    ],
+)
+def test_user_readers_are_checked_at_compose(tmp_path, reader, message):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "data" / "my_readers.py").write_text("import json\n\ndef read(record):\n    return record\n")
+    (conf / "data" / "broken.py").write_text("def read(record)\n    return record\n")
+    compose(["data.sources.0.reader=my_readers.py:read", "data.sources.1.reader=my_readers.py:json"], conf)
+    with pytest.raises(ConfigError) as err:
+        compose([f"data.sources.0.reader={reader}"], conf)
+    assert "data.sources[0] ('demo_train'): " in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_user_rewards_are_checked_at_compose():
+    overrides = ["train=grpo", "train.grpo.rewards=[{name:exact_match},{name:'my_rewards.py:nope'}]"]
+    with pytest.raises(ConfigError, match=r"train.grpo.rewards\[1\]: reward 'my_rewards.py:nope': file "):
+        compose(overrides, CONF)
+
+
+def test_bad_key_in_a_conf_file(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "pack" / "default.yaml").write_text("max_length: 128\nmax_lenght: 256\n")
+    with pytest.raises(ConfigError, match=r"pack\.max_lenght: unknown key"):
+        compose([], conf)
+
+
+def test_params_roundtrip_and_staleness(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    tree = compose(["train.learning_rate=2e-4"], conf)
+    config.write_params(tree, ["train.learning_rate=2e-4"], params)
+    assert config.load_checked(params, conf).params == tree  # recomposes with the recorded overrides
+
+    (conf / "train" / "sft.yaml").write_text(
+        (conf / "train" / "sft.yaml").read_text().replace("epochs: 5", "epochs: 7")
+    )
+    with pytest.raises(
+        ConfigError, match=r"stale .*params.yaml.*train\.epochs.*ftflow compose train.learning_rate=2e-4"
+    ):
+        config.load_checked(params, conf)
+
+
+def test_a_passed_check_is_reused_only_while_nothing_it_read_changed(tmp_path):
+    """The Snakefile's parse reuses a passed check (no Hydra import, no recomposition, no schema
+    class built) and its validated tree; a hand edit of params.yaml, or of anything under conf/,
+    is checked again and refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    config.write_params(compose([], conf), [], params)
+    check = ("import json, sys; from ftflow.config import params as config; checked = config.load_checked(sys.argv[1], sys.argv[2]); "
+             "print(json.dumps([checked.valid, 'hydra' in sys.modules, 'ftflow.config.schema' in sys.modules]))")  # fmt: skip
+
+    def checked_in_a_new_process() -> tuple[dict, bool]:
+        """(the validated tree, whether the check composed and validated)"""
+        out = subprocess.run([sys.executable, "-c", check, str(params), str(conf)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        valid, hydra, schema = json.loads(out.stdout)
+        assert hydra == schema
+        return valid, hydra
+
+    def hydra_imported() -> bool:
+        return checked_in_a_new_process()[1]
+
+    assert hydra_imported()  # the first check composes and validates
+    valid, checked = checked_in_a_new_process()
+    assert (tmp_path / config.CHECKED).exists() and not checked  # reused
+    assert valid == validate(config.read_params(params)[0]).model_dump(mode="json")  # defaults filled in
+
+    text = params.read_text()
+    params.write_text(text.replace("max_length: 512", "max_length: 256"))  # valid, but not conf/'s
+    with pytest.raises(ConfigError, match=r"stale .*params.yaml.*pack\.max_length"):
+        config.load_checked(params, conf)
+    params.write_text(text)
+    assert config.load_checked(params, conf).params["pack"]["max_length"] == 512
+    (conf / "data" / "my_reader.py").write_text("def read(record): return record\n")  # any conf/ file
+    assert hydra_imported()
+
+
+def test_stage_params_are_projections():
+    tree = compose([], CONF)
+    assert set(config.stage_params(tree, "evaluate")) == {"model", "eval"}
+    download = config.stage_params(tree, "download")
+    # where data comes from, not how it is read: a new limit must not re-download
+    assert "limit" not in download["data"]["sources"][0] and "reader" not in download["data"]["sources"][0]
+    changed = compose(["+data.sources.0.limit=10"], CONF)
+    assert config.stage_params(changed, "download") == download
+    assert config.stage_params(changed, "normalize") != config.stage_params(tree, "normalize")
+
+
+def test_headerless_params_are_checked_by_conf_digest(tmp_path):
+    """params.yaml as DVC's Hydra integration writes it: no recorded overrides, only the
+    conf_digest resolved at compose time."""
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(compose(["peft=lora"], conf)))
+    assert config.load_checked(params, conf).params["peft"]["method"] == "lora"  # overrides are fine
+
+    pack = conf / "pack" / "default.yaml"
+    pack.write_text(pack.read_text().replace("max_length: 512", "max_length: 256"))
+    with pytest.raises(ConfigError, match=r"stale .*params.yaml: conf/ changed since it was composed"):
+        config.load_checked(params, conf)
+
+
+def test_comment_only_conf_edit_keeps_recorded_params_valid(tmp_path):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    params = tmp_path / "params.yaml"
+    config.write_params(compose([], conf), [], params)
+    (conf / "pack" / "default.yaml").write_text((conf / "pack" / "default.yaml").read_text() + "# a note\n")
+    assert config.load_checked(params, conf).params["pack"]["max_length"] == 512
+
+
+def test_slurm_resources_come_from_the_slurm_section_and_the_launcher():
+    from ftflow.workflow.slurm import resources
+
+    tree = compose(["launcher=gpu", "launcher.num_processes=4", "launcher.nodes=2", "slurm.account=proj",
+                    "slurm.partition=cpu", "slurm.jobs.train.partition=gpu", "slurm.qos=high"], CONF)  # fmt: skip
+    train, pack = resources(tree, "train"), resources(tree, "pack")
+    # GPUs per node and nodes from the launcher (the processes accelerate starts), per stage job size
+    assert train == {"slurm_partition": "gpu", "slurm_account": "proj", "qos": "high", "cpus_per_task": 8,
+                     "mem_mb": 64000, "runtime": 1440, "nodes": 2, "gres": "gpu:4", "mpi": "srun", "tasks": 2,
+                     "tasks_per_gpu": 0, "slurm_extra": "--signal=TERM@300"}  # fmt: skip
+    assert pack == {"slurm_partition": "cpu", "slurm_account": "proj", "qos": "high", "cpus_per_task": 4,
+                    "mem_mb": 16000, "runtime": 120}  # fmt: skip
+    # one CPU node: no GPUs, no srun of its own; a retry asks for more time when configured
+    cpu = resources(compose(["slurm.runtime_growth=2", "slurm.jobs.train.runtime=30"], CONF), "train")
+    assert cpu["nodes"] == 1 and not {"gres", "mpi", "tasks"} & cpu.keys()
+    assert [cpu["runtime"](None, attempt) for attempt in (1, 2, 3)] == [30, 60, 120]
+    # the slurm section is no stage's params: changing it reruns nothing
+    assert all("slurm" not in config.stage_params(tree, s) for s in stages.NAMES)
+
+
+def test_a_misspelt_slurm_key_is_an_error():
+    with pytest.raises(ConfigError, match="slurm.jobs.train.memory"):
+        compose(["+slurm.jobs.train.memory=10"], CONF)

@@ -1,0 +1,349 @@
+"""The train stage for real: TRL's SFT/DPO/KTO/GRPO trainers on a tiny model on CPU, the DDP and
+DeepSpeed ZeRO-3 launchers on 2 processes (gloo), resume after SIGKILL, checkpoint on SIGUSR1,
+and no secret in anything a run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftflow import paths
+from ftflow.config.params import compose
+from ftflow.train.checkpoints import COMPLETE
+
+from helpers import BIN, REPO, SMALL_SFT, clone, env, ftflow, job_stats, prepared
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    return prepared(tmp_path_factory.mktemp("sft") / "repo", SMALL_SFT)
+
+
+def losses(root: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv.DictReader((root / paths.TRAIN / "loss.csv").open())]
+
+
+def summary(root: Path) -> dict:
+    return json.loads((root / paths.TRAIN / "summary.json").read_text())
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    model = root / paths.TRAIN / "model"
+    name = "adapter_model.safetensors" if (model / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(model / name)
+
+
+def falls(curve: list[float]) -> bool:
+    """The last quarter of a loss curve is clearly below its first quarter."""
+    q = max(1, len(curve) // 4)
+    return sum(curve[-q:]) / q < 0.9 * sum(curve[:q]) / q
+
+
+# --- each trainer -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sft_full_fine_tuning_learns_and_loads(conversations, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root = clone(conversations, tmp_path / "repo")
+    ftflow("train", *SMALL_SFT, "train.max_steps=16", "train.save_steps=8", cwd=root)
+    curve = losses(root)
+    assert len(curve) == 16 and falls(curve), curve
+    s = summary(root)
+    assert s["method"] == "sft" and s["steps"] == 16
+    model = AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "model")
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    assert s["trainable_params"] == model.num_parameters() == sum(t.numel() for t in init.values())
+
+
+@pytest.mark.slow
+def test_dpo_with_lora_prefers_the_chosen_answers(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    overrides = ["train=dpo", "peft=lora", "+data.sources.0.limit=16", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=12", "train.learning_rate=5e-3", "train.save_steps=100"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides)
+    ftflow("train", *overrides, cwd=root)
+    curve = losses(root)
+    # DPO's loss starts at ln 2 (policy = reference) and falls as chosen answers gain on rejected
+    assert abs(curve[0] - 0.6931) < 1e-3 and falls(curve), curve
+    state = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-12/trainer_state.json")).read_text())
+    assert state["log_history"][-2]["rewards/accuracies"] > 0.5
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / paths.TRAIN / "init"),
+                                      root / paths.TRAIN / "model")  # fmt: skip
+    assert any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_kto_full_fine_tuning_trains(tmp_path):
+    overrides = ["train=kto", "+data.sources.0.limit=16", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=12", "train.learning_rate=1e-3", "train.save_steps=100"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides)
+    ftflow("train", *overrides, cwd=root)
+    curve = losses(root)
+    assert abs(curve[0] - 0.5) < 0.05 and falls(curve), curve  # KTO's loss starts at 0.5 (policy = reference)
+    assert summary(root)["method"] == "kto"
+
+
+@pytest.mark.slow
+def test_grpo_samples_rewards_and_updates(tmp_path):
+    overrides = ["train=grpo", "+data.sources.0.limit=64", "pack.max_length=128", "tracking=none",
+                 "train.logging_steps=1", "train.max_steps=3", "train.save_steps=100", "train.learning_rate=1e-3",
+                 "train.grpo.max_completion_length=6", "train.grpo.num_generations=4",
+                 "train.grpo.rewards=[{name:exact_match},{name:regex_match,pattern:'(\\w+)'},{name:'my_rewards.py:short'}]"]  # fmt: skip
+    root = prepared(tmp_path / "repo", overrides[:-1])
+    # a user reward beside the train configs: favours completions of fewer characters (random
+    # tokens differ in length, so the rewards in a group differ from the start)
+    (root / "conf/train/my_rewards.py").write_text(
+        "def short(completions, **kwargs):\n    return [-len(c) / 50 for c in completions]\n"
+    )
+    ftflow("train", *overrides, cwd=root)
+    state = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-3/trainer_state.json")).read_text())
+    logged = state["log_history"][0]
+    assert {"rewards/exact_match/mean", "rewards/regex_match/mean", "rewards/short/mean"} <= set(logged)
+    assert 0 < logged["completions/mean_length"] <= 6 and logged["rewards/short/std"] > 0
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    tuned = weights(root)
+    # the rewards differ within groups: non-zero advantages moved the weights
+    assert any(not torch.equal(init[k], tuned[k]) for k in init)
+
+
+def test_qlora_without_cuda_is_a_clear_error(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    proc = ftflow("train", *SMALL_SFT, "peft=qlora", "train.max_steps=1", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "peft=qlora needs a CUDA GPU" in proc.stderr and "use peft=lora" in proc.stderr
+
+
+# --- launchers: 2 processes over gloo -----------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["ddp", "zero3"])
+def test_two_process_launchers_train_and_save_a_loadable_model(conversations, tmp_path, launcher):
+    """DDP saves full weights; ZeRO-3 leaves one parameter shard per process, which consolidate
+    gathers with DeepSpeed's zero_to_fp32 into a plain model and checks against the logits the
+    trained (sharded) model recorded."""
+    from transformers import AutoModelForCausalLM
+
+    root = clone(conversations, tmp_path / "repo")
+    ftflow("train", *SMALL_SFT, f"launcher={launcher}", "train.max_steps=12", "train.save_steps=6", cwd=root)
+    assert sorted(p.name for p in (root / paths.TRAIN / "workers").iterdir()) == ["0.pid", "1.pid"]
+    curve = losses(root)
+    assert len(curve) == 12 and falls(curve), curve
+    model_dir = root / paths.TRAIN / "model"
+    if launcher == "zero3":
+        for folder in (model_dir, next((root / paths.CHECKPOINTS).glob("*/checkpoint-12"))):
+            shards = sorted(p.name for p in folder.rglob("*model_states.pt"))
+            assert shards == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+        assert not list(model_dir.glob("*.safetensors"))  # nothing gathered into one process
+        ftflow("consolidate", *SMALL_SFT, f"launcher={launcher}", cwd=root)
+        check = json.loads((root / paths.CONSOLIDATE / "verification.json").read_text())
+        assert check["ok"] and check["max_abs_logprob_diff"] < 1e-4 and check["argmax_agree"] == 1.0, check
+        model_dir = root / paths.CONSOLIDATE / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    init = load_file(root / paths.TRAIN / "init" / "model.safetensors")
+    assert model.num_parameters() == sum(t.numel() for t in init.values())
+    assert summary(root)["trainable_params"] == model.num_parameters()
+    tuned = model.state_dict()
+    assert any(not torch.equal(init[k], tuned[k]) for k in init)
+
+
+# --- interruptions ----------------------------------------------------------------------------------
+
+KILL = [*SMALL_SFT, "train.max_steps=24", "train.save_steps=2", "train.save_total_limit=2", "train.warmup_steps=2"]
+
+
+def start_stage(root: Path, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "ftflow"), "train", *overrides], cwd=root, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((root / paths.CHECKPOINTS).glob(f"*/checkpoint-{step}/{COMPLETE}")):
+            return
+        assert proc.poll() is None, f"training ended before checkpoint-{step}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint-{step} after {timeout} s")
+
+
+@pytest.mark.slow
+def test_killed_three_times_resumes_to_the_same_weights(conversations, tmp_path):
+    """SIGKILL (no chance to save) at three points; each rerun resumes from the last complete
+    checkpoint, and the final weights and loss curve are bitwise those of an uninterrupted run:
+    on CPU every step is deterministic, and the checkpoint restores model, optimizer, scheduler,
+    RNG states and the data order (the sampler's epoch seed plus the batches already seen)."""
+    straight = clone(conversations, tmp_path / "straight")
+    ftflow("train", *KILL, cwd=straight)
+
+    root = clone(conversations, tmp_path / "killed")
+    resumed = []
+    for step in (2, 8, 14):
+        proc = start_stage(root, KILL)
+        wait_for_checkpoint(root, step, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        last = max(int(p.name.split("-")[1]) for p in (root / paths.CHECKPOINTS).glob("*/checkpoint-*"))
+        resumed.append(last)
+    ftflow("train", *KILL, cwd=root)
+    s = summary(root)
+    assert s["steps"] == 24 and s["resumed_from"] is not None
+    first = summary(straight)
+    assert first["resumed_from"] is None
+    # each kill came later than the one before and before the end
+    assert resumed == sorted(resumed) and resumed[0] >= 2 and resumed[-1] < 24, resumed
+    a, b = weights(straight), weights(root)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(root) == losses(straight)
+
+
+@pytest.mark.slow
+def test_stop_signal_checkpoints_and_the_workflow_retry_resumes(conversations, tmp_path):
+    """Slurm signals a job before its time limit (--signal=TERM@...), every process of the job
+    step: the stage saves a checkpoint at the end of the current step, exits non-zero, and
+    Snakemake's retry resumes from it. The launchers in between (accelerate, which since 1.16
+    ends its worker 5 s after a SIGTERM) must not cut the save short."""
+    root = clone(conversations, tmp_path / "repo")
+    overrides = [*SMALL_SFT, "train.max_steps=200", "train.save_steps=1000"]
+    ftflow("compose", *overrides, cwd=root)
+    proc = subprocess.Popen([str(BIN / "snakemake"), "--profile", "profiles/local", "--retries", "1",
+                             f"{paths.TRAIN}/summary.json"], cwd=root, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    # The signal comes as early as it can hurt: the training process has started but is still
+    # importing (no handler of its own yet), while accelerate already has its own SIGTERM handler.
+    deadline = time.time() + 120
+    while not any(is_worker(p) for p in psutil.Process(proc.pid).children(recursive=True)):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    # what Slurm's step signal reaches: every process of the job below Snakemake (whose retry we test)
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    log = (root / paths.LOGS / "train.log").read_text()
+    first = json.loads(next((root / paths.CHECKPOINTS).glob("*/checkpoint-*/trainer_state.json")).read_text())
+    s = summary(root)
+    # the signal's checkpoint (save_steps is 1000: no other) is where the retry resumed
+    assert s["resumed_from"] is not None and s["steps"] == 200, s
+    step = int(s["resumed_from"].split("-")[1])
+    assert 0 < step < 200
+    assert job_stats(out).get("train") == 1 and "Trying to restart job" in out, out[-3000:]
+    # the SIGTERM itself, or the SIGUSR1 the stage passed on when it got its own
+    assert re.search(rf"training stopped on SIG(TERM|USR1) at step {step};", out + log), log[-3000:]
+    assert first["global_step"] in (step, 200)
+
+
+def is_worker(process: psutil.Process) -> bool:
+    try:
+        return "ftflow.train" in process.cmdline() and "accelerate.commands.launch" not in process.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+
+
+# --- tracking and secrets ------------------------------------------------------------------------
+
+FAKE_WANDB_KEY = "f3a9c1d27b4e8a6052c9e1f4b7d3a8c6e2f5b9d1"  # 40 hex characters, as wandb keys are
+FAKE_HF_TOKEN = "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"
+
+
+@pytest.mark.slow
+def test_tracked_run_writes_provenance_and_no_secret(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", "--allow-empty"],
+                   cwd=root, check=True)  # fmt: skip
+    # a remote URL with a token in it, as some users configure: it must not be recorded
+    subprocess.run(
+        ["git", "remote", "add", "origin", f"https://user:{FAKE_HF_TOKEN}@example.com/r.git"], cwd=root, check=True
+    )
+    secrets = {"WANDB_API_KEY": FAKE_WANDB_KEY, "HF_TOKEN": FAKE_HF_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_HF_TOKEN}
+    overrides = [*SMALL_SFT[:-2], "train.logging_steps=1", "tracking=wandb", "tracking.mode=offline",
+                 "tracking.tags=[demo,ci]", "train.max_steps=4", "train.save_steps=2"]  # fmt: skip
+    proc = ftflow("train", *overrides, cwd=root, env_extra=secrets)
+    ckpt = next((root / paths.CHECKPOINTS).glob("*"))
+    record = json.loads((ckpt / "provenance.json").read_text())
+    assert record["git"]["commit"] and record["config"]["train"]["max_steps"] == 4
+    assert record["packages"]["trl"] and record["inputs"]["results/pack/train"]
+    assert (root / paths.TRAIN / "model" / "provenance.json").exists()
+    runs = list((root / paths.TRAIN / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    written = [p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    assert len(written) > 50
+    texts = [proc.stdout, proc.stderr] + [p.read_bytes().decode("utf-8", "replace") for p in written]
+    for secret in (FAKE_WANDB_KEY, FAKE_HF_TOKEN):
+        leaks = [str(p) for p, t in zip(["stdout", "stderr", *written], texts) if secret in t]
+        assert not leaks, leaks
+
+
+def test_gpu_launchers_without_gpus_are_a_clear_error(conversations, tmp_path):
+    root = clone(conversations, tmp_path / "repo")
+    proc = ftflow("train", *SMALL_SFT, "launcher=fsdp", cwd=root, check=False)
+    assert proc.returncode == 1 and "needs as many GPUs; this node has 0" in proc.stderr, proc.stderr[-2000:]
+
+
+# --- the launcher's command line and the tracker's mode ---------------------------------------------
+
+
+def launcher_flags(*overrides: str) -> list[str]:
+    from ftflow.config.schema import Launcher
+    from ftflow.train.launcher import accelerate_command
+
+    tree = compose(list(overrides), REPO / "conf")
+    return accelerate_command(Launcher.model_validate(tree["launcher"]), False, ["ftflow.train"], {})
+
+
+def test_each_launcher_becomes_its_accelerate_flags():
+    local = launcher_flags()
+    assert "--cpu" in local and local[local.index("--num_processes") + 1] == "1"
+    ddp = launcher_flags("launcher=ddp")
+    assert "--multi_gpu" in ddp and "--cpu" not in ddp and ddp[ddp.index("--num_processes") + 1] == "2"
+    z3 = " ".join(launcher_flags("launcher=zero3_offload"))
+    assert "--use_deepspeed --zero_stage 3 --offload_optimizer_device cpu --offload_param_device cpu" in z3
+    assert "--zero3_save_16bit_model false" in z3  # consolidate gathers the shards
+    fsdp = " ".join(launcher_flags("launcher=fsdp", "launcher.num_processes=4", "launcher.fsdp.sharding=SHARD_GRAD_OP"))
+    assert "--use_fsdp --fsdp_version 2 --fsdp_reshard_after_forward false" in fsdp and "--num_processes 4" in fsdp
+
+
+def test_multi_node_needs_slurm():
+    from ftflow.train.launcher import LaunchError
+
+    with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm"):
+        launcher_flags("launcher=gpu", "launcher.nodes=2")
+    from ftflow.config.schema import Launcher
+    from ftflow.train.launcher import node_tasks_command
+
+    with pytest.raises(LaunchError, match="launcher.nodes=2 needs Slurm: run the train rule through the Slurm profile"):
+        node_tasks_command(Launcher(distributed="ddp", nodes=2), ["config.yaml", "."], {})
+
+
+def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):
+    from ftflow.config.schema import Tracking
+    from ftflow.train.tracking import wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(Tracking()) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_WANDB_KEY)
+    assert wandb_mode(Tracking()) == "online"
+    assert wandb_mode(Tracking(mode="offline")) == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_WANDB_KEY}\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode(Tracking()) == "online"
