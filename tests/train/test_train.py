@@ -215,6 +215,43 @@ def test_killed_three_times_resumes_to_the_same_weights(conversations, tmp_path)
 
 
 @pytest.mark.slow
+def test_a_damaged_checkpoint_is_dropped_and_the_run_resumes_from_the_one_before(conversations, tmp_path):
+    """The last checkpoint's weights changed on disk after it was saved (a byte flipped: same
+    size, found by train.checkpoint_verify=sha256), or its optimizer state cut short (found by
+    the size check every resume makes): the rerun says which file and why, removes it, resumes
+    from the checkpoint before, and ends with the uninterrupted run's weights, bitwise."""
+    straight = clone(conversations, tmp_path / "straight")
+    ftflow("train", *KILL, "train.checkpoint_verify=sha256", cwd=straight)
+    (ckpt_dir,) = (straight / paths.CHECKPOINTS).iterdir()
+    assert sorted(p.name for p in ckpt_dir.glob("checkpoint-*")) == ["checkpoint-22", "checkpoint-24"]
+
+    def damaged(name: str, file: str, change, verify: str) -> str:
+        root = clone(straight, tmp_path / name)
+        path = root / paths.CHECKPOINTS / ckpt_dir.name / "checkpoint-24" / file
+        data = bytearray(path.read_bytes())
+        path.write_bytes(change(data))
+        start = time.time()
+        proc = ftflow("train", *KILL, f"train.checkpoint_verify={verify}", cwd=root)
+        assert time.time() - start < 120  # found before the processes start; two steps trained
+        assert summary(root)["resumed_from"] == "checkpoint-22" and summary(root)["steps"] == 24
+        a, b = weights(straight), weights(root)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert losses(root) == losses(straight)
+        return proc.stderr
+
+    def flip(data: bytearray) -> bytes:
+        data[len(data) // 2] ^= 0xFF
+        return bytes(data)
+
+    log = damaged("flipped", "model.safetensors", flip, "sha256")
+    assert re.search(r"checkpoint-24 is damaged: model.safetensors is not the file that was saved \(its sha256 "
+                     r"differs\)\. Removed it; resuming from checkpoint-22\.", log), log[-3000:]  # fmt: skip
+    log = damaged("cut", "optimizer.pt", lambda data: bytes(data[:-1024]), "size")
+    size = (ckpt_dir / "checkpoint-24" / "optimizer.pt").stat().st_size
+    assert f"checkpoint-24 is damaged: optimizer.pt has {size - 1024} bytes, {size} when it was saved" in log
+
+
+@pytest.mark.slow
 def test_stop_signal_checkpoints_and_the_workflow_retry_resumes(conversations, tmp_path):
     """Slurm signals a job before its time limit (--signal=TERM@...), every process of the job
     step: the stage saves a checkpoint at the end of the current step, exits non-zero, and

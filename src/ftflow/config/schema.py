@@ -202,6 +202,9 @@ class Train(Section):
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=500, ge=1)  # also saved on SIGUSR1/SIGTERM (preemption)
     save_total_limit: int = Field(default=2, ge=1)
+    # what a resume checks of a checkpoint's files against what was recorded when it was saved:
+    # their sizes (free), or their sha256 too (each save then reads back every file it wrote)
+    checkpoint_verify: Literal["size", "sha256"] = "size"
     dpo: Dpo = Dpo()
     kto: Kto = Kto()
     grpo: Grpo | None = None

@@ -52,13 +52,16 @@ def write_curve(path: Path, history: list[dict]) -> None:
 
 class MarkComplete(TrainerCallback):
     """Marks a checkpoint complete once every process has written its part: only a complete
-    one is ever resumed from."""
+    one is ever resumed from. The marker records its files' sizes (and sha256s)."""
+
+    def __init__(self, sha256: bool = False):
+        self.sha256 = sha256
 
     def on_save(self, args, state, control, **kwargs):
         if _distributed():
             dist.barrier()  # every process has written its shards
         if state.is_world_process_zero:
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step, self.sha256)
 
 
 class StopOnSignal(TrainerCallback):

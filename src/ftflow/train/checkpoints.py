@@ -19,7 +19,11 @@ from ftflow.hashing import file_sha256, fingerprint
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "ftflow_complete"  # marker in a checkpoint folder once every process has saved its part
+# marker in a checkpoint folder once every process has saved its part: the step, and the size
+# (with train.checkpoint_verify=sha256 also the sha256) of every file in the folder
+COMPLETE = "ftflow_complete"
+# train settings that do not shape the weights: a checkpoint resumes whatever their values
+NOT_IN_KEY = ("checkpoint_verify",)
 
 # small files that pin down the packed data: normalize's stats (sha256 of every normalized file)
 # and pack's config and stats; pack is deterministic, so these identify its output without
@@ -31,7 +35,9 @@ def checkpoint_key(sections: dict, root: Path = Path(".")) -> str:
     """What a checkpoint belongs to: the config that shapes the weights (tracking does not) and
     the data it trains on. Another learning rate or another dataset never resumes it."""
     data = {name: file_sha256(root / name) for name in DATA_RECORDS if (root / name).exists()}
-    return fingerprint({"config": {k: v for k, v in sections.items() if k != "tracking"}, "data": data})
+    config = {k: v for k, v in sections.items() if k != "tracking"}
+    config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_IN_KEY}
+    return fingerprint({"config": config, "data": data})
 
 
 def checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -46,8 +52,41 @@ def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def mark_complete(folder: Path, step: int) -> None:
-    (folder / COMPLETE).write_text(json.dumps({"step": step}))
+def mark_complete(folder: Path, step: int, sha256: bool = False) -> None:
+    """Mark a checkpoint complete, recording its files (written last, atomically: a folder
+    with the marker is a whole checkpoint)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+    record = {"step": step, "sizes": {str(p.relative_to(folder)): p.stat().st_size for p in files}}
+    if sha256:
+        record["sha256"] = {str(p.relative_to(folder)): file_sha256(p) for p in files}
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(folder / COMPLETE)
+
+
+def damage(folder: Path, verify: str = "size") -> str | None:
+    """Why a complete checkpoint's files are not those it saved (None: they are): a file
+    missing, of another size, or (verify=sha256, when its hashes were recorded) of other content."""
+    record = json.loads((folder / COMPLETE).read_text())
+    for name, size in record.get("sizes", {}).items():  # (a marker of an earlier ftflow records none)
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    if verify == "sha256":
+        for name, digest in record.get("sha256", {}).items():
+            if file_sha256(folder / name) != digest:
+                return f"{name} is not the file that was saved (its sha256 differs)"
+    return None
+
+
+def dvc_hint(folder: Path) -> str:
+    """What restores a damaged checkpoint that DVC restored as links into its cache."""
+    if any(p.is_symlink() or p.stat().st_nlink > 1 for p in folder.rglob("*") if p.is_file()):
+        return (" Its files are links into DVC's cache, so the cached copy is damaged too: "
+                "`dvc fetch` (from a remote) and `dvc checkout --relink` restore it.")  # fmt: skip
+    return ""
 
 
 def finished(checkpoint: Path) -> bool:
@@ -56,11 +95,21 @@ def finished(checkpoint: Path) -> bool:
     return state["max_steps"] > 0 and state["global_step"] >= state["max_steps"]
 
 
-def remove_interrupted_saves(ckpt_dir: Path) -> None:
-    """Before the processes start: drop checkpoint folders whose save never completed."""
+def remove_unusable(ckpt_dir: Path, verify: str = "size") -> None:
+    """Before the processes start (once per job): drop checkpoint folders whose save never
+    completed, and, newest first until one is whole, complete ones whose files were damaged
+    since, saying why: the run resumes from the newest whole checkpoint."""
     for partial in (p for p in checkpoints(ckpt_dir) if not (p / COMPLETE).exists()):
         log.warning("Removing %s: its save was interrupted", partial)
         shutil.rmtree(partial, ignore_errors=True)
+    for folder in reversed(checkpoints(ckpt_dir)):
+        why = damage(folder, verify)
+        if why is None:
+            return
+        older = [p.name for p in checkpoints(ckpt_dir) if p != folder]
+        instead = f"resuming from {older[-1]}" if older else "no other checkpoint: training starts over"
+        log.warning("%s is damaged: %s. Removed it; %s.%s", folder, why, instead, dvc_hint(folder))
+        shutil.rmtree(folder)
 
 
 def own_files(ckpt_dir: Path) -> None:

@@ -17,7 +17,7 @@ from ftflow import paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Launcher, Peft, StageConfig
 from ftflow.errors import StageError
-from ftflow.train.checkpoints import checkpoint_key, own_files, remove_interrupted_saves
+from ftflow.train.checkpoints import checkpoint_key, own_files, remove_unusable
 from ftflow.train.launcher import (
     PREEMPTED,
     PREEMPTED_FILE,
@@ -46,7 +46,7 @@ def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
     check_accelerators(cfg.launcher)
     ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg.sections, root)
     own_files(ckpt_dir)
-    remove_interrupted_saves(ckpt_dir)  # once per job (srun starts the nodes after this), before anyone saves
+    remove_unusable(ckpt_dir, cfg.train.checkpoint_verify)  # once per job (srun starts the nodes after this)
     (out_dir / PREEMPTED_FILE).unlink(missing_ok=True)
     env = launch_env(cfg.launcher)
     if cfg.launcher.nodes > 1:  # one `accelerate launch` per node, each started by srun

@@ -70,7 +70,7 @@ def setup(cfg: StageConfig, root: Path) -> Run:
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
     stop = StopOnSignal()  # handlers installed before the slow part, then the pid file
     announce(out_dir / "workers", rank)
-    callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(), stop]
+    callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(sha256=cfg.train.checkpoint_verify == "sha256"), stop]
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     base = base_weights(cfg, tok, root)
