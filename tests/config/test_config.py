@@ -159,6 +159,13 @@ def test_bad_key_in_a_conf_file(tmp_path):
         compose([], conf)
 
 
+def test_the_committed_params_yaml_is_what_conf_composes_to():
+    """A fresh clone's `dvc repro` starts with `ftflow compose --check`: the params.yaml in the
+    repository must be current (an edit of conf/ without recomposing it once slipped through)."""
+    tree, overrides = config.read_params(REPO / "params.yaml")
+    assert overrides == [] and tree == compose([], CONF)
+
+
 def test_params_roundtrip_and_staleness(tmp_path):
     import shutil
 
