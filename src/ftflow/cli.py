@@ -30,6 +30,7 @@ from ftflow import runner, stages
 from ftflow.config import params
 from ftflow.errors import ConfigError, StageError
 from ftflow.progress import setup_logging
+from ftflow.workflow import workspace
 
 
 def run_rule(smk) -> None:
@@ -74,6 +75,8 @@ def dispatch(rule: str, extra: list[str]) -> int:
 
     if rule not in stages.DVC_STAGES:
         raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {stages.DVC_STAGES})")
+    dvc = workspace.command_of(str(os.getppid())) or "dvc"
+    os.environ.update(workspace.claim(f"{dvc} (its stage {rule})", dvc="skip"))
     # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
     # missing one is an error); this holds because rules name their inputs by path (common.smk)
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
@@ -132,8 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(err, "exit_status", 1)
 
 
+# commands that write the workspace (params.yaml, results/): one at a time (workflow/workspace.py)
+WRITERS = ("compose", "run", "report", "sync", "pull", *stages.NAMES)
+
+
 def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     """Run one command; its exit status (None: 0)."""
+    if args.command in WRITERS and not args.check:  # the children run under the hold
+        dvc = "check" if args.command in ("sync", "pull") else "hold"  # those two run DVC
+        os.environ.update(workspace.claim(workspace.command_line(), dvc=dvc))
     if args.command == "compose" and args.check:
         check_params()
     elif args.command == "compose":

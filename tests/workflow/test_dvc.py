@@ -12,13 +12,14 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import BIN, REPO, copy_repo, ftflow, job_stats, planned_jobs, run, snakemake
+from helpers import BIN, REPO, copy_repo, env, ftflow, job_stats, planned_jobs, run, snakemake
 
 # what a DVC-enabled checkout has besides the workflow itself
 DVC_PARTS = (".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "hydra_plugins")
@@ -375,3 +376,48 @@ def test_fresh_clone_and_pull_has_nothing_to_rerun(project):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(clone / "results/consolidate/model")
+
+
+# --- 6. one run at a time --------------------------------------------------------------------
+
+
+@pytest.mark.dvc
+@pytest.mark.slow
+def test_a_dvc_run_and_an_ftflow_run_refuse_each_other(project):
+    """A `dvc exp run` in the workspace holds it while its stages run: `ftflow run` is refused,
+    naming it. An `ftflow run` holds DVC's lock too: `dvc repro` stops at once, before it removes
+    any output it would rebuild, and DVC's lock file names the run. Each first run finishes."""
+    from ftflow.workflow.workspace import DVC_LOCK, LOCK
+
+    exp = subprocess.Popen([str(BIN / "dvc"), "exp", "run", "-n", "lr-c", "-S", "train.learning_rate=3e-4"],
+                           cwd=project, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.time() + 120
+    while "(its stage train)" not in ((project / LOCK).read_text() if (project / LOCK).exists() else ""):
+        assert exp.poll() is None and time.time() < deadline, exp.stdout.read()[-3000:]
+        time.sleep(0.1)
+    began = time.time()
+    proc = ftflow("run", cwd=project, check=False)
+    assert proc.returncode == 3 and time.time() - began < 20
+    assert re.search(r"in use by `.*dvc exp run -n lr-c .*\(its stage train\)` \(pid \d+", proc.stderr), proc.stderr
+    out = exp.communicate(timeout=600)[0]
+    ran = re.findall(r"Running stage '([\w-]+)'", out)
+    assert exp.returncode == 0 and ran == ["train", "consolidate", "evaluate", "report"], out[-3000:]
+
+    first = subprocess.Popen([str(BIN / "ftflow"), "run", "train.learning_rate=7e-4"], cwd=project, env=env(),
+                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    while f'"pid": {first.pid}' not in ((project / LOCK).read_text() if (project / LOCK).exists() else ""):
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        time.sleep(0.1)
+    began = time.time()
+    proc = dvc("repro", cwd=project, check=False)
+    assert proc.returncode != 0 and "Unable to acquire lock" in proc.stderr + proc.stdout
+    assert time.time() - began < 30 and not stages_run(proc)  # no stage started, no output removed
+    assert "ftflow run train.learning_rate=7e-4" in (project / DVC_LOCK).read_text()
+    assert first.wait(timeout=600) == 0, first.stderr.read()[-3000:]
+    first.stderr.close()
+    assert planned_jobs(project) == {}  # the run's outputs are whole
+    # back to the committed state (--force: the run's outputs were never DVC's)
+    git("checkout", "HEAD", "--", "params.yaml", "dvc.lock", cwd=project)
+    dvc("checkout", "--force", cwd=project)
+    ftflow("sync", cwd=project)
+    assert planned_jobs(project) == {}
