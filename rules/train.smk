@@ -19,7 +19,7 @@ rule train:
         "../envs/train.yaml"
     threads: ALL_CORES
     resources:
-        **slurm_resources("train"),  # GPUs per node and nodes from launcher (see ftflow.slurm)
+        **slurm_resources("train"),  # GPUs per node and nodes from launcher (see ftflow.workflow.slurm)
     params:
         cfg=params_of("train"),
     script:

@@ -31,7 +31,7 @@ class Stage:
     # modules its entry starts as processes (`python -m`), not by import: code it runs too
     processes: tuple[str, ...] = ()
     # gets its sections validated once, as a typed StageConfig (download gets the locations
-    # config.stage_params projects out of them, report no config)
+    # config.params.stage_params projects out of them, report no config)
     typed: bool = True
 
     def rule_entries(self) -> dict[str, str]:
@@ -55,7 +55,7 @@ STAGES = (
     Stage(
         "download",
         "ftflow.data.download:download",
-        ("data", "model"),  # projected to where things come from: config.stage_params
+        ("data", "model"),  # projected to where things come from: config.params.stage_params
         (
             "config",
             "config.params",

@@ -1,5 +1,5 @@
 """Hydra composition of conf/ into params.yaml, its check, and the per-stage projection of the
-composed tree. The schema the check validates against is ftflow.schema.
+composed tree. The schema the check validates against is ftflow.config.schema.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ CHECKED = Path(".snakemake/ftflow/params-checked")  # beside params.yaml; Snakem
 
 class Checked(NamedTuple):
     params: dict  # params.yaml as written: what the stages get, and what DVC compares
-    valid: dict  # the same tree validated, every default filled in (ftflow.schema.Config)
+    valid: dict  # the same tree validated, every default filled in (ftflow.config.schema.Config)
 
 
 def load_checked(path: str | Path = PARAMS_FILE, conf_dir: Path = CONF_DIR) -> Checked:

@@ -4,7 +4,7 @@ fails before any job runs, naming the key's dotted path:
     ConfigError: invalid config: train.learnin_rate: unknown key
 
 Building these classes costs about 0.1 s, so the Snakefile's parse does not import this module
-while params.yaml's last check holds (see config.load_checked).
+while params.yaml's last check holds (see config.params.load_checked).
 """
 
 from __future__ import annotations

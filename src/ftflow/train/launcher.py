@@ -25,7 +25,7 @@ from ftflow.errors import StageError
 
 log = logging.getLogger(__name__)
 
-# what Slurm sends before a time limit or on preemption: the workers checkpoint and stop (train.py)
+# what Slurm sends before a time limit or on preemption: the workers checkpoint and stop (callbacks.StopOnSignal)
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 PREEMPTED = 75  # EX_TEMPFAIL: the workers' exit status after saving on a stop signal; run again to resume
 PREEMPTED_FILE = "preempted.json"  # in train's output folder: which signal, at which step

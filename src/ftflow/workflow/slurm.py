@@ -1,6 +1,6 @@
 """Each stage's Slurm job, as the Snakemake resources that snakemake-executor-plugin-slurm turns
 into sbatch flags (profiles/slurm). The rules call `resources(VALID, stage)`, on the validated
-config tree (ftflow.schema's defaults filled in) that config.load_checked returns.
+config tree (ftflow.config.schema's defaults filled in) that config.params.load_checked returns.
 
 Partition, account, QoS, constraint, CPUs, memory and time come from the `slurm` config section;
 the train job's GPUs per node and node count come from `launcher`, which also tells accelerate
@@ -42,7 +42,7 @@ def runtime(minutes: int, growth: float):
 
 def train_resources(launcher: dict, stop_signal_s: int) -> dict:
     # SIGTERM reaches every process of the job's steps (not the batch shell): Snakemake waits for
-    # its job on SIGTERM, and the training processes checkpoint and exit 75 (see train.py)
+    # its job on SIGTERM, and the training processes checkpoint and exit 75 (see ftflow/train/)
     out = {"nodes": launcher["nodes"], "slurm_extra": f"--signal=TERM@{stop_signal_s}"}
     if not launcher["cpu"]:
         out["gres"] = f"gpu:{launcher['num_processes']}"  # --gres counts per node (--gpus would be per job)
