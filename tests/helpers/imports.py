@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from ftflow.stages import module_file
+
 SRC = Path(__file__).resolve().parents[2] / "src/ftflow"
 
 # Modules whose imports inside functions are not a stage's code: config.params composes and checks the
@@ -21,8 +23,7 @@ MODULE_LEVEL_ONLY = {"config.params", "config.schema"}
 
 def path(module: str) -> Path:
     """The file of a module or package."""
-    base = SRC.joinpath(*module.split("."))
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    return SRC.parents[1] / module_file(module)
 
 
 def exists(module: str) -> bool:

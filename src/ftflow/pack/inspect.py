@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ftflow import paths
+from ftflow.pack.encode import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 GREEN, DIM, RESET = "\033[32;1m", "\033[2m", "\033[0m"
 
 

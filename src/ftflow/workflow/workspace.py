@@ -60,9 +60,9 @@ def claim(what: str, root: Path = Path("."), dvc: str = "hold") -> dict[str, str
                 raise WorkspaceInUse(refusal(root, dvc_holder(root) or "DVC"))
             _write(dvc_held, record)
             _held[dvc_lock.resolve()] = dvc_held
-        elif dvc == "check" and dvc_holder(root):
+        elif dvc == "check" and (running := dvc_holder(root)):
             held.close()
-            raise WorkspaceInUse(refusal(root, dvc_holder(root)))
+            raise WorkspaceInUse(refusal(root, running))
         _write(held, record)
         _held[path] = held
     return {HOLDER_ENV: str(os.getpid())}
