@@ -75,7 +75,7 @@ def dispatch(rule: str, extra: list[str]) -> int:
 
     if rule not in stages.DVC_STAGES:
         raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {stages.DVC_STAGES})")
-    dvc = workspace.command_of(str(os.getppid())) or "dvc"
+    dvc = workspace.launcher(os.getpid()) or "dvc"
     os.environ.update(workspace.claim(f"{dvc} (its stage {rule})", dvc="skip"))
     # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
     # missing one is an error); this holds because rules name their inputs by path (common.smk)

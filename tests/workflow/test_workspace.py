@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,3 +56,14 @@ def test_a_second_run_is_refused_naming_the_first(tmp_path):
     assert planned_jobs(root) == {}
     ftflow("compose", "experiment=smoke", cwd=root)
     assert planned_jobs(root) == {}
+
+
+def test_the_holder_named_is_the_command_past_the_shells_that_ran_it():
+    """DVC runs `ftflow dispatch` through `/bin/sh -c`, which does not always exec it: the lock
+    must name the `dvc ...` command, not the shell (seen in CI with a shell that stayed)."""
+    script = "from ftflow.workflow.workspace import launcher; import os; print(launcher(os.getpid()))"
+    # two shells that cannot exec (`; true` follows), under a Python that stands in for dvc
+    shells = f"""bash -c "{BIN / 'python'} -c '{script}'; true"; true"""
+    parent = [sys.executable, "-c", f"import subprocess; subprocess.call(['sh', '-c', {shells!r}])"]
+    out = subprocess.run(parent, text=True, capture_output=True, check=True).stdout.strip()
+    assert out == " ".join(parent), out

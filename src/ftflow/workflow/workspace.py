@@ -147,6 +147,25 @@ def command_of(pid: str) -> str | None:
         return None
 
 
+SHELLS = {"sh", "dash", "bash", "zsh"}
+
+
+def launcher(pid: int) -> str | None:
+    """The command that started process `pid`, past any shell between them: DVC runs a stage's
+    command through `/bin/sh -c`, which may or may not exec it (dash does for a lone command,
+    not always), and the person wants to read `dvc exp run ...`, not `/bin/sh -c ...`."""
+    for _ in range(8):  # a chain of shells, never a long one
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        command = command_of(str(ppid))
+        if not command or Path(command.split()[0]).name not in SHELLS:
+            return command
+        pid = ppid
+    return None
+
+
 def command_line() -> str:
     """This process's command, as a person typed it."""
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
