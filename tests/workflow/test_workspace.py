@@ -63,7 +63,7 @@ def test_the_holder_named_is_the_command_past_the_shells_that_ran_it():
     must name the `dvc ...` command, not the shell (seen in CI with a shell that stayed)."""
     script = "from ftflow.workflow.workspace import launcher; import os; print(launcher(os.getpid()))"
     # two shells that cannot exec (`; true` follows), under a Python that stands in for dvc
-    shells = f"""bash -c "{BIN / 'python'} -c '{script}'; true"; true"""
+    shells = f"""bash -c "{BIN / "python"} -c '{script}'; true"; true"""
     parent = [sys.executable, "-c", f"import subprocess; subprocess.call(['sh', '-c', {shells!r}])"]
     out = subprocess.run(parent, text=True, capture_output=True, check=True).stdout.strip()
     assert out == " ".join(parent), out
