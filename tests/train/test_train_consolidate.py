@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -12,9 +13,10 @@ from safetensors import safe_open
 
 from ftflow import paths, runner
 from ftflow.config.params import compose, stage_params
+from ftflow.disk import OutOfSpace
 from ftflow.train.checkpoints import checkpoint_key
 
-from helpers import prepared
+from helpers import prepared, small_file_system
 
 OVERRIDES = ["peft=lora", "+data.sources.0.limit=200", "pack.max_length=128", "train.max_steps=4",
              "train.save_steps=2", "train.logging_steps=1", "train.learning_rate=3e-3"]  # fmt: skip
@@ -90,6 +92,27 @@ def test_consolidate_merges_lora_into_a_plain_model(trained):
     # the demo model ties its output embedding to the input one: still tied after the merge
     assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.model.embed_tokens.weight
     assert "lm_head.weight" not in names
+
+
+@pytest.mark.slow
+def test_consolidate_on_a_full_disk_removes_its_partial_model_and_says_what_it_needs(trained):
+    """results/consolidate on a 1 MB file system (a tmpfs the test mounts, as root), the model
+    takes about 3.6: consolidate fails naming the place, the model's size and what was free,
+    and leaves no part of the model; with room, the rerun writes it whole."""
+    root, tree = trained
+    out = root / paths.CONSOLIDATE
+    with small_file_system(out, 1_000_000) as resize:
+        with pytest.raises(OutOfSpace) as err:
+            runner.run("consolidate", stage_params(tree, "consolidate"), root)
+        found = re.fullmatch(r"consolidate: the file system holding (\S+) is full: it needs about ([\d.,]+) MB and had "
+                             r"([\d.,]+) MB free when the write stopped, ([\d.,]+) MB in; the partial files are removed\. "
+                             r"Free space there, or put results/ on a larger file system", str(err.value))  # fmt: skip
+        assert found and found[1] == str(out / "model") and float(found[3]) < float(found[2]), err.value
+        assert not (out / "model").exists()
+        resize(50_000_000)
+        runner.run("consolidate", stage_params(tree, "consolidate"), root)
+        weights = (out / "model" / "model.safetensors").stat().st_size
+        assert abs(float(found[2]) * 1e6 - weights) < 0.01 * weights  # what it said it needed
 
 
 def _tensors(path):

@@ -378,6 +378,45 @@ def test_fresh_clone_and_pull_has_nothing_to_rerun(project):
     AutoModelForCausalLM.from_pretrained(clone / "results/consolidate/model")
 
 
+@pytest.mark.dvc
+@pytest.mark.slow
+def test_a_damaged_cache_object_is_named_by_the_stage_that_reads_it_with_the_fix(project):
+    """A bit flips in the DVC cache object of a downloaded file; DVC hardlinks it into data/raw/,
+    so the workspace file changes with it. DVC does not notice the damage: `dvc repro` records
+    the changed data folder as a new version (data.dvc) and reruns normalize. The stage that
+    reads the file, normalize, refuses it, naming the file, the damaged object, DVC's new record
+    and the fix; following the fix restores the file from the remote."""
+    dvc("push", cwd=project)
+    raw = project / "data/raw/demo_train/train.jsonl"
+    original = raw.read_bytes()
+    md5 = hashlib.md5(original).hexdigest()
+    obj = project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]
+    assert obj.stat().st_ino == raw.stat().st_ino  # one file, two names
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    obj.write_bytes(bytes(damaged))  # in place (as root: the object is read-only)
+    proc = dvc("repro", cwd=project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and stages_run(proc) == ["normalize"], out[-3000:]
+    assert run(["git", "diff", "--quiet", "data.dvc"], project, check=False).returncode == 1  # DVC's new record
+    new = hashlib.md5(damaged).hexdigest()
+    new = project / ".dvc/cache/files/md5" / new[:2] / new[2:]
+    assert ("data/raw/demo_train/train.jsonl is not the file download wrote (its sha256 differs): damaged on disk "
+            f"or changed since. It is a link into DVC's cache, so the cached copy is damaged too ({obj}). Remove that "
+            f"object; undo DVC's record of the damaged content as a new version ({new}): `git checkout` the .dvc file "
+            "or dvc.lock that changed; then `dvc fetch` (from the remote) and `dvc checkout --relink --force` "
+            "restore both.") in out, out[-3000:]  # fmt: skip
+    # the fix, step by step
+    obj.unlink()
+    git("checkout", "--", "data.dvc", cwd=project)
+    dvc("fetch", cwd=project)
+    dvc("checkout", "--relink", "--force", cwd=project)
+    assert raw.read_bytes() == original
+    ftflow("sync", cwd=project)
+    assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+    assert planned_jobs(project) == {}
+
+
 # --- 6. one run at a time --------------------------------------------------------------------
 
 

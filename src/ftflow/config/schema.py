@@ -247,6 +247,7 @@ class Launcher(Section):
     nodes: int = Field(default=1, ge=1)  # > 1: rank and head address come from Slurm
     cpu: bool = True  # force CPU even when an accelerator is visible
     main_process_port: int | None = Field(default=None, ge=1024, le=65535)  # None: a free one
+    collective_timeout_s: int = Field(default=600, ge=1)  # a lost peer fails the others after this
     deepspeed: DeepSpeed = DeepSpeed()
     fsdp: Fsdp = Fsdp()
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -78,15 +79,27 @@ def fetch_hub(repo_id: str, revision: str | None, repo_type: str, dest: Path, al
     return snapshot.name
 
 
-def copy_tree(src: Path, dest: Path) -> None:
-    """Replace dest with a copy of src (a file or a directory); symlinks are dereferenced."""
+@contextmanager
+def replacing(dest: Path):
+    """A folder to write dest's new content into, put in dest's place once it is whole: a copy
+    cut off midway (a kill, a full disk) leaves no part of the files under dest's name, and the
+    rerun starts the copy again (what a hub download had fetched stays in the hub cache)."""
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
     if dest.exists():
         shutil.rmtree(dest)
-    if src.is_file():
-        dest.mkdir(parents=True)
-        shutil.copy2(src, dest / src.name)
-    else:
-        shutil.copytree(src, dest, symlinks=False)
+    tmp.rename(dest)
+
+
+def copy_tree(src: Path, dest: Path) -> None:
+    """Replace dest with a copy of src (a file or a directory); symlinks are dereferenced."""
+    with replacing(dest) as tmp:
+        if src.is_file():
+            shutil.copy2(src, tmp / src.name)
+        else:
+            shutil.copytree(src, tmp, symlinks=False, dirs_exist_ok=True)
 
 
 def glob_base(pattern: str) -> Path:
@@ -105,19 +118,20 @@ def fetch_local(path: str, dest: Path, files: list[str] | None = None) -> None:
     if glob.has_magic(path) or (files and Path(path).is_dir()):
         base = glob_base(path) if glob.has_magic(path) else Path(path)
         chosen = found if glob.has_magic(path) else sorted({p for f in files for p in base.glob(f) if p.is_file()})
-        if dest.exists():
-            shutil.rmtree(dest)
-        dest.mkdir(parents=True)
-        for p in chosen:
-            (dest / p.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dest / p.relative_to(base))
+        with replacing(dest) as tmp:
+            for p in chosen:
+                (tmp / p.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, tmp / p.relative_to(base))
     else:
         copy_tree(Path(path), dest)
 
 
 def write_entry(entry: dict, path: Path) -> dict:
+    """A source's or model's manifest entry, written last and whole: the job's mark of completion."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entry, indent=2, sort_keys=True))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(entry, indent=2, sort_keys=True))
+    os.replace(tmp, path)
     return entry
 
 

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from ftflow import paths
+from ftflow import integrity, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Data, Source, StageConfig
 from ftflow.data.formats import (
@@ -410,14 +410,25 @@ def nothing_left(runs: list[SourceRun]) -> str:
     return "; ".join(parts)
 
 
+def downloaded_files(source: Source, root: Path) -> dict[Path, str]:
+    """The source's files and the sha256 download recorded of each ({} for files put in
+    data/raw/ by hand: no record to check against)."""
+    entry = root / paths.source_manifest(source.name)
+    if not entry.exists():
+        return {}
+    raw = root / paths.RAW / source.name
+    return {raw / name: digest for name, digest in json.loads(entry.read_text())["files"].items()}
+
+
 def normalize_source(source: Source, data: Data, root: Path, writer: SplitWriter) -> SourceRun:
     run = SourceRun(source, data, root)
     try:
+        integrity.check(downloaded_files(source, root), "download", "Download it again (`ftflow download`).")
         with tqdm(total=source.limit, desc=f"normalize {source.name}", unit="records") as bar:
             for table in run.tables(root / paths.RAW / source.name):
                 writer.write(table)
                 bar.update(run.read - bar.n)
-    except (FileFormatError, FileNotFoundError) as err:
+    except (FileFormatError, FileNotFoundError, integrity.DamagedInput) as err:
         raise NormalizeError(f"source {source.name!r}: {err}") from None
     return run
 

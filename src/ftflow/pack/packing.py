@@ -19,6 +19,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ftflow.config.schema import Pack
+from ftflow.disk import room_for
 from ftflow.errors import PackError
 from ftflow.pack.encode import IGNORE_INDEX, Encoded, audit_figures, encode_piece
 from ftflow.pack.io import data_kind, parquet_file, pieces, save_rows
@@ -143,7 +144,8 @@ def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
     kind = data_kind(parquet)
     if kind not in ("conversation", "text"):
         table, stats = pair_rows(parquet, kind, tok, cfg)
-        save_rows(table, out)
+        with room_for(f"pack {parquet.stem}", [out], needed=lambda written: max(written, table.nbytes)):
+            save_rows(table, out)
         return stats
     if cfg.overflow == "auto":
         cfg = cfg.model_copy(update={"overflow": "split" if kind == "text" else "truncate"})
@@ -151,11 +153,16 @@ def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
     counts: dict = {"overflow": cfg.overflow}
     num_proc = cfg.num_proc or len(os.sched_getaffinity(0))
     total = parquet_file(parquet).metadata.num_rows
-    with tqdm(total=total, desc=f"pack {parquet.stem}", unit="conversations") as bar:
-        for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
-            shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
-            bar.update(len(enc.lengths))
-    return shards.close(cfg.strategy, counts)
+
+    def needed(written: int) -> int:  # what was written, scaled up to all conversations
+        return written * total // max(shards.stats["conversations"], 1)
+
+    with room_for(f"pack {parquet.stem}", [out, shards.tmp], needed):
+        with tqdm(total=total, desc=f"pack {parquet.stem}", unit="conversations") as bar:
+            for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
+                shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
+                bar.update(len(enc.lengths))
+        return shards.close(cfg.strategy, counts)
 
 
 SHARD_TOKENS = 1 << 26  # tokens packed at a time (~1 GB of working memory), whatever the data's size

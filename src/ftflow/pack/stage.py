@@ -29,7 +29,7 @@ import json
 import logging
 from pathlib import Path
 
-from ftflow import paths
+from ftflow import integrity, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import StageConfig
 from ftflow.pack.encode import span_method
@@ -61,10 +61,20 @@ def warn_unrendered_reasoning(split: str, audit: dict, template: str) -> None:
                     "renders reasoning)", split, template, left_out, audit["messages_with_reasoning"])  # fmt: skip
 
 
+def normalized_files(in_dir: Path) -> dict[Path, str]:
+    """normalize's split files and the sha256 it recorded of each ({} without its stats)."""
+    stats = in_dir / "stats.json"
+    if not stats.exists():
+        return {}
+    splits = json.loads(stats.read_text())["splits"]
+    return {in_dir / f"{split}.parquet": s["sha256"] for split, s in splits.items() if s.get("sha256")}
+
+
 def pack(cfg: StageConfig, root: Path = Path(".")) -> dict:
     """Run the stage on its config (model, tokenizer, template, pack)."""
     model, tok_cfg, tpl, pack_cfg = cfg.model, cfg.tokenizer, cfg.template, cfg.pack
     in_dir, out_dir = root / paths.NORMALIZE, root / paths.PACK
+    integrity.check(normalized_files(in_dir), "normalize", "Run normalize again (`ftflow normalize`).")
     tok = build_tokenizer(model, tok_cfg, tpl, in_dir / "train.parquet", root)
     tok.save_pretrained(out_dir / "tokenizer")
     # how the loss masks were made (the audit per split counts what they trained, before max_length)

@@ -15,15 +15,17 @@ import shutil
 from pathlib import Path
 
 from ftflow import paths
+from ftflow.disk import mb
 from ftflow.hashing import file_sha256, fingerprint
+from ftflow.integrity import dvc_fix
 
 log = logging.getLogger(__name__)
 
 # marker in a checkpoint folder once every process has saved its part: the step, and the size
 # (with train.checkpoint_verify=sha256 also the sha256) of every file in the folder
 COMPLETE = "ftflow_complete"
-# train settings that do not shape the weights: a checkpoint resumes whatever their values
-NOT_IN_KEY = ("checkpoint_verify",)
+# settings that do not shape the weights: a checkpoint resumes whatever their values
+NOT_IN_KEY = {"train": ("checkpoint_verify",), "launcher": ("collective_timeout_s",)}
 
 # small files that pin down the packed data: normalize's stats (sha256 of every normalized file)
 # and pack's config and stats; pack is deterministic, so these identify its output without
@@ -36,7 +38,8 @@ def checkpoint_key(sections: dict, root: Path = Path(".")) -> str:
     the data it trains on. Another learning rate or another dataset never resumes it."""
     data = {name: file_sha256(root / name) for name in DATA_RECORDS if (root / name).exists()}
     config = {k: v for k, v in sections.items() if k != "tracking"}
-    config["train"] = {k: v for k, v in config["train"].items() if k not in NOT_IN_KEY}
+    for section, names in NOT_IN_KEY.items():
+        config[section] = {k: v for k, v in config[section].items() if k not in names}
     return fingerprint({"config": config, "data": data})
 
 
@@ -64,29 +67,22 @@ def mark_complete(folder: Path, step: int, sha256: bool = False) -> None:
     tmp.replace(folder / COMPLETE)
 
 
-def damage(folder: Path, verify: str = "size") -> str | None:
-    """Why a complete checkpoint's files are not those it saved (None: they are): a file
-    missing, of another size, or (verify=sha256, when its hashes were recorded) of other content."""
+def damage(folder: Path, verify: str = "size") -> tuple[str, str] | None:
+    """The first file of a complete checkpoint that is not what it saved, and why (None: all
+    are): missing, of another size, or (verify=sha256, when its hashes were recorded) of other
+    content."""
     record = json.loads((folder / COMPLETE).read_text())
     for name, size in record.get("sizes", {}).items():  # (a marker of an earlier ftflow records none)
         path = folder / name
         if not path.exists():
-            return f"{name} is missing"
+            return name, f"{name} is missing"
         if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+            return name, f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
     if verify == "sha256":
         for name, digest in record.get("sha256", {}).items():
             if file_sha256(folder / name) != digest:
-                return f"{name} is not the file that was saved (its sha256 differs)"
+                return name, f"{name} is not the file that was saved (its sha256 differs)"
     return None
-
-
-def dvc_hint(folder: Path) -> str:
-    """What restores a damaged checkpoint that DVC restored as links into its cache."""
-    if any(p.is_symlink() or p.stat().st_nlink > 1 for p in folder.rglob("*") if p.is_file()):
-        return (" Its files are links into DVC's cache, so the cached copy is damaged too: "
-                "`dvc fetch` (from a remote) and `dvc checkout --relink` restore it.")  # fmt: skip
-    return ""
 
 
 def finished(checkpoint: Path) -> bool:
@@ -95,20 +91,54 @@ def finished(checkpoint: Path) -> bool:
     return state["max_steps"] > 0 and state["global_step"] >= state["max_steps"]
 
 
+def remove_partial(ckpt_dir: Path) -> dict[str, int]:
+    """Drop checkpoint folders whose save never completed; returns their names and sizes."""
+    removed = {}
+    for partial in (p for p in checkpoints(ckpt_dir) if not (p / COMPLETE).exists()):
+        log.warning("Removing %s: its save was interrupted", partial)
+        removed[partial.name] = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+        shutil.rmtree(partial, ignore_errors=True)
+    return removed
+
+
+def saved_bytes(folder: Path) -> int:
+    """A complete checkpoint's size, as its marker recorded it."""
+    return sum(json.loads((folder / COMPLETE).read_text()).get("sizes", {}).values())
+
+
+def out_of_space(ckpt_dir: Path) -> str:
+    """After a failed run: when a save was cut short for lack of room, remove its partial files
+    and say how much a checkpoint takes and how much is free ("" otherwise). A checkpoint
+    takes what the last complete one took (at least what the cut one had written); the
+    trainer writes a new checkpoint before it removes the oldest (save_total_limit), so a
+    save needs room for one whole checkpoint beside those kept."""
+    if not ckpt_dir.is_dir():
+        return ""
+    free = shutil.disk_usage(ckpt_dir).free  # before the partial files go: what the save had left
+    cut = remove_partial(ckpt_dir)
+    last = last_complete_checkpoint(ckpt_dir)
+    needed = max([saved_bytes(last) if last else 0, *cut.values()])
+    if not cut or free >= needed:
+        return ""
+    return (f"the file system holding {ckpt_dir} is full: saving {', '.join(cut)} stopped with {mb(free)} free; "
+            f"a checkpoint takes {mb(needed)} (its partial files are removed). Free space there, lower "
+            "train.save_total_limit, or put results/ on a larger file system")  # fmt: skip
+
+
 def remove_unusable(ckpt_dir: Path, verify: str = "size") -> None:
     """Before the processes start (once per job): drop checkpoint folders whose save never
     completed, and, newest first until one is whole, complete ones whose files were damaged
     since, saying why: the run resumes from the newest whole checkpoint."""
-    for partial in (p for p in checkpoints(ckpt_dir) if not (p / COMPLETE).exists()):
-        log.warning("Removing %s: its save was interrupted", partial)
-        shutil.rmtree(partial, ignore_errors=True)
+    remove_partial(ckpt_dir)
     for folder in reversed(checkpoints(ckpt_dir)):
-        why = damage(folder, verify)
-        if why is None:
+        found = damage(folder, verify)
+        if found is None:
             return
+        name, why = found
         older = [p.name for p in checkpoints(ckpt_dir) if p != folder]
         instead = f"resuming from {older[-1]}" if older else "no other checkpoint: training starts over"
-        log.warning("%s is damaged: %s. Removed it; %s.%s", folder, why, instead, dvc_hint(folder))
+        fix = dvc_fix(folder / name)  # (DVC restored the checkpoint as links into its cache)
+        log.warning("%s is damaged: %s. Removed it; %s.%s", folder, why, instead, f" {fix}" if fix else "")
         shutil.rmtree(folder)
 
 

@@ -17,7 +17,14 @@ from ftflow import paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Launcher, Peft, StageConfig
 from ftflow.errors import StageError
-from ftflow.train.checkpoints import checkpoint_key, own_files, remove_unusable
+from ftflow.train import workers
+from ftflow.train.checkpoints import (
+    checkpoint_key,
+    last_complete_checkpoint,
+    out_of_space,
+    own_files,
+    remove_unusable,
+)
 from ftflow.train.launcher import (
     PREEMPTED,
     PREEMPTED_FILE,
@@ -54,7 +61,7 @@ def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
     else:
         cmd = accelerate_launch(cfg, root, env)
     log.info("Launching: %s", " ".join(cmd))
-    returncode = run_forwarding_signals(cmd, env, out_dir / "workers", via_srun=cfg.launcher.nodes > 1)
+    returncode = run_forwarding_signals(cmd, env, root / paths.WORKERS, via_srun=cfg.launcher.nodes > 1)
     preempted = out_dir / PREEMPTED_FILE
     if preempted.exists():
         info = json.loads(preempted.read_text())
@@ -63,8 +70,21 @@ def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
             "Run the stage again to resume from it (the Slurm profile retries it)."
         )
     if returncode != 0:
-        raise TrainError(f"training failed (exit status {returncode}); see the log above")
+        raise failure(returncode, cfg.launcher, root, ckpt_dir)
     return json.loads((out_dir / "summary.json").read_text())
+
+
+def failure(returncode: int, launcher: Launcher, root: Path, ckpt_dir: Path) -> TrainError:
+    """What a failed run tells the person: which rank died and what stopped the others (their
+    records), whether a save ran out of space, and where the rerun resumes."""
+    found = [workers.explain(root / paths.WORKERS, launcher.num_processes * launcher.nodes), out_of_space(ckpt_dir)]
+    why = "; ".join(part for part in found if part)
+    last = last_complete_checkpoint(ckpt_dir)
+    resume = (f"The rerun resumes from {last.name}, the last complete checkpoint" if last
+              else "No checkpoint is complete yet: the rerun starts over")  # fmt: skip
+    detail = f": {why}" if why else ""
+    return TrainError(f"training failed (exit status {returncode}){detail}. {resume} (the Slurm profile "
+                      "retries the job); the log above has the details")  # fmt: skip
 
 
 def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:

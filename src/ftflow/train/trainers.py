@@ -50,6 +50,7 @@ def common_args(
         save_steps=train_cfg.save_steps,
         save_total_limit=train_cfg.save_total_limit,
         use_cpu=launcher.cpu,
+        ddp_timeout=launcher.collective_timeout_s,  # the process group's timeout (DDP, FSDP)
         report_to=report_to,
         run_name=run_name,
         remove_unused_columns=False,  # pack's columns are the model inputs' sources

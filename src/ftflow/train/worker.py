@@ -22,7 +22,7 @@ import yaml
 
 from ftflow import paths
 from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
-from ftflow.train import tracking, trainers
+from ftflow.train import tracking, trainers, workers
 from ftflow.train.callbacks import LossCurve, MarkComplete, StopOnSignal, write_curve
 from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
 from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
@@ -49,12 +49,17 @@ class Run:
 def main(config_path: str, root: str = ".") -> dict | None:
     """Train in this process."""
     cfg = stage_config("train", yaml.safe_load(Path(config_path).read_text()))
-    run = setup(cfg, Path(root))
-    start = time.time()
-    result = train(run)
-    if run.stop.signal:
-        stop(run)
-    return finish(run, result, time.time() - start)
+    with workers.recorded(Path(root) / paths.WORKERS, rank()):
+        run = setup(cfg, Path(root))
+        start = time.time()
+        result = train(run)
+        if run.stop.signal:
+            stop(run)
+        return finish(run, result, time.time() - start)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # set by torchrun for each process
 
 
 # --- setup ---------------------------------------------------------------------------------------
@@ -67,30 +72,22 @@ def setup(cfg: StageConfig, root: Path) -> Run:
 
     out_dir, key = root / paths.TRAIN, checkpoint_key(cfg.sections, root)
     ckpt_dir = root / paths.CHECKPOINTS / key
-    rank = int(os.environ.get("RANK", "0"))  # set by torchrun for each process
     stop = StopOnSignal()  # handlers installed before the slow part, then the pid file
-    announce(out_dir / "workers", rank)
+    workers.announce(root / paths.WORKERS, rank())
     callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(sha256=cfg.train.checkpoint_verify == "sha256"), stop]
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     base = base_weights(cfg, tok, root)
     resume = last_complete_checkpoint(ckpt_dir)
-    init_deepspeed(cfg.launcher)
+    init_process_group(cfg.launcher)
     set_seed(cfg.train.seed)
     model, ref_model = load_models(cfg, base, len(tok))
     train_ds, eval_ds = load_data(cfg.train, root)
     record = provenance(cfg.sections, root)
-    report_to = start_records(cfg, key, record, root, fresh=resume is None) if rank == 0 else []
+    report_to = start_records(cfg, key, record, root, fresh=resume is None) if rank() == 0 else []
     args = trainers.common_args(cfg.train, cfg.launcher, ckpt_dir, report_to, run_name=key)
     trainer = trainers.build(cfg.train, cfg.peft, args, model, ref_model, tok, train_ds, eval_ds, callbacks)
     return Run(cfg, out_dir, key, ckpt_dir, resume, tok, trainer, stop, record)
-
-
-def announce(pid_dir: Path, rank: int) -> None:
-    """The job side signals a process once its pid is listed (its handler is in place)."""
-    pid_file = pid_dir / f"{rank}.pid"
-    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
-    pid_file.with_suffix(".tmp").rename(pid_file)
 
 
 def base_weights(cfg: StageConfig, tok, root: Path) -> Path:
@@ -132,14 +129,24 @@ def _write_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def init_deepspeed(launcher: Launcher) -> None:
-    """Before the models are loaded (after the scratch init: with a process group, only rank 0's
-    save_pretrained writes): TRL prepares DPO's reference model with DeepSpeed, which otherwise
-    sees a world of one process."""
+def init_process_group(launcher: Launcher) -> None:
+    """Join the other processes with launcher.collective_timeout_s as the time a collective
+    waits for a lost peer. transformers passes its ddp_timeout on GPUs only (on CPU the group
+    gets accelerate's 30 minutes), so on CPU the group is made here; accelerate keeps an
+    existing one. DeepSpeed's is made here too, before the models are loaded (after the scratch
+    init: with a process group, only rank 0's save_pretrained writes): TRL prepares DPO's
+    reference model with DeepSpeed, which otherwise sees a world of one process."""
+    from datetime import timedelta
+
+    timeout = timedelta(seconds=launcher.collective_timeout_s)
     if launcher.distributed == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl")
+        deepspeed.init_distributed(dist_backend="gloo" if launcher.cpu else "nccl", timeout=timeout)
+    elif launcher.distributed == "ddp" and launcher.cpu and "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def attn_implementation(requested: str) -> str:
