@@ -5,7 +5,6 @@ in log files (lines at a bounded rate) and on a terminal (bars)."""
 from __future__ import annotations
 
 import base64
-import csv
 import fcntl
 import json
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ftflow.train import curve
 
 from helpers import browser, snakemake
 
@@ -94,7 +95,7 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     (table,) = Tables(content(results["results/report/normalize.html"])).tables
     rows = {r["source"]: r for r in records(table)}
     sources = {name: s for split in stats["splits"].values() for name, s in split["sources"].items()}
-    assert set(rows) == set(sources) == {"demo_train", "demo_test"}
+    assert set(rows) == set(sources) == {"demo_train", "demo_validation", "demo_test"}
     for name, s in sources.items():
         assert (rows[name]["read"], rows[name]["kept"], rows[name]["dropped"]) == (
             f"{s['records_in']:,}",
@@ -106,8 +107,8 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     # pack: tokens, sequences, rows, packing efficiency, over max_length
     stats = stage_output(finished, "results/pack/stats.json")["splits"]["train"]
     (table,) = Tables(content(results["results/report/pack.html"])).tables
-    (row,) = records(table)
-    assert row["split"] == "train"
+    row, _ = records(table)
+    assert row["split"] == "train" and [r["split"] for r in records(table)] == ["train", "validation"]
     assert (row["tokens"], row["sequences"], row["packed rows"], row["over max_length"]) == (
         f"{stats['tokens']:,}",
         f"{stats['sequences']:,}",
@@ -116,13 +117,19 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     )
     assert row["packing efficiency"] == f"{100 * stats['packing_efficiency']:.2f}%"
 
-    # train: the loss curve, titled with its first and last logged loss
-    curve = list(csv.DictReader((finished / "results/train/loss.csv").open()))
+    # train: the training and validation loss, titled with the first and last logged (smoke:
+    # a step logged each step, a validation pass every 2)
+    rows = curve.read(finished / "results/train/loss.csv")
+    train, validation = curve.series(rows, "train", "loss"), curve.series(rows, "validation", "loss")
+    assert [s for s, _ in train] == [1, 2, 3, 4] and [s for s, _ in validation] == [2, 4]
     svg = content(results["results/report/loss.svg"])
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
-    first, last = float(curve[0]["loss"]), float(curve[-1]["loss"])
-    assert f"loss {first:.4g} at step {curve[0]['step']} → {last:.4g} at step {curve[-1]['step']}" in svg
-    assert all(label in svg for label in ("training loss", "learning rate", "gradient norm", "step"))
+    (first, last), (step, final) = (train[0][1], train[-1][1]), validation[-1]
+    assert f"loss {first:.4g} at step 1 → {last:.4g} at step 4; validation {final:.4g} at step {step}" in svg
+    labels = ("training loss", "validation loss", "learning rate", "gradient norm", "step")
+    assert all(label in svg for label in labels)
+    summary = stage_output(finished, "results/train/summary.json")
+    assert summary["final_validation_loss"] == final
 
     # evaluate: base, tuned and their difference per task and metric
     metrics = stage_output(finished, "results/eval/metrics.json")
@@ -158,6 +165,7 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     headline = yaml.safe_load((finished / "results/report/summary.yaml").read_text())
     tuned = metrics["tuned/demo_words/exact_match"]
     assert f"{metrics['base/demo_words/exact_match']:.4f} → {tuned:.4f}" in headline["demo_words/exact_match"]
+    assert headline["validation loss"] == f"{final:.4g} at step {step}"
     for label, text in headline.items():
         assert f"<strong>{label}</strong>: {text}" in desc
 

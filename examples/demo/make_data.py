@@ -8,6 +8,9 @@ was tried first: the copy-in-reverse circuit did not form within a few minutes' 
 
     python examples/demo/make_data.py   # rewrites the files below (same bytes)
 
+train.jsonl and test.jsonl hold the task; validation.jsonl, disjoint from both, is what training
+evaluates as it goes (the validation loss in results/train/loss.csv).
+
 The same training records, in the forms the other trainers take (`train=dpo|kto|grpo`):
   preference.jsonl  DPO: prompt, chosen (the right word), rejected (the word at the other end)
   unpaired.jsonl    KTO: prompt, completion, label (every other record gets the wrong word)
@@ -29,7 +32,7 @@ QUESTIONS = {
     "What is the last word?": lambda words: words[-1],
 }
 MIN_WORDS, MAX_WORDS = 3, 6
-N_TRAIN, N_TEST = 3000, 200
+N_TRAIN, N_VALIDATION, N_TEST = 3000, 200, 200  # validation: the curve during training
 SEED = 1234
 
 
@@ -79,11 +82,14 @@ def main() -> None:
     here = Path(__file__).parent
     test = sample_records(rng, N_TEST, exclude=set())
     train = sample_records(rng, N_TRAIN, exclude={(r["instruction"], r["input"]) for r in test})
+    # drawn last, so that train and test stay the bytes they were before it existed
+    validation = sample_records(rng, N_VALIDATION, exclude={(r["instruction"], r["input"]) for r in test + train})
     write_jsonl(here / "train.jsonl", train)
+    write_jsonl(here / "validation.jsonl", validation)
     write_jsonl(here / "test.jsonl", test)
     for name, records in derived(train).items():
         write_jsonl(here / name, records)
-    print(f"wrote {len(train)} train and {len(test)} test records to {here}")
+    print(f"wrote {len(train)} train, {len(validation)} validation and {len(test)} test records to {here}")
 
 
 if __name__ == "__main__":

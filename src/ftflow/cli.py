@@ -6,6 +6,9 @@
     ftflow report [-- snakemake args]    bring the report's files up to date, write the report
     ftflow <stage> [overrides...]        run one stage by hand (same code as its rule)
     ftflow inspect [packed dir] [--rows N]   packed rows with trained / masked tokens marked
+    ftflow chat [model dir] [--prompt TEXT] [--system TEXT] [--max-new-tokens N]
+                                         talk to a model (default: results/consolidate/model)
+                                         with its own chat template; --prompt: one answer
 
   DVC (see dvc.yaml):
     ftflow compose --check               fail if params.yaml is not what conf/ composes to
@@ -111,11 +114,15 @@ def parser() -> argparse.ArgumentParser:
         prog="ftflow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "command", choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect")
+        "command",
+        choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect", "chat"),
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     p.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
     p.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
+    p.add_argument("--prompt", help="chat: print the answer to this one message and stop")
+    p.add_argument("--system", help="chat: a system message first")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="chat: the longest answer, in tokens")
     return p
 
 
@@ -165,6 +172,10 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
         from ftflow.pack.inspect import inspect
 
         print(inspect(*(Path(p) for p in args.overrides[:1]), rows=args.rows))
+    elif args.command == "chat":
+        from ftflow.chat import MODEL, chat
+
+        chat(Path(args.overrides[0] if args.overrides else MODEL), args.system, args.max_new_tokens, args.prompt)
     elif args.command in ("sync", "pull"):
         from ftflow.workflow.sync import sync
 

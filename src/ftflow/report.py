@@ -7,7 +7,7 @@ figure on disk. results/report/ holds:
     normalize.html   records per source and split: read, kept, dropped per reason
     pack.html        per split: conversations, sequences, rows, tokens, packing efficiency,
                      sequences over max_length (truncated or dropped), no trained token
-    loss.svg         training loss per step (log scale), learning rate, gradient norm
+    loss.svg         training and validation loss per step (log scale), learning rate, gradient norm
     eval.html        base vs tuned per task and metric, with the difference
     provenance.html  what produced the model: git commit, the config of every stage, the
                      hashes of the data and of the files training read, package versions
@@ -16,7 +16,6 @@ figure on disk. results/report/ holds:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ import yaml
 from jinja2 import Environment
 
 from ftflow import paths
+from ftflow.train import curve
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,9 @@ def pack_table(stats: dict) -> Table:
     return table
 
 
-def read_curve(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-
-
-def loss_figure(curve: list[dict], out: Path) -> dict:
-    """loss.svg: loss (log scale), learning rate and gradient norm against the step."""
+def loss_figure(rows: list[dict], out: Path) -> dict:
+    """loss.svg: training and validation loss (log scale), learning rate and gradient norm
+    against the step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,21 +153,30 @@ def loss_figure(curve: list[dict], out: Path) -> dict:
     matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: searchable, and smaller
     import matplotlib.pyplot as plt
 
-    panels = [(k, label) for k, label in (("loss", "training loss"), ("learning_rate", "learning rate"),
-                                          ("grad_norm", "gradient norm")) if any(k in r for r in curve)]  # fmt: skip
+    # a panel per metric, a line per split (validation: the loss only, at its own steps)
+    lines = {"loss": [("train", "training loss"), ("validation", "validation loss")],
+             "learning_rate": [("train", "learning rate")], "grad_norm": [("train", "gradient norm")]}  # fmt: skip
+    panels = {metric: [(label, pts) for split, label in splits if (pts := curve.series(rows, split, metric))]
+              for metric, splits in lines.items()}  # fmt: skip
+    panels = {metric: found for metric, found in panels.items() if found}
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 1.9 * len(panels)), sharex=True, squeeze=False)
-    for ax, (key, label) in zip(axes[:, 0], panels):
-        points = [(r["step"], r[key]) for r in curve if key in r]
-        ax.plot(*zip(*points), marker="o" if len(points) < 40 else None, markersize=3, linewidth=1.5)
-        if key == "loss" and min(v for _, v in points) > 0:
+    for ax, (metric, found) in zip(axes[:, 0], panels.items()):
+        for label, points in found:
+            ax.plot(*zip(*points), marker="o" if len(points) < 40 else None, markersize=3, linewidth=1.5, label=label)
+        if metric == "loss" and min(v for _, pts in found for _, v in pts) > 0:
             ax.set_yscale("log")
-        ax.set_ylabel(label)
+        ax.set_ylabel(found[0][0] if len(found) == 1 else "loss")
+        if len(found) > 1:
+            ax.legend(fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
     axes[-1, 0].set_xlabel("step")
-    losses = [(r["step"], r["loss"]) for r in curve if "loss" in r]
-    figures = {"steps": int(losses[-1][0]), "first_loss": losses[0][1], "final_loss": losses[-1][1]}
-    fig.suptitle(f"loss {figures['first_loss']:.4g} at step {int(losses[0][0])} → {figures['final_loss']:.4g} "
-                 f"at step {figures['steps']}")  # fmt: skip
+    losses, validation = curve.series(rows, "train", "loss"), curve.series(rows, "validation", "loss")
+    figures = {"steps": losses[-1][0], "first_loss": losses[0][1], "final_loss": losses[-1][1]}
+    title = f"loss {figures['first_loss']:.4g} at step {losses[0][0]} → {figures['final_loss']:.4g} at step {figures['steps']}"
+    if validation:
+        figures["validation_loss"], figures["validation_step"] = validation[-1][1], validation[-1][0]
+        title += f"; validation {figures['validation_loss']:.4g} at step {figures['validation_step']}"
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, format="svg", metadata={"Date": None})  # no date: the same curve, the same file
     plt.close(fig)
@@ -265,6 +270,8 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
         )
     out["training loss"] = (f"{figures['first_loss']:.4g} → {figures['final_loss']:.4g} (logged at step "
                             f"{count(figures['steps'])} of {count(train_summary['steps'])})")  # fmt: skip
+    if "validation_loss" in figures:
+        out["validation loss"] = f"{figures['validation_loss']:.4g} at step {count(figures['validation_step'])}"
     for task, metric, base, tuned, delta in evaluation.rows:
         out[f"{task}/{metric}"] = f"{base} → {tuned} ({delta})"
     out["git commit"] = (prov.get("git") or {}).get("commit") or "(not a git checkout)"
@@ -293,7 +300,7 @@ def report(cfg: dict, root: Path = Path(".")) -> dict:
 
     out["normalize"].write_text(page("normalize: records per source", [normalize_table(normalized)]))
     out["pack"].write_text(page("pack: tokens and packing", [pack_table(packed)]))
-    figures = loss_figure(read_curve(root / paths.TRAIN / "loss.csv"), out["loss"])
+    figures = loss_figure(curve.read(root / paths.TRAIN / "loss.csv"), out["loss"])
     out["evaluate"].write_text(page("evaluate: base vs tuned", [evaluation]))
     train_summary = read_json(root / paths.TRAIN / "summary.json")
     tables = provenance_tables(prov, train_summary,

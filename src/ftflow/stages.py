@@ -143,6 +143,7 @@ STAGES = (
             "train.__main__",
             "train.callbacks",
             "train.checkpoints",
+            "train.curve",
             "train.launcher",
             "train.probe",
             "train.rewards",
@@ -179,7 +180,9 @@ STAGES = (
         ("config", "config.params", "config.schema", "errors", "evaluate", "paths"),
     ),
     # the report reads the stages' outputs (and the config.yaml each wrote), no config
-    Stage("report", "ftflow.report:report", (), ("paths", "report"), slurm_job=False, typed=False),
+    Stage(
+        "report", "ftflow.report:report", (), ("paths", "report", "train", "train.curve"), slurm_job=False, typed=False
+    ),
 )
 
 BY_NAME = {stage.name: stage for stage in STAGES}

@@ -72,7 +72,10 @@ def test_default_is_the_demo():
     tree = compose([], CONF)
     assert tree["model"]["source"] == "scratch"
     assert tree["tokenizer"]["source"] == "train"
-    assert [s["path"] for s in tree["data"]["sources"]] == ["examples/demo/train.jsonl", "examples/demo/test.jsonl"]
+    assert [(s["path"], s["split"]) for s in tree["data"]["sources"]] == [
+        ("examples/demo/train.jsonl", "train"), ("examples/demo/validation.jsonl", "validation"),
+        ("examples/demo/test.jsonl", "test"),
+    ]  # fmt: skip
 
 
 def test_overrides_reach_the_tree():

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,3 +113,24 @@ def small_file_system(path: Path, size: int):
         yield lambda new: subprocess.run(["mount", "-o", f"remount,size={new}", str(path)], check=True)
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def start_stage(root: Path, overrides: list[str]) -> subprocess.Popen:
+    """`ftflow train` in the background, in its own session (killpg ends all its processes)."""
+    return subprocess.Popen([str(BIN / "ftflow"), "train", *overrides], cwd=root, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until checkpoint-<step> is complete (marked by every process)."""
+    from ftflow import paths
+    from ftflow.train.checkpoints import COMPLETE
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((root / paths.CHECKPOINTS).glob(f"*/checkpoint-{step}/{COMPLETE}")):
+            return
+        assert proc.poll() is None, f"training ended before checkpoint-{step}: {proc.stderr.read()[-3000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint-{step} after {timeout} s")

@@ -5,7 +5,6 @@ and no secret in anything a run writes."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import re
@@ -21,9 +20,22 @@ from safetensors.torch import load_file
 
 from ftflow import paths
 from ftflow.config.params import compose
+from ftflow.train import curve
 from ftflow.train.checkpoints import COMPLETE, damage, saved_bytes
 
-from helpers import BIN, REPO, SMALL_SFT, clone, env, ftflow, job_stats, prepared, small_file_system
+from helpers import (
+    BIN,
+    REPO,
+    SMALL_SFT,
+    clone,
+    env,
+    ftflow,
+    job_stats,
+    prepared,
+    small_file_system,
+    start_stage,
+    wait_for_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,7 @@ def conversations(tmp_path_factory) -> Path:
 
 
 def losses(root: Path) -> list[float]:
-    return [float(r["loss"]) for r in csv.DictReader((root / paths.TRAIN / "loss.csv").open())]
+    return [v for _, v in curve.series(curve.read(root / paths.TRAIN / "loss.csv"), "train", "loss")]
 
 
 def summary(root: Path) -> dict:
@@ -166,22 +178,6 @@ def test_two_process_launchers_train_and_save_a_loadable_model(conversations, tm
 # --- interruptions ----------------------------------------------------------------------------------
 
 KILL = [*SMALL_SFT, "train.max_steps=24", "train.save_steps=2", "train.save_total_limit=2", "train.warmup_steps=2"]
-
-
-def start_stage(root: Path, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "ftflow"), "train", *overrides], cwd=root, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if list((root / paths.CHECKPOINTS).glob(f"*/checkpoint-{step}/{COMPLETE}")):
-            return
-        assert proc.poll() is None, f"training ended before checkpoint-{step}: {proc.stderr.read()[-3000:]}"
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint-{step} after {timeout} s")
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ model directory whose outputs equal the adapter model's."""
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 
@@ -14,6 +13,7 @@ from safetensors import safe_open
 from ftflow import paths, runner
 from ftflow.config.params import compose, stage_params
 from ftflow.disk import OutOfSpace
+from ftflow.train import curve
 from ftflow.train.checkpoints import checkpoint_key
 
 from helpers import prepared, small_file_system
@@ -36,9 +36,8 @@ def test_lora_training_writes_adapter_curve_and_checkpoints(trained):
     out = root / paths.TRAIN
     assert (out / "model" / "adapter_config.json").exists()  # an adapter, not full weights
     assert (out / "init" / "model.safetensors").exists()  # the scratch base, for eval and merge
-    rows = list(csv.DictReader((out / "loss.csv").open()))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    losses = [float(r["loss"]) for r in rows]
+    steps, losses = zip(*curve.series(curve.read(out / "loss.csv"), "train", "loss"))
+    assert steps == (1, 2, 3, 4)
     assert all(v > 0 for v in losses) and losses[-1] < 0.9 * losses[0], losses  # the adapters learn
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["resumed_from"] is None

@@ -328,14 +328,18 @@ def test_experiments_in_the_workspace_and_queued(project):
     assert rows["lr-a"]["final_loss"] != rows["lr-b"]["final_loss"]
 
     plots = json.loads(dvc("plots", "diff", "lr-a", "lr-b", "--json", cwd=project).stdout)["data"]
-    curve = plots["Training loss"][0]
+    curve = plots["Loss"][0]
     assert curve["revisions"] == ["lr-a", "lr-b"]
     values = curve["content"]["data"]["values"]
-    assert {v["rev"] for v in values} == {"lr-a", "lr-b"} and len(values) == 8  # 4 logged steps each
-    # ftflow's templates (.dvc/plots/): the loss on a log scale, a line per experiment; the scores
-    # in a base and a tuned column, a bar per experiment for each score
+    loss = sorted((v["rev"], v["split"], int(v["step"])) for v in values if v["metric"] == "loss")
+    # smoke: 4 logged steps and 2 validation passes each
+    assert loss == sorted([(r, "train", s) for r in ("lr-a", "lr-b") for s in (1, 2, 3, 4)] +
+                          [(r, "validation", s) for r in ("lr-a", "lr-b") for s in (2, 4)])  # fmt: skip
+    # ftflow's templates (.dvc/plots/): the loss on a log scale, a colour per experiment, train and
+    # validation lines; the scores in a base and a tuned column, a bar per experiment for each score
     encoding = curve["content"]["encoding"]
     assert encoding["y"]["scale"]["type"] == "log" and encoding["color"]["field"] == "rev"
+    assert encoding["strokeDash"]["field"] == "split"
     (bars,) = plots["Evaluation: base vs tuned"]
     assert bars["content"]["facet"]["column"]["field"] == "model"
     assert bars["content"]["spec"]["encoding"]["yOffset"]["field"] == "rev"
@@ -346,7 +350,7 @@ def test_experiments_in_the_workspace_and_queued(project):
         assert scores[(rev, "tuned", "demo_words/exact_match")] == rows[rev]["tuned"]
     html = project / "plots"
     dvc("plots", "diff", "lr-a", "lr-b", "-o", str(html), cwd=project)
-    assert "Training loss" in (html / "index.html").read_text()
+    assert "Loss" in (html / "index.html").read_text()
     dvc("exp", "apply", "lr-b", cwd=project)  # the workspace takes lr-b (queued: it ran in a copy)
     ftflow("sync", cwd=project)
 

@@ -202,6 +202,18 @@ class Train(Section):
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=500, ge=1)  # also saved on SIGUSR1/SIGTERM (preemption)
     save_total_limit: int = Field(default=2, ge=1)
+    # a pass over the validation split (when it has rows) every eval_steps; None: at each save
+    # (where a best checkpoint is chosen), 0: never. Its first eval_rows packed rows only: cheap
+    eval_steps: int | None = Field(default=None, ge=0)
+    eval_rows: int = Field(default=256, ge=1)
+    # which weights train/model holds: the last step's, or those of the best validation pass (by
+    # the validation metric best_metric; lower is better unless greater_is_better), which
+    # save_total_limit never rotates away. early_stopping_patience: stop after that many passes
+    # without improvement (keep=best)
+    keep: Literal["last", "best"] = "last"
+    best_metric: str = "loss"
+    greater_is_better: bool = False
+    early_stopping_patience: int | None = Field(default=None, ge=1)
     # what a resume checks of a checkpoint's files against what was recorded when it was saved:
     # their sizes (free), or their sha256 too (each save then reads back every file it wrote)
     checkpoint_verify: Literal["size", "sha256"] = "size"
@@ -213,6 +225,20 @@ class Train(Section):
     def _grpo_rewards(self) -> Train:
         if self.method == "grpo" and self.grpo is None:
             raise ValueError("train.method=grpo needs train.grpo.rewards (see conf/train/grpo.yaml)")
+        return self
+
+    @model_validator(mode="after")
+    def _best(self) -> Train:
+        if self.keep == "best" and self.eval_steps == 0:
+            raise ValueError("train.keep=best chooses by validation passes: train.eval_steps=0 turns them off")
+        if self.keep == "best" and self.eval_steps and self.save_steps % self.eval_steps:
+            # a checkpoint is only kept where a validation pass judged it
+            raise ValueError(f"train.keep=best needs save_steps ({self.save_steps}) to be a multiple of "
+                             f"eval_steps ({self.eval_steps})")  # fmt: skip
+        if self.early_stopping_patience is not None and self.keep != "best":
+            raise ValueError(
+                "train.early_stopping_patience stops at the best validation pass: it needs train.keep=best"
+            )
         return self
 
 

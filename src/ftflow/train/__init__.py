@@ -7,6 +7,8 @@ Shaped like a recipe:
     worker.py       one training process: setup / train / finish (`python -m ftflow.train`)
     trainers.py     the TRL trainer of each method, fed pack's rows as they are
     callbacks.py    the loss curve, checkpoint completion, stop on a signal
+    curve.py        the curve's table, results/train/loss.csv (training and validation rows)
+    workers.py      each process's record (host, pid, how it ended) for the job side
     checkpoints.py  where a run's checkpoints live, which one resumes, what is removed
     probe.py        the trained model's logits on a fixed prompt (consolidate checks them)
     rewards.py      GRPO's reward functions

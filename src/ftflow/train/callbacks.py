@@ -6,7 +6,6 @@ Imported by the training processes only: it needs torch and transformers at impo
 
 from __future__ import annotations
 
-import csv
 import signal
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from ftflow.train import curve
 from ftflow.train.checkpoints import mark_complete
 from ftflow.train.launcher import STOP_SIGNALS
-
-LOSS_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm")
 
 
 def _distributed() -> bool:
@@ -25,29 +23,17 @@ def _distributed() -> bool:
 
 
 class LossCurve(TrainerCallback):
-    """Appends each logged training loss to the curve CSV as it comes (the first process only)."""
+    """Appends what each log entry (training or validation) adds to the curve as it comes (the
+    first process only); the worker writes the whole curve again at the end (curve.history_rows:
+    also the steps logged before a resume, which trainer_state.json brings back)."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        new = not self.path.exists()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({"step": state.global_step, **logs})
-
-
-def write_curve(path: Path, history: list[dict]) -> None:
-    """The whole curve at the end, also the steps logged before a resume (trainer_state.json
-    brings them back)."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(h for h in history if "loss" in h)
+        new = curve.rows(state.global_step, logs or {})
+        if state.is_world_process_zero and new:
+            curve.append(self.path, new)
 
 
 class MarkComplete(TrainerCallback):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ftflow import paths
 from ftflow.config.params import write_stage_config
-from ftflow.config.schema import Launcher, Peft, StageConfig
+from ftflow.config.schema import Launcher, Peft, StageConfig, Train
 from ftflow.errors import StageError
 from ftflow.train import workers
 from ftflow.train.checkpoints import (
@@ -51,6 +51,7 @@ def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
     write_stage_config(cfg.sections, out_dir)
     check_peft_backend(cfg.peft, cfg.launcher)
     check_accelerators(cfg.launcher)
+    check_validation(cfg.train, root)
     ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg.sections, root)
     own_files(ckpt_dir)
     remove_unusable(ckpt_dir, cfg.train.checkpoint_verify)  # once per job (srun starts the nodes after this)
@@ -85,6 +86,17 @@ def failure(returncode: int, launcher: Launcher, root: Path, ckpt_dir: Path) -> 
     detail = f": {why}" if why else ""
     return TrainError(f"training failed (exit status {returncode}){detail}. {resume} (the Slurm profile "
                       "retries the job); the log above has the details")  # fmt: skip
+
+
+def check_validation(train_cfg: Train, root: Path) -> None:
+    """keep=best chooses among validation passes: an empty validation split gives none."""
+    if train_cfg.keep != "best":
+        return
+    stats = root / paths.PACK / "stats.json"
+    splits = json.loads(stats.read_text())["splits"] if stats.exists() else {}
+    if not splits.get("validation", {}).get("rows"):
+        raise TrainError("train.keep=best keeps the checkpoint of the best validation pass, and the validation split "
+                         "has no rows: give a data source `split: validation` (conf/data/demo.yaml has one)")  # fmt: skip
 
 
 def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:

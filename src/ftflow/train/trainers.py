@@ -27,11 +27,18 @@ def use_bf16(train_cfg: Train, launcher: Launcher) -> bool:
     return not launcher.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def common_args(
-    train_cfg: Train, launcher: Launcher, output_dir: Path, report_to: list[str], run_name: str | None
-) -> dict:
-    """TrainingArguments shared by every trainer."""
+def common_args(train_cfg: Train, launcher: Launcher, output_dir: Path, report_to: list[str], run_name: str | None,
+                evaluate: bool = False) -> dict:  # fmt: skip
+    """TrainingArguments shared by every trainer; `evaluate`: a validation pass every
+    train.eval_steps (by default at each save)."""
     return dict(
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train_cfg.eval_steps or train_cfg.save_steps,
+        per_device_eval_batch_size=train_cfg.per_device_batch_size,
+        # keep=best: the trainer keeps the best checkpoint from rotation and loads it at the end
+        load_best_model_at_end=train_cfg.keep == "best",
+        metric_for_best_model=train_cfg.best_metric,
+        greater_is_better=train_cfg.greater_is_better,
         output_dir=str(output_dir),
         seed=train_cfg.seed,
         data_seed=train_cfg.seed,

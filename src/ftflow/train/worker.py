@@ -22,8 +22,8 @@ import yaml
 
 from ftflow import paths
 from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
-from ftflow.train import tracking, trainers, workers
-from ftflow.train.callbacks import LossCurve, MarkComplete, StopOnSignal, write_curve
+from ftflow.train import curve, tracking, trainers, workers
+from ftflow.train.callbacks import LossCurve, MarkComplete, StopOnSignal
 from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
 from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
 from ftflow.train.probe import PROBE_FILE, record_probe
@@ -75,6 +75,10 @@ def setup(cfg: StageConfig, root: Path) -> Run:
     stop = StopOnSignal()  # handlers installed before the slow part, then the pid file
     workers.announce(root / paths.WORKERS, rank())
     callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(sha256=cfg.train.checkpoint_verify == "sha256"), stop]
+    if cfg.train.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     base = base_weights(cfg, tok, root)
@@ -85,7 +89,9 @@ def setup(cfg: StageConfig, root: Path) -> Run:
     train_ds, eval_ds = load_data(cfg.train, root)
     record = provenance(cfg.sections, root)
     report_to = start_records(cfg, key, record, root, fresh=resume is None) if rank() == 0 else []
-    args = trainers.common_args(cfg.train, cfg.launcher, ckpt_dir, report_to, run_name=key)
+    args = trainers.common_args(
+        cfg.train, cfg.launcher, ckpt_dir, report_to, run_name=key, evaluate=eval_ds is not None
+    )
     trainer = trainers.build(cfg.train, cfg.peft, args, model, ref_model, tok, train_ds, eval_ds, callbacks)
     return Run(cfg, out_dir, key, ckpt_dir, resume, tok, trainer, stop, record)
 
@@ -214,12 +220,16 @@ def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: 
 
 
 def load_data(train_cfg: Train, root: Path):
-    """pack's train and validation rows (GRPO: its prompts, no validation)."""
+    """pack's train rows, and its first train.eval_rows validation rows (None without any, or
+    with train.eval_steps=0; GRPO: its prompts, no validation)."""
     train_ds = load_packed(root / paths.PACK / "train")
     eval_ds = load_packed(root / paths.PACK / "validation")
     if train_cfg.method == "grpo":
         return trainers.grpo_dataset(train_ds), None
-    return train_ds, eval_ds
+    if eval_ds is None or len(eval_ds) == 0 or train_cfg.eval_steps == 0:
+        return train_ds, None
+    # the same rows at every pass and on every resume: a curve, not noise
+    return train_ds, eval_ds.select(range(min(len(eval_ds), train_cfg.eval_rows)))
 
 
 def load_packed(path: Path):
@@ -260,10 +270,35 @@ def train(run: Run):
         # the last checkpoint is the end of training: load it, train nothing (resuming would
         # take one more step: the trainer checks for the end only after a step)
         log.info("%s is the end of training: loading it, nothing left to train", resume.name)
-        trainer._load_from_checkpoint(str(resume))
         trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        best = best_checkpoint(run)
+        if best is not None:  # keep=best: what training would have loaded at its end
+            log.info("Loading %s, the best validation pass", best.name)
+        trainer._load_from_checkpoint(str(best or resume))
         return TrainOutput(trainer.state.global_step, _last_logged(trainer.state.log_history, "train_loss"), {})
     return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def best_checkpoint(run: Run) -> Path | None:
+    """keep=best: the checkpoint of the best validation pass so far (trainer_state.json carries
+    it across restarts), in this run's checkpoint folder."""
+    best = run.trainer.state.best_model_checkpoint
+    if run.cfg.train.keep != "best" or not best:
+        return None
+    return run.ckpt_dir / Path(best).name
+
+
+def kept(run: Run) -> dict:
+    """Which step's weights train/model holds, and why."""
+    state, train_cfg = run.trainer.state, run.cfg.train
+    best = best_checkpoint(run)
+    if best is None:
+        why = "the last step" + (" (train.keep=last)" if train_cfg.keep == "last" else ": no validation pass yet")
+        return {"checkpoint": None, "step": state.global_step, "why": why}
+    order = "highest" if train_cfg.greater_is_better else "lowest"
+    passes = len(curve.series(curve.history_rows(state.log_history), "validation", train_cfg.best_metric))
+    return {"checkpoint": best.name, "step": int(best.name.split("-")[-1]),
+            "why": f"the best validation pass: {train_cfg.best_metric} {state.best_metric:.4g}, the {order} of {passes}"}  # fmt: skip
 
 
 # --- finish ----------------------------------------------------------------------------------
@@ -292,6 +327,7 @@ def finish(run: Run, result, seconds: float) -> dict:
         "method": run.cfg.train.method,
         "train_loss": result.training_loss,
         "final_loss": _last_logged(trainer.state.log_history, "loss"),
+        "final_validation_loss": _last_logged(trainer.state.log_history, "eval_loss"),
         "steps": result.global_step,
         "train_runtime_s": round(seconds, 1),
         # ZeRO-3 leaves each process a shard: ds_numel is the whole parameter's size
@@ -299,12 +335,13 @@ def finish(run: Run, result, seconds: float) -> dict:
             getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad
         ),
         "resumed_from": run.resume.name if run.resume else None,
+        "kept": kept(run),
         "config_fingerprint": run.key,
     }
     if trainer.is_world_process_zero():
-        write_curve(out_dir / "loss.csv", trainer.state.log_history)
+        curve.write(out_dir / "loss.csv", curve.history_rows(trainer.state.log_history))
         run.tok.save_pretrained(out_dir / "model")
-        write_provenance(run.record, "", out_dir / "model")
+        write_provenance({**run.record, "kept": summary["kept"]}, "", out_dir / "model")
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         prune_other_configs(run.ckpt_dir)
     tracking.finish()

@@ -36,10 +36,10 @@ COMPOSE_STAGE = {"cmd": "ftflow compose --check", "deps": ["conf"]}
 PERSIST = {"train": [paths.CHECKPOINTS]}
 METRICS = (f"{paths.TRAIN}/summary.json", f"{paths.EVALUATE}/metrics.json")
 # Plots across experiments (`dvc plots diff exp-a exp-b`), with ftflow's templates in .dvc/plots/:
-# loss on a log scale, one line per experiment; eval scores in a base and a tuned column, one bar
+# loss on a log scale, one colour per experiment, train and validation lines; eval scores in a base and a tuned column, one bar
 # per experiment for each score
 PLOTS = {
-    f"{paths.TRAIN}/loss.csv": {"title": "Training loss", "x": "step", "y": "loss", "template": "ftflow_loss"},
+    f"{paths.TRAIN}/loss.csv": {"title": "Loss", "x": "step", "y": "value", "template": "ftflow_loss"},
     f"{paths.EVALUATE}/comparison.json": {
         "title": "Evaluation: base vs tuned",
         "x": "value",
