@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ftflow import paths
-from ftflow.disk import mb
+from ftflow.disk import free_bytes, mb
 from ftflow.hashing import file_sha256, fingerprint
 from ftflow.integrity import dvc_fix
 
@@ -114,7 +114,7 @@ def out_of_space(ckpt_dir: Path) -> str:
     save needs room for one whole checkpoint beside those kept."""
     if not ckpt_dir.is_dir():
         return ""
-    free = shutil.disk_usage(ckpt_dir).free  # before the partial files go: what the save had left
+    free = free_bytes(ckpt_dir)  # before the partial files go: what the save had left
     cut = remove_partial(ckpt_dir)
     last = last_complete_checkpoint(ckpt_dir)
     needed = max([saved_bytes(last) if last else 0, *cut.values()])

@@ -28,7 +28,9 @@ def rows(step: int, logs: dict) -> list[dict]:
             out.append({"step": step, "split": "validation", "metric": key[len(EVAL_PREFIX) :], "value": value})
         elif key in TRAIN_METRICS:
             out.append({"step": step, "split": "train", "metric": key, "value": value})
-    return out
+    # in name order: a resumed run's history comes back from trainer_state.json with its keys
+    # sorted, and the curve must read the same as an uninterrupted run's
+    return sorted(out, key=lambda r: (r["split"], r["metric"]))
 
 
 def history_rows(history: list[dict]) -> list[dict]:
