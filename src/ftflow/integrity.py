@@ -55,15 +55,15 @@ def dvc_fix(path: Path) -> str:
 def cache_objects(path: Path) -> list[Path]:
     """The DVC cache objects that `path` is a link to (a hardlink may share its inode with
     several: the original and a new version DVC recorded since)."""
-    if not path.exists():
+    if not path.exists() or (not path.is_symlink() and path.stat().st_nlink < 2):
+        return []
+    cache = dvc_cache(path)
+    if cache is None:
         return []
     if path.is_symlink():
         target = path.resolve()
-        return [target] if "cache" in target.parts else []
+        return [target] if cache.resolve() in target.parents else []
     st = path.stat()
-    cache = dvc_cache(path) if st.st_nlink > 1 else None
-    if cache is None:
-        return []
     # searched only when something is wrong
     return sorted(obj for obj in (cache / "files").rglob("*")
                   if obj.is_file() and (obj.stat().st_ino, obj.stat().st_dev) == (st.st_ino, st.st_dev))  # fmt: skip
@@ -82,7 +82,7 @@ def file_md5(path: Path) -> str:
 
 def dvc_cache(path: Path) -> Path | None:
     """The cache of the DVC repository holding path: .dvc/cache unless .dvc/config moves it."""
-    for folder in path.resolve().parents:
+    for folder in path.absolute().parents:  # (not resolve(): a symlink leads into the cache)
         if (folder / ".dvc").is_dir():
             try:
                 from dvc.repo import Repo
