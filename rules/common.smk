@@ -46,6 +46,23 @@ def source_params(name):
     return next(s for s in params_of("download")["data"]["sources"] if s["name"] == name)
 
 
+def eval_dataset_params(key):
+    """One eval dataset's download params: a change reruns its job alone."""
+    datasets = params_of("download")["eval"]["datasets"]
+    return next(d for d in datasets if paths.eval_dataset_key(d["hub"], d.get("name")) == key)
+
+
+def sources_and_model():
+    """data/manifest.json's config: where the training data and the base model come from."""
+    return {k: v for k, v in params_of("download").items() if k != "eval"}
+
+
+def eval_manifests():
+    """The manifests of the built-in eval tasks' datasets: evaluate runs after their download."""
+    datasets = params_of("download")["eval"]["datasets"]
+    return [paths.eval_manifest(paths.eval_dataset_key(d["hub"], d.get("name"))) for d in datasets]
+
+
 def local_source(wildcards):
     """A local source's files (a glob's matches): editing them reruns its download."""
     path = source_params(wildcards.source).get("path")

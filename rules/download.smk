@@ -3,11 +3,13 @@ localrules:
     download,
     download_source,
     download_model,
+    download_eval,
 
 
 wildcard_constraints:
     source=r"[^/]+",
     model=r"[^/]+",
+    dataset=r"[^/]+",
 
 
 # One job per source and per model, so a new or changed source downloads alone and the others
@@ -46,6 +48,24 @@ rule download_model:
         "../scripts/download.py"
 
 
+# The hub data of an lm-eval built-in task (eval.datasets): compute nodes evaluate offline.
+# evaluate takes its manifest as input; data/manifest.json does not gather it, so a change of
+# eval tasks reruns evaluate alone, not normalize and all that follows.
+rule download_eval:
+    input:
+        code=code("download"),
+    output:
+        manifest=paths.eval_manifest("{dataset}"),
+    log:
+        f"{paths.LOGS}/download/eval-{{dataset}}.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        cfg=lambda wildcards: eval_dataset_params(wildcards.dataset),
+    script:
+        "../scripts/download.py"
+
+
 rule download:
     input:
         sources=[paths.source_manifest(s["name"]) for s in PARAMS["data"]["sources"]],
@@ -58,6 +78,6 @@ rule download:
     conda:
         "../envs/data.yaml"
     params:
-        cfg=params_of("download"),
+        cfg=sources_and_model(),
     script:
         "../scripts/download.py"

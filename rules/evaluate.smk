@@ -4,7 +4,8 @@ rule evaluate:
         base=base_model(),
         tokenizer=f"{paths.PACK}/tokenizer",
         data=inputs.task_data_files(PARAMS["eval"]["tasks"]),  # the tasks' local data files
-        tasks=expand("conf/eval/tasks/{task}.yaml", task=PARAMS["eval"]["tasks"]),
+        tasks=inputs.task_files(PARAMS["eval"]["tasks"]),  # their YAMLs (not lm-eval's built-ins)
+        hub_data=eval_manifests(),  # the built-in tasks' data, downloaded on the login node
         code=code("evaluate"),
     output:
         metrics=f"{paths.EVALUATE}/metrics.json",

@@ -28,7 +28,7 @@ EDITABLE = "-e .."  # ftflow itself, from the checkout (relative to envs/)
 
 # family -> its rules (and the modules those rules run)
 RULES = {
-    "data": {"download_source", "download_model", "download", "normalize", "pack", "report"},
+    "data": {"download_source", "download_model", "download_eval", "download", "normalize", "pack", "report"},
     "train": {"train", "consolidate"},
     "eval": {"evaluate"},
 }

@@ -14,7 +14,7 @@ from ftflow import runner
 from ftflow.evaluate import flat_scores, task_config
 from ftflow.workflow.inputs import task_data_files
 
-from helpers import REPO
+from helpers import REPO, ftflow
 
 
 def test_shipped_task_resolves_its_data_files_against_the_root(tmp_path):
@@ -243,3 +243,69 @@ def test_samples_have_each_filters_response_beside_the_raw_generation(filtered_e
                 s["target"]
                 == json.loads((REPO / "examples/demo/test.jsonl").read_text().splitlines()[s["doc_id"]])["output"]
             )
+
+
+def test_the_standard_suites_datasets_are_what_its_tasks_read():
+    """conf/eval/standard.yaml lists the hub data its lm-eval tasks read: the dataset_path and
+    dataset_name of each task's YAML in the installed lm-eval (a new lm-eval moving a dataset
+    fails here, not on a compute node)."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from ftflow.config.params import compose
+
+    suite = compose(["eval=standard"], REPO / "conf")["eval"]  # composes and validates
+    index = TaskManager(include_defaults=True, metadata={}).task_index
+    read = set()
+    for name in suite["tasks"]:
+        task = load_yaml(index[name].yaml_path, resolve_func=False)
+        read.add((task["dataset_path"], task.get("dataset_name")))
+    assert {(d["hub"], d.get("name")) for d in suite["datasets"]} == read
+    assert set(suite["num_fewshot"]) <= set(suite["tasks"])
+
+
+@pytest.mark.slow
+def test_a_builtin_task_runs_offline_on_the_data_download_fetched(finished, tmp_path):
+    """The workflow with lm-eval's own gsm8k beside the demo task: its download job fetches the
+    data from the hub (a stand-in on the loopback), then, with the hub gone, evaluate runs gsm8k
+    on that data and nothing upstream of evaluate reruns."""
+    from helpers import clone, job_stats
+    from helpers.hub import HubStandIn, published
+
+    rows = [{"question": f"What is {i} plus 2?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(4)]
+    root = clone(finished, tmp_path / "repo")
+    run = ["run", "experiment=smoke", "eval.tasks=[demo_words,gsm8k]", "eval.datasets=[{hub: openai/gsm8k, name: main}]",
+           "eval.limit=3", "eval.max_gen_toks=8", "eval.num_fewshot={gsm8k: 2}"]  # fmt: skip
+    hub = HubStandIn("openai/gsm8k", published({"main": {"train": rows, "test": rows}}))
+    try:
+        online = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+        fetched = ftflow(*run, "--", "data/manifests/eval/openai--gsm8k--main.json", cwd=root, env_extra=online)
+    finally:
+        hub.close()
+    assert job_stats(fetched.stderr) == {"download_eval": 1}, fetched.stderr[-3000:]
+    gone = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "empty")}
+    done = ftflow(*run, cwd=root, env_extra=gone)
+    assert job_stats(done.stderr) == {"evaluate": 1, "report": 1, "all": 1}, done.stderr[-3000:]
+    metrics = json.loads((root / "results/eval/metrics.json").read_text())
+    for label in ("base", "tuned"):
+        assert {f"{label}/gsm8k/exact_match,strict-match", f"{label}/demo_words/exact_match"} <= set(metrics)
+        results = json.loads((root / f"results/eval/{label}/results.json").read_text())
+        assert results["n-samples"]["gsm8k"] == {"original": 4, "effective": 3}
+        assert results["configs"]["gsm8k"]["num_fewshot"] == 2
+    samples = [json.loads(line) for line in (root / "results/eval/tuned/samples.jsonl").read_text().splitlines()]
+    assert {s["target"] for s in samples if s["task"] == "gsm8k"} == {r["answer"] for r in rows[:3]}
+
+
+@pytest.mark.slow
+def test_a_task_without_its_data_fails_naming_the_task_and_the_download(finished):
+    """evaluate reads lm-eval's built-in tasks offline only: one whose data was not downloaded
+    fails before any model loads, naming the task and what to run; an unknown name says so."""
+    for tasks, says in (
+        ("[demo_words,arc_easy]", "eval task 'arc_easy': its data is not in data/eval/ ("),
+        ("[demo_wrods]", "eval task 'demo_wrods': no conf/eval/tasks/demo_wrods.yaml and no lm-eval task"),
+    ):
+        proc = ftflow("evaluate", "experiment=smoke", f"eval.tasks={tasks}", cwd=finished, check=False)
+        assert proc.returncode == 1 and says in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        if "arc_easy" in tasks:
+            assert "eval.datasets" in proc.stderr and "`ftflow download`" in proc.stderr

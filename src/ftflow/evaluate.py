@@ -1,10 +1,13 @@
 """evaluate: lm-evaluation-harness on the base and the tuned model; one flat metrics.json.
 
-Tasks are lm-eval task YAMLs shipped in conf/eval/tasks/. Their `dataset_kwargs.data_files`
-may name local files (the demo task reads examples/demo/test.jsonl, the held-out records, so
-it evaluates whatever trainer and data kind produced the model); relative paths are resolved
-against the repository root here, those files are the rule's inputs, and the task config
-actually run is written beside the results.
+A task is an lm-eval task YAML of conf/eval/tasks/, or else one of lm-eval's built-in tasks or
+groups (gsm8k, arc_easy, mmlu, ...). A task YAML's `dataset_kwargs.data_files` may name local
+files (the demo task reads examples/demo/test.jsonl, the held-out records, so it evaluates
+whatever trainer and data kind produced the model); relative paths are resolved against the
+repository root here, those files are the rule's inputs, and the task config actually run is
+written beside the results. A built-in task's hub data is fetched by download on the login node
+(eval.datasets) into data/eval/, and read from there with the hub offline: compute nodes often
+have no internet, and the data evaluated is the revision the manifest records.
 
 Each model is evaluated with its own tokenizer: the tuned model with the one consolidate saved
 beside it, the base with its own when it ships one (see base_tokenizer). Every task, metric and
@@ -16,6 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -39,6 +45,12 @@ _NOT_SCORES = ("alias", "samples")
 NO_FILTER = "none"
 # either file makes a folder a tokenizer AutoTokenizer can load
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def task_specs(names: list[str], root: Path) -> list[dict | str]:
+    """Each configured task as lm-eval takes it: a task YAML of conf/eval/tasks/ as its config,
+    any other name as itself (one of lm-eval's built-in tasks, groups or tags)."""
+    return [task_config(name, root) if (root / TASKS_DIR / f"{name}.yaml").exists() else name for name in names]
 
 
 def task_config(name: str, root: Path) -> dict:
@@ -99,29 +111,89 @@ def uses_chat_template(lm, label: str, requested: bool) -> bool:
     return requested
 
 
-def task_index(tasks: list[dict]):
+def task_index(tasks: list[dict | str]):
     """lm-eval's task index, made once for every model (simple_evaluate would make its own for
     each). Indexing lm-eval's thousands of built-in task YAMLs takes about 10 s on 2 cores, and
-    only a group needs it: lm-eval looks a group's members up by name there (and would turn a
-    name it cannot find into an empty inline task), while a task config stands on its own."""
+    only a built-in task or a group needs it: lm-eval looks a group's members up by name there
+    (and would turn a name it cannot find into an empty inline task), while a task config
+    stands on its own."""
     from lm_eval.tasks import TaskManager
 
-    needs_builtins = any("group" in task for task in tasks)
+    needs_builtins = any(isinstance(task, str) or "group" in task for task in tasks)
     return TaskManager(include_defaults=needs_builtins, metadata={})  # metadata: as simple_evaluate's own
 
 
-def run_lm_eval(lm, tasks: list[dict], cfg: Eval, chat: bool, index=None) -> dict:
+@contextmanager
+def offline_hub_data(root: Path):
+    """Within: the `datasets` library reads the built-in tasks' data from data/eval/ (download
+    prepared it there) with the hub offline, and a task YAML's local files are prepared in a
+    temporary cache (yielded), not in data/, which DVC versions. The variables are read when
+    `datasets` is imported: the stage's own process imports it in here."""
+    cache = (root / paths.EVAL_DATA).absolute()
+    offline = {"HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    before = {key: os.environ.get(key) for key in offline}
+    os.environ.update(offline)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ftflow-eval-") as local_cache:
+            yield Path(local_cache)
+    finally:  # an in-process caller (a test) keeps its own environment
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+def load_tasks(specs: list[dict | str], cfg: Eval, index, local_cache: Path, root: Path) -> list:
+    """Every configured task built by lm-eval (its data loaded), with eval.num_fewshot's count
+    when that names it; a group stays one, for its aggregate score. A built-in task whose data
+    is not in data/eval/ fails here, before any model is loaded, naming the task and the fix."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    built = []
+    for name, spec in zip(cfg.tasks, specs):
+        if isinstance(spec, dict):  # a local task: its data files prepared outside data/
+            spec = {**spec, "dataset_kwargs": {**spec.get("dataset_kwargs", {}), "cache_dir": str(local_cache)}}
+        try:
+            loaded = index.load([spec])
+        except KeyError:
+            shipped = sorted(p.stem for p in (root / TASKS_DIR).glob("*.yaml"))
+            raise EvaluateError(
+                f"eval task {name!r}: no {TASKS_DIR / name}.yaml and no lm-eval task, group or tag of that name "
+                f"(task YAMLs here: {shipped}; lm-eval's own: `lm-eval ls tasks`)"
+            ) from None
+        except (ConnectionError, DatasetNotFoundError) as err:
+            raise EvaluateError(not_downloaded(name, err)) from None
+        if isinstance(cfg.num_fewshot, dict) and name in cfg.num_fewshot:
+            for task in loaded["tasks"].values():
+                task.set_config(key="num_fewshot", value=cfg.num_fewshot[name])
+        built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+    return built
+
+
+def not_downloaded(task: str, err: Exception) -> str:
+    return (
+        f"eval task {task!r}: its data is not in {paths.EVAL_DATA}/ ({str(err).splitlines()[0]}). "
+        "evaluate reads lm-eval's built-in tasks offline, from what download fetched: list the dataset "
+        "the task reads in eval.datasets (its task YAML's dataset_path and dataset_name, e.g. "
+        "{hub: openai/gsm8k, name: main}) and download it where there is internet: `ftflow download` with the "
+        "same overrides, or the workflow itself (its download jobs run where Snakemake runs: the login node)"
+    )
+
+
+def run_lm_eval(lm, tasks: list, cfg: Eval, chat: bool, index=None) -> dict:
     import lm_eval
 
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
         task_manager=index,
-        num_fewshot=cfg.num_fewshot,
+        # one number overrides every task's own (but a task's explicit 0); per task: set by load_tasks
+        num_fewshot=cfg.num_fewshot if isinstance(cfg.num_fewshot, int) else None,
         batch_size=cfg.batch_size,
         limit=cfg.limit,
         apply_chat_template=chat,
-        gen_kwargs={"max_gen_toks": cfg.max_gen_toks},
+        gen_kwargs=None if cfg.max_gen_toks is None else {"max_gen_toks": cfg.max_gen_toks},
         random_seed=cfg.seed,
         numpy_random_seed=cfg.seed,
         torch_random_seed=cfg.seed,
@@ -190,24 +262,24 @@ def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     """Run the stage on its config (model, eval)."""
     model_cfg, eval_cfg = cfg.model, cfg.eval
     out_dir = root / paths.EVALUATE
-    tasks = [task_config(name, root) for name in eval_cfg.tasks]
+    tasks = task_specs(eval_cfg.tasks, root)
     backend = eval_backend(eval_cfg.backend)
     metrics: dict[str, float] = {}
-    index = task_index(tasks)
-    for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
-        log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
-        if backend == "vllm":
-            lm = load_vllm(model_dir, tokenizer, eval_cfg)
-        else:
-            lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
-        results = run_lm_eval(lm, tasks, eval_cfg, uses_chat_template(lm, label, eval_cfg.apply_chat_template), index)
-        (out_dir / label).mkdir(parents=True, exist_ok=True)
-        (out_dir / label / "results.json").write_text(
-            json.dumps(_json_safe(results, drop="samples"), indent=2, default=str)
-        )
-        with (out_dir / label / "samples.jsonl").open("w") as f:
-            f.writelines(line + "\n" for line in sample_lines(results))
-        metrics.update(flat_scores(label, results))
+    with offline_hub_data(root) as local_cache:
+        index = task_index(tasks)
+        built = load_tasks(tasks, eval_cfg, index, local_cache, root)  # missing data fails before any model loads
+        for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
+            log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
+            if backend == "vllm":
+                lm = load_vllm(model_dir, tokenizer, eval_cfg)
+            else:
+                lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
+            # lm-eval keeps a run's state in its tasks: the next model gets fresh ones
+            built = built or load_tasks(tasks, eval_cfg, index, local_cache, root)
+            chat = uses_chat_template(lm, label, eval_cfg.apply_chat_template)
+            results, built = run_lm_eval(lm, built, eval_cfg, chat, index), None
+            write_results(results, out_dir / label)
+            metrics.update(flat_scores(label, results))
     for key in [k for k in metrics if k.startswith("tuned/")]:
         base_key = "base/" + key.removeprefix("tuned/")
         if base_key in metrics:
@@ -225,6 +297,14 @@ def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     write_stage_config(cfg.sections, out_dir)
     log.info("Scores:\n%s", table)
     return metrics
+
+
+def write_results(results: dict, out: Path) -> None:
+    """lm-eval's results.json (without the samples) and samples.jsonl, for one model."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_json_safe(results, drop="samples"), indent=2, default=str))
+    with (out / "samples.jsonl").open("w") as f:
+        f.writelines(line + "\n" for line in sample_lines(results))
 
 
 def models_to_evaluate(model_cfg: Model, eval_cfg: Eval, root: Path) -> dict[str, tuple[Path, Path]]:

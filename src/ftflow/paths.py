@@ -7,7 +7,10 @@ run by hand writes exactly where Snakemake expects it.
 RAW = "data/raw"  # data/raw/<source name>/   as downloaded
 MODELS = "data/models"  # data/models/<model name>/ as downloaded
 MANIFEST = "data/manifest.json"  # what was downloaded: uri, resolved revision, file hashes
-MANIFESTS = "data/manifests"  # sources/<name>.json, models/<name>.json: one download job's entry
+MANIFESTS = "data/manifests"  # sources/, models/, eval/<key>.json: one download job's entry
+# lm-eval built-in tasks' hub data as the `datasets` library caches it (HF_DATASETS_CACHE):
+# written by download on the login node, read by evaluate with the hub offline
+EVAL_DATA = "data/eval"
 
 NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
 PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
@@ -50,3 +53,12 @@ def source_manifest(name: str) -> str:
 
 def model_manifest(name: str) -> str:
     return f"{MANIFESTS}/models/{name}.json"
+
+
+def eval_manifest(key: str) -> str:
+    return f"{MANIFESTS}/eval/{key}.json"
+
+
+def eval_dataset_key(hub: str, name: str | None) -> str:
+    """openai/gsm8k, main -> openai--gsm8k--main: a file name, as the hub cache names repos."""
+    return "--".join([*hub.split("/"), *([name] if name else [])])

@@ -55,7 +55,7 @@ STAGES = (
     Stage(
         "download",
         "ftflow.data.download:download",
-        ("data", "model"),  # projected to where things come from: config.params.stage_params
+        ("data", "model", "eval"),  # projected to where things come from: config.params.stage_params
         (
             "config",
             "config.params",
@@ -72,6 +72,7 @@ STAGES = (
         rules={
             "download_source": "ftflow.data.download:download_source",
             "download_model": "ftflow.data.download:download_model",
+            "download_eval": "ftflow.data.download:download_eval_dataset",
             "download": "ftflow.data.download:gather",
         },
         typed=False,

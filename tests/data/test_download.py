@@ -21,7 +21,7 @@ from ftflow.data.download import DownloadError, download
 from ftflow.data.normalize import NormalizeError
 
 from helpers import BIN, env, ftflow
-from helpers.hub import HubStandIn
+from helpers.hub import COMMIT, HubStandIn, published
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 SCRATCH = {"name": "m", "source": "scratch"}
@@ -322,3 +322,47 @@ def test_normalize_refuses_a_raw_file_that_is_not_what_download_wrote(tmp_path):
         )
     assert str(err.value) == (f"source 'mine': {raw} is not the file download wrote (its sha256 differs): damaged on "
                               "disk or changed since. Download it again (`ftflow download`).")  # fmt: skip
+
+
+# a gsm8k as openai/gsm8k publishes it (config main; train and test splits), a few rows
+GSM8K = {"main": {"train": [{"question": f"What is {i} plus 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(6)],
+                  "test": [{"question": f"What is {i} plus 2?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(4)]}}  # fmt: skip
+GSM8K_DATASET = ["eval.tasks=[gsm8k]", "eval.datasets=[{hub: openai/gsm8k, name: main}]"]
+
+
+def test_an_eval_tasks_hub_data_is_fetched_for_reading_offline(repo, tmp_path):
+    """download fetches a built-in lm-eval task's dataset from the hub (a stand-in on the loopback)
+    into data/eval/, records the commit it took, and `datasets` then loads it there with the hub
+    offline and unreachable, as lm-eval asks for it (load_dataset(dataset_path, dataset_name))."""
+    hub = HubStandIn("openai/gsm8k", published(GSM8K))
+    online = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    try:
+        ftflow("download", "experiment=smoke", *GSM8K_DATASET, cwd=repo, env_extra=online)
+    finally:
+        hub.close()
+    entry = json.loads((repo / paths.eval_manifest("openai--gsm8k--main")).read_text())
+    assert entry["uri"] == "hf://datasets/openai/gsm8k" and entry["config"] == "main"
+    assert entry["requested_revision"] is None and entry["revision"] == COMMIT  # main, resolved
+    folder = repo / entry["folder"]
+    assert folder.is_relative_to(repo / paths.EVAL_DATA) and folder.name == COMMIT
+    assert entry["files"] and all((folder / f).is_file() for f in entry["files"])
+    assert "eval" not in json.loads((repo / paths.MANIFEST).read_text())["config"]  # normalize reads it
+    offline = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_CACHE": str(repo / paths.EVAL_DATA),
+               "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    read = "import datasets, json; d = datasets.load_dataset('openai/gsm8k', 'main'); print(json.dumps(d['test'].to_list()))"
+    proc = subprocess.run([str(BIN / "python"), "-c", read], env={**env(), **offline}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == GSM8K["main"]["test"]
+
+
+def test_an_eval_dataset_the_hub_lacks_names_it(repo, tmp_path):
+    hub = HubStandIn("openai/gsm8k", published(GSM8K))
+    online = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
+    try:
+        proc = ftflow("download", "experiment=smoke", "eval.tasks=[arc_easy]",
+                      "eval.datasets=[{hub: allenai/ai2_arc, name: ARC-Easy}]", cwd=repo, check=False, env_extra=online)  # fmt: skip
+    finally:
+        hub.close()
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "ftflow download: eval dataset allenai/ai2_arc (ARC-Easy)@main: " in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -215,6 +215,7 @@ def stage_params(tree: dict, stage: str) -> dict:
     if stage == "download":
         out["data"] = {"sources": [{k: s.get(k) for k in _SOURCE_LOCATION_KEYS} for s in tree["data"]["sources"]]}
         out["model"] = {k: tree["model"].get(k) for k in _MODEL_LOCATION_KEYS}
+        out["eval"] = {"datasets": tree["eval"].get("datasets") or []}  # the built-in tasks' data
     return out
 
 

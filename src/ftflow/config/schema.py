@@ -10,11 +10,11 @@ while params.yaml's last check holds (see config.params.load_checked).
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
-from ftflow import stages
+from ftflow import paths, stages
 from ftflow.errors import ConfigError
 
 
@@ -308,12 +308,30 @@ class Consolidate(Section):
     verify_tolerance: float | None = Field(default=None, gt=0)
 
 
+class EvalDataset(Section):
+    """A hub dataset an lm-eval built-in task reads (its YAML's dataset_path and dataset_name),
+    fetched by download on the login node into data/eval/, which evaluate reads offline."""
+
+    hub: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # dataset_path, e.g. openai/gsm8k
+    name: str | None = None  # dataset_name (the hub config), e.g. main
+    revision: str | None = None  # tag, branch or commit; the manifest records the commit taken
+
+    @property
+    def key(self) -> str:
+        """Its download job's wildcard and manifest name: openai--gsm8k--main."""
+        return paths.eval_dataset_key(self.hub, self.name)
+
+
 class Eval(Section):
-    tasks: list[str] = Field(min_length=1)  # task YAML names under conf/eval/tasks/
+    # task names: a YAML of conf/eval/tasks/, else one of lm-eval's built-in tasks or groups
+    tasks: list[str] = Field(min_length=1)
     limit: int | None = Field(default=None, ge=1)
-    num_fewshot: int = Field(default=0, ge=0)
+    # few-shot examples: one number for every task, {task: number} per task (the others their
+    # task's own default), or null for every task's own default
+    num_fewshot: Annotated[int, Field(ge=0)] | dict[str, Annotated[int, Field(ge=0)]] | None = 0
     batch_size: int = Field(default=16, ge=1)
-    max_gen_toks: int = Field(default=32, ge=1)
+    max_gen_toks: int | None = Field(default=32, ge=1)  # null: each task's own limit
+    datasets: list[EvalDataset] = []  # the built-in tasks' hub data (see EvalDataset)
     apply_chat_template: bool = True
     seed: int = 0
     backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed and a GPU is there

@@ -8,6 +8,9 @@ are not fetched again, and offline (HF_HUB_OFFLINE=1, or no network) the same ca
 revision from that cache. Each entry records the resolved commit sha and a sha256 of every file,
 so a later run can prove it used the same bytes; data/manifest.json gathers the entries.
 
+The hub data of lm-eval's built-in tasks (eval.datasets) comes the same way, one job per
+dataset, into data/eval/ as the `datasets` library caches it: compute nodes then evaluate offline.
+
 A GGUF model (llama.cpp's single-file format, model.source=gguf) is converted once into a plain
 HF directory (float32 safetensors, tokenizer with its chat template, generation config): the
 conversion takes about a minute even for a small model, so its result is kept in a cache keyed
@@ -185,6 +188,33 @@ def download_model(model: dict, root: Path = Path(".")) -> dict | None:
     return write_entry(entry, root / paths.model_manifest(model["name"]))
 
 
+# --- lm-eval tasks' datasets -------------------------------------------------------------------
+
+
+def download_eval_dataset(dataset: dict, root: Path = Path(".")) -> dict:
+    """The hub data of an lm-eval built-in task into data/eval/, prepared as the `datasets`
+    library caches it: evaluate points HF_DATASETS_CACHE there and loads it with the hub offline,
+    exactly as lm-eval asks for it (load_dataset(dataset_path, dataset_name)). The cache keeps
+    this revision only, so the offline load cannot pick another."""
+    from datasets import load_dataset_builder
+
+    repo, name, revision = dataset["hub"], dataset.get("name"), dataset.get("revision")
+    what = f"eval dataset {repo}" + (f" ({name})" if name else "") + f"@{revision or 'main'}"
+    log.info("Downloading %s into %s", what, root / paths.EVAL_DATA)
+    try:
+        builder = load_dataset_builder(repo, name, revision=revision, cache_dir=str(root / paths.EVAL_DATA))
+        builder.download_and_prepare()
+    except Exception as err:  # datasets' own errors (not found, no network, offline) are plain ones
+        raise DownloadError(f"{what}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+    prepared = Path(builder.cache_dir)  # <cache>/<org>___<name>/<config>/<version>/<commit sha>
+    for other in prepared.parent.iterdir():  # another revision fetched earlier
+        if other.is_dir() and other != prepared:
+            shutil.rmtree(other)
+    entry = {"uri": f"hf://datasets/{repo}", "config": name, "requested_revision": revision,
+             "revision": prepared.name, "folder": str(prepared.relative_to(root)), "files": file_hashes(prepared)}  # fmt: skip
+    return write_entry(entry, root / paths.eval_manifest(paths.eval_dataset_key(repo, name)))
+
+
 # --- GGUF models ---------------------------------------------------------------------------------
 
 # how to get the packages whose files the shipped configs name (the import name differs from
@@ -269,8 +299,10 @@ def _versions() -> dict[str, str]:
 
 
 def gather(cfg: dict, root: Path = Path(".")) -> dict:
-    """data/manifest.json: the entries of the configured sources and model, with that config."""
-    manifest = {"config": cfg, "sources": {}, "models": {}}
+    """data/manifest.json: the entries of the configured sources and model, with that config.
+    The eval datasets' entries stay apart (data/manifests/eval/): normalize reads this file, and
+    a new eval task must not rerun it."""
+    manifest = {"config": {"data": cfg["data"], "model": cfg["model"]}, "sources": {}, "models": {}}
     for source in cfg["data"]["sources"]:
         manifest["sources"][source["name"]] = json.loads((root / paths.source_manifest(source["name"])).read_text())
     if cfg["model"]["source"] != "scratch":
@@ -288,4 +320,6 @@ def download(cfg: dict, root: Path = Path(".")) -> dict:
     for source in cfg["data"]["sources"]:
         download_source(source, root)
     download_model(cfg["model"], root)
+    for dataset in cfg.get("eval", {}).get("datasets", []):
+        download_eval_dataset(dataset, root)
     return gather(cfg, root)

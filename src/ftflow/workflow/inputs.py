@@ -56,6 +56,12 @@ def user_files(specs: list[str], base: Path) -> list[str]:
     return sorted({str(base / spec.rsplit(":", 1)[0]) for spec in specs if ":" in spec})
 
 
+def task_files(names: list[str], root: Path = Path(".")) -> list[str]:
+    """The task YAMLs of conf/eval/tasks/ among the configured tasks; a name without one is an
+    lm-eval built-in task (its data: eval.datasets, downloaded)."""
+    return [f"{paths.TASKS}/{name}.yaml" for name in names if (root / paths.TASKS / f"{name}.yaml").exists()]
+
+
 def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
     """The local data files the tasks read (the evaluate rule's inputs), repository-relative."""
     out = []
