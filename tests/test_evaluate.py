@@ -266,16 +266,21 @@ def test_the_standard_suites_datasets_are_what_its_tasks_read():
 
 @pytest.mark.slow
 def test_a_builtin_task_runs_offline_on_the_data_download_fetched(finished, tmp_path):
-    """The workflow with lm-eval's own gsm8k beside the demo task: its download job fetches the
-    data from the hub (a stand-in on the loopback), then, with the hub gone, evaluate runs gsm8k
-    on that data and nothing upstream of evaluate reruns."""
+    """The workflow with lm-eval's own gsm8k beside the demo task (local files) and a task YAML
+    of the user's on the same hub data: the download job fetches the data from the hub (a
+    stand-in on the loopback), then, with the hub gone, evaluate runs the three on it and
+    nothing upstream of evaluate reruns."""
+    from lm_eval.tasks import TaskManager
+
     from helpers import clone, job_stats
     from helpers.hub import HubStandIn, published
 
     rows = [{"question": f"What is {i} plus 2?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"} for i in range(4)]
     root = clone(finished, tmp_path / "repo")
-    run = ["run", "experiment=smoke", "eval.tasks=[demo_words,gsm8k]", "eval.datasets=[{hub: openai/gsm8k, name: main}]",
-           "eval.limit=3", "eval.max_gen_toks=8", "eval.num_fewshot={gsm8k: 2}"]  # fmt: skip
+    gsm8k = yaml.safe_load(TaskManager(include_defaults=True).task_index["gsm8k"].yaml_path.read_text())
+    (root / "conf/eval/tasks/my_gsm8k.yaml").write_text(yaml.safe_dump({**gsm8k, "task": "my_gsm8k", "tag": []}))
+    run = ["run", "experiment=smoke", "eval.tasks=[demo_words,gsm8k,my_gsm8k]", "eval.limit=3", "eval.max_gen_toks=8",
+           "eval.datasets=[{hub: openai/gsm8k, name: main}]", "eval.num_fewshot={gsm8k: 2, my_gsm8k: 1}"]  # fmt: skip
     hub = HubStandIn("openai/gsm8k", published({"main": {"train": rows, "test": rows}}))
     try:
         online = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
@@ -288,10 +293,11 @@ def test_a_builtin_task_runs_offline_on_the_data_download_fetched(finished, tmp_
     assert job_stats(done.stderr) == {"evaluate": 1, "report": 1, "all": 1}, done.stderr[-3000:]
     metrics = json.loads((root / "results/eval/metrics.json").read_text())
     for label in ("base", "tuned"):
-        assert {f"{label}/gsm8k/exact_match,strict-match", f"{label}/demo_words/exact_match"} <= set(metrics)
+        assert {f"{label}/{t}/exact_match,strict-match" for t in ("gsm8k", "my_gsm8k")} <= set(metrics)
+        assert f"{label}/demo_words/exact_match" in metrics
         results = json.loads((root / f"results/eval/{label}/results.json").read_text())
         assert results["n-samples"]["gsm8k"] == {"original": 4, "effective": 3}
-        assert results["configs"]["gsm8k"]["num_fewshot"] == 2
+        assert results["configs"]["gsm8k"]["num_fewshot"] == 2 and results["configs"]["my_gsm8k"]["num_fewshot"] == 1
     samples = [json.loads(line) for line in (root / "results/eval/tuned/samples.jsonl").read_text().splitlines()]
     assert {s["target"] for s in samples if s["task"] == "gsm8k"} == {r["answer"] for r in rows[:3]}
 

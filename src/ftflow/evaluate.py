@@ -152,8 +152,9 @@ def load_tasks(specs: list[dict | str], cfg: Eval, index, local_cache: Path, roo
 
     built = []
     for name, spec in zip(cfg.tasks, specs):
-        if isinstance(spec, dict):  # a local task: its data files prepared outside data/
-            spec = {**spec, "dataset_kwargs": {**spec.get("dataset_kwargs", {}), "cache_dir": str(local_cache)}}
+        kwargs = (spec.get("dataset_kwargs") or {}) if isinstance(spec, dict) else {}
+        if kwargs.get("data_files"):  # a task YAML on local files: prepared outside data/
+            spec = {**spec, "dataset_kwargs": {**kwargs, "cache_dir": str(local_cache)}}
         try:
             loaded = index.load([spec])
         except KeyError:
