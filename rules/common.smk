@@ -46,10 +46,14 @@ def source_params(name):
     return next(s for s in params_of("download")["data"]["sources"] if s["name"] == name)
 
 
+def eval_datasets():
+    """{key: download params} of the built-in eval tasks' datasets (key: openai--gsm8k--main)."""
+    return {paths.eval_dataset_key(d["hub"], d.get("name")): d for d in params_of("download")["eval"]["datasets"]}
+
+
 def eval_dataset_params(key):
     """One eval dataset's download params: a change reruns its job alone."""
-    datasets = params_of("download")["eval"]["datasets"]
-    return next(d for d in datasets if paths.eval_dataset_key(d["hub"], d.get("name")) == key)
+    return eval_datasets()[key]
 
 
 def sources_and_model():
@@ -59,8 +63,7 @@ def sources_and_model():
 
 def eval_manifests():
     """The manifests of the built-in eval tasks' datasets: evaluate runs after their download."""
-    datasets = params_of("download")["eval"]["datasets"]
-    return [paths.eval_manifest(paths.eval_dataset_key(d["hub"], d.get("name"))) for d in datasets]
+    return [paths.eval_manifest(key) for key in eval_datasets()]
 
 
 def local_source(wildcards):

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
-from ftflow import paths, stages
+from ftflow import stages
 from ftflow.errors import ConfigError
 
 
@@ -315,11 +315,6 @@ class EvalDataset(Section):
     hub: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # dataset_path, e.g. openai/gsm8k
     name: str | None = None  # dataset_name (the hub config), e.g. main
     revision: str | None = None  # tag, branch or commit; the manifest records the commit taken
-
-    @property
-    def key(self) -> str:
-        """Its download job's wildcard and manifest name: openai--gsm8k--main."""
-        return paths.eval_dataset_key(self.hub, self.name)
 
 
 class Eval(Section):

@@ -320,6 +320,6 @@ def download(cfg: dict, root: Path = Path(".")) -> dict:
     for source in cfg["data"]["sources"]:
         download_source(source, root)
     download_model(cfg["model"], root)
-    for dataset in cfg.get("eval", {}).get("datasets", []):
+    for dataset in cfg.get("eval", {}).get("datasets", []):  # a config without eval tasks may omit it
         download_eval_dataset(dataset, root)
     return gather(cfg, root)
