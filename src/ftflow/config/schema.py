@@ -119,7 +119,9 @@ class Model(Section):
     # the weights' dtype in training; auto: bfloat16 when training runs in bf16 (train.bf16
     # resolves true: a GPU that has it), else float32 (so always float32 on CPU)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa (train/worker.py);
+    # sdpa, eager and flex_attention keep packed conversations apart by their position ids
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -199,6 +201,11 @@ class Train(Section):
     max_grad_norm: float = 1.0
     bf16: bool | Literal["auto"] = "auto"  # auto: on a GPU that supports it, never on CPU
     gradient_checkpointing: bool = False
+    # speed-ups measured by benchmarks/gpu/bench.py (README: GPU): Liger's Triton kernels (RMSNorm,
+    # RoPE, SwiGLU, and a cross-entropy fused with the output layer that never holds the whole
+    # logits; needs a CUDA GPU and liger-kernel), and torch.compile of the model
+    liger_kernel: bool = False
+    torch_compile: bool = False
     logging_steps: int = Field(default=10, ge=1)
     save_steps: int = Field(default=500, ge=1)  # also saved on SIGUSR1/SIGTERM (preemption)
     save_total_limit: int = Field(default=2, ge=1)

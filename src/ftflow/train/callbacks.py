@@ -75,3 +75,41 @@ class StopOnSignal(TrainerCallback):
             self.signal = got
             control.should_save = True
             control.should_training_stop = True
+
+
+class StepTimer(TrainerCallback):
+    """The steady-state speed of a run: the seconds of its steps after the first `warmup` of this
+    process (CUDA kernels are chosen and compiled, the allocator grows, torch.compile traces
+    there), measured between two device synchronisations only, and the peak GPU memory. The
+    summary's `speed`; benchmarks/gpu/bench.py divides tokens by it."""
+
+    def __init__(self, warmup: int = 2):
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first = state.global_step  # a resumed run starts past 0
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.first + self.warmup:
+            self.start = (state.global_step, _synchronized_time())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.start and self.end is None:
+            self.end = (state.global_step, _synchronized_time())
+
+    def speed(self) -> dict:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        steps, seconds = (self.end[0] - self.start[0], self.end[1] - self.start[1]) if self.end else (0, 0.0)
+        return {"after_step": self.start[0] if self.start else None, "steps": steps, "seconds": round(seconds, 4),
+                "seconds_per_step": round(seconds / steps, 5) if steps else None,
+                "peak_gpu_memory_gib": round(peak, 3) if peak is not None else None}  # fmt: skip
+
+
+def _synchronized_time() -> float:
+    import time
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the queued kernels are part of the steps
+    return time.perf_counter()

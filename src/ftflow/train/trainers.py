@@ -53,6 +53,8 @@ def common_args(train_cfg: Train, launcher: Launcher, output_dir: Path, report_t
         max_grad_norm=train_cfg.max_grad_norm,
         bf16=use_bf16(train_cfg, launcher),
         gradient_checkpointing=train_cfg.gradient_checkpointing,
+        use_liger_kernel=train_cfg.liger_kernel,
+        torch_compile=train_cfg.torch_compile,
         logging_steps=train_cfg.logging_steps,
         save_steps=train_cfg.save_steps,
         save_total_limit=train_cfg.save_total_limit,

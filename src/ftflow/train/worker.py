@@ -23,7 +23,7 @@ import yaml
 from ftflow import paths
 from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
 from ftflow.train import curve, tracking, trainers, workers
-from ftflow.train.callbacks import LossCurve, MarkComplete, StopOnSignal
+from ftflow.train.callbacks import LossCurve, MarkComplete, StepTimer, StopOnSignal
 from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
 from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
 from ftflow.train.probe import PROBE_FILE, record_probe
@@ -43,6 +43,7 @@ class Run:
     tok: object
     trainer: object
     stop: StopOnSignal
+    timer: StepTimer
     record: dict  # provenance
 
 
@@ -74,7 +75,9 @@ def setup(cfg: StageConfig, root: Path) -> Run:
     ckpt_dir = root / paths.CHECKPOINTS / key
     stop = StopOnSignal()  # handlers installed before the slow part, then the pid file
     workers.announce(root / paths.WORKERS, rank())
-    callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(sha256=cfg.train.checkpoint_verify == "sha256"), stop]
+    timer = StepTimer()
+    callbacks = [LossCurve(out_dir / "loss.csv"), MarkComplete(sha256=cfg.train.checkpoint_verify == "sha256"), stop,
+                 timer]  # fmt: skip
     if cfg.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -93,7 +96,7 @@ def setup(cfg: StageConfig, root: Path) -> Run:
         cfg.train, cfg.launcher, ckpt_dir, report_to, run_name=key, evaluate=eval_ds is not None
     )
     trainer = trainers.build(cfg.train, cfg.peft, args, model, ref_model, tok, train_ds, eval_ds, callbacks)
-    return Run(cfg, out_dir, key, ckpt_dir, resume, tok, trainer, stop, record)
+    return Run(cfg, out_dir, key, ckpt_dir, resume, tok, trainer, stop, timer, record)
 
 
 def base_weights(cfg: StageConfig, tok, root: Path) -> Path:
@@ -155,17 +158,25 @@ def init_process_group(launcher: Launcher) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
+# what auto picks on a GPU without flash-attn: the fastest implementation that keeps packed
+# conversations apart in benchmarks/gpu/bench.py's attention section (README: GPU). Not measured
+# on a GPU yet: sdpa, which transformers gives a block-diagonal mask from the position ids
+# (checked on CPU: tests/pack/test_pack.py, and bench.py --cpu in tests/test_gpu_run.py)
+GPU_WITHOUT_FLASH_ATTN = "sdpa"
+
+
 def attn_implementation(requested: str) -> str:
-    """auto: flash-attn 2 when it is installed and a GPU is there, else PyTorch sdpa."""
+    """auto: flash-attn 2 when it is installed and a GPU is there; on a GPU without it,
+    GPU_WITHOUT_FLASH_ATTN; on CPU, PyTorch sdpa."""
     if requested != "auto":
         return requested
     import importlib.util
 
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if not torch.cuda.is_available():
+        return "sdpa"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else GPU_WITHOUT_FLASH_ATTN
 
 
 def load_dtype(model_cfg: Model, train_cfg: Train, launcher: Launcher) -> str:
@@ -330,6 +341,7 @@ def finish(run: Run, result, seconds: float) -> dict:
         "final_validation_loss": _last_logged(trainer.state.log_history, "eval_loss"),
         "steps": result.global_step,
         "train_runtime_s": round(seconds, 1),
+        "speed": run.timer.speed(),  # steady state: steps after the first two of this process
         # ZeRO-3 leaves each process a shard: ds_numel is the whole parameter's size
         "trainable_params": sum(
             getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad
