@@ -338,7 +338,8 @@ def child_attention(job: dict) -> dict:
     ids = torch.randint(2, config.vocab_size, (1, sum(lengths)), device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is float32 proper
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # initialised where it runs (a 1B model's init on CPU takes a while)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     reference = alone_logits(model, ids, lengths)
     model = model.to(dtype)
     results = {}
@@ -386,18 +387,25 @@ def register_torch_varlen(kernel=None) -> bool:
             from torch.nn.attention.varlen import varlen_attn as kernel
     except ImportError:
         return False
-    causal = {"is_causal": True} if "is_causal" in inspect.signature(kernel).parameters else {"window_size": (-1, 0)}
+    params = inspect.signature(kernel).parameters  # (its arguments changed between PyTorch releases)
+    options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+    if gqa:
+        options["enable_gqa"] = True
+    last: dict = {}  # the bounds of the row in hand: every layer of one forward gets the same position ids
 
     def torch_varlen(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query: [1, heads, T, head_dim]; one padding-free row
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, head_dim]
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: each kv head serves several q heads
+        if k.shape[1] != q.shape[1] and not gqa:  # each kv head serves several q heads
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        positions = kwargs["position_ids"][0]
-        starts = torch.nonzero(positions == 0).flatten()
-        bounds = torch.cat([starts, torch.tensor([q.shape[0]], device=q.device)]).to(torch.int32)
-        longest = int((bounds[1:] - bounds[:-1]).max())
-        out = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling, **causal)
+        positions = kwargs["position_ids"]
+        if last.get("positions") is not positions:  # (held, so never another tensor at its address)
+            starts = torch.nonzero(positions[0] == 0).flatten()
+            bounds = torch.cat([starts, torch.tensor([q.shape[0]], device=q.device)]).to(torch.int32)
+            last.update(positions=positions, bounds=bounds, longest=int(torch.diff(bounds).max()))  # one sync
+        bounds, longest = last["bounds"], last["longest"]
+        out = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling, **options)
         return out[None], None  # [1, T, heads, head_dim], as the other implementations return
 
     AttentionInterface.register("torch_varlen", torch_varlen)
