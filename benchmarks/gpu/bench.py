@@ -16,7 +16,8 @@ once --budget-s is spent the rest are recorded as not run):
              passes (GPU only: bitsandbytes)
   resume     SIGTERM mid-run, the rerun resumes; its loss curve against the uninterrupted run's
   speedups   train.liger_kernel, train.torch_compile, train.gradient_checkpointing, each alone,
-             against the plain train stage (Liger: GPU only)
+             against the plain train stage (Liger: GPU only, and its layer kernels only: TRL's
+             SFT trainer keeps its own chunked, fused output layer and loss)
 Everything printed is also in <out>/gpu.json and <out>/gpu.md; the children's output in <out>/gpu.log.
 
 MFU = model FLOPs per token x tokens/s / peak, with the PaLM-style count (Chowdhery et al. 2022,
@@ -34,6 +35,7 @@ dense bf16 rate (H100/H200 SXM 989 TFLOP/s); the measured matmul rate is shown b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -74,13 +76,15 @@ SHAPES = {
 # steps per run (the first two are warm-up, not timed), attention timing iterations
 PROFILES = {
     "gpu": dict(shapes=["llama-1b", "qwen-0.5b"], max_length=4096, batch=4, steps=12, qlora_steps=30,
-                attention_iters=5, budget_s=450),
+                attention_iters=5, budget_s=500),
     "cpu": dict(shapes=["tiny-llama", "tiny-qwen"], max_length=256, batch=2, steps=12, qlora_steps=0,
                 attention_iters=2, budget_s=600),
 }  # fmt: skip
 
 # dense bf16 peak by device name (datasheets); others: MFU against the measured matmul rate only
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# (the first name found in the device's name wins: the PCIe and NVL parts run slower clocks)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+             "A100": 312e12, "L40S": 362e12, "A10G": 70e12}  # fmt: skip
 
 LORA = dict(r=16, alpha=32)  # conf/peft/lora.yaml's, on every linear layer
 
@@ -228,9 +232,13 @@ def config_tree(shape: str, profile: dict, cpu: bool, peft: str = "none", steps:
 # --- children: each measurement in a fresh process ---------------------------------------------
 
 
-def run_child(kind: str, job: dict, log: Path, timeout: float) -> dict:
-    """Run `bench.py --child kind` on job (a fresh interpreter: clean GPU memory, fresh CUDA
-    state), its output appended to the log; returns what it wrote."""
+RUNNING: set[int] = set()  # the process groups of the children running now
+
+
+def start_child(kind: str, job: dict, log: Path) -> tuple[subprocess.Popen, Path]:
+    """Start `bench.py --child kind` on job (a fresh interpreter: clean GPU memory, fresh CUDA
+    state) in its own process group (the stage's launcher and workers with it), its output
+    appended to the log; returns it and the file its result goes to."""
     job_file = Path(job["work"]) / f"job-{kind}.json"
     result_file = job_file.with_suffix(".result.json")
     result_file.unlink(missing_ok=True)
@@ -238,15 +246,39 @@ def run_child(kind: str, job: dict, log: Path, timeout: float) -> dict:
     with log.open("a") as out:
         out.write(f"\n===== {kind} {job.get('label', '')} =====\n")
         out.flush()
-        # its own process group: at the time limit the stage's launcher and workers go with it
         proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(job_file)], stdout=out,
                                 stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)  # fmt: skip
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+    RUNNING.add(proc.pid)
+    return proc, result_file
+
+
+def end_child(proc: subprocess.Popen) -> None:
+    """Kill the child's whole group if it still runs (a timeout, an error here): nothing of a
+    measurement may go on holding the GPU while the next one runs."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise TimeoutError(f"{kind} {job.get('label', '')}: stopped at the run's time budget") from None
+        proc.wait()
+    RUNNING.discard(proc.pid)
+
+
+def kill_children(signum, frame) -> None:
+    """bench.py itself stopped (the machine's time limit): its children go with it."""
+    for pgid in list(RUNNING):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    sys.exit(128 + signum)
+
+
+def run_child(kind: str, job: dict, log: Path, timeout: float) -> dict:
+    """Run a child to its end (or to `timeout`); returns what it wrote."""
+    proc, result_file = start_child(kind, job, log)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"{kind} {job.get('label', '')}: stopped at the run's time budget") from None
+    finally:
+        end_child(proc)
     if not result_file.exists():
         raise RuntimeError(f"{kind} {job.get('label', '')}: exit status {proc.returncode}, no result (see gpu.log)")
     return json.loads(result_file.read_text())
@@ -342,19 +374,19 @@ def child_attention(job: dict) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     reference = alone_logits(model, ids, lengths)
     model = model.to(dtype)
-    results = {}
-    for impl in candidates(gpu):
-        try:
-            results[impl] = check_attention(model, impl, ids, positions, lengths, reference, job["iters"])
-        except Exception as e:  # noqa: BLE001 - an implementation this stack lacks is a result too
-            results[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    # the control: the same row with positions that do not restart (nothing tells the model where
-    # conversations end) must fail the check, or the check proves nothing
+    found = {"implementations": {}, "dtype": str(dtype).removeprefix("torch.")}
+    # the control last: the same row with positions that do not restart (nothing tells the model
+    # where conversations end) must fail the check, or the check proves nothing
     flat = torch.arange(sum(lengths), device=device)[None]
-    results["sdpa, positions not restarting (control)"] = check_attention(
-        model, "sdpa", ids, flat, lengths, reference, iters=0
-    )
-    return {"implementations": results, "dtype": str(dtype).removeprefix("torch.")}
+    runs = [(impl, impl, positions, job["iters"]) for impl in candidates(gpu)]
+    runs.append(("sdpa, positions not restarting (control)", "sdpa", flat, 0))
+    for name, impl, pos, iters in runs:
+        try:
+            found["implementations"][name] = check_attention(model, impl, ids, pos, lengths, reference, iters)
+        except Exception as e:  # noqa: BLE001 - an implementation this stack lacks is a result too
+            found["implementations"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        Path(job["result"]).write_text(json.dumps(found))  # what was found so far, should the next one crash
+    return found
 
 
 def candidates(gpu: bool) -> list[str]:
@@ -405,7 +437,8 @@ def register_torch_varlen(kernel=None) -> bool:
             bounds = torch.cat([starts, torch.tensor([q.shape[0]], device=q.device)]).to(torch.int32)
             last.update(positions=positions, bounds=bounds, longest=int(torch.diff(bounds).max()))  # one sync
         bounds, longest = last["bounds"], last["longest"]
-        out = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling, **options)
+        scale = {"scale": scaling} if "scale" in params else {}
+        out = kernel(q, k, v, bounds, bounds, longest, longest, **scale, **options)
         return out[None], None  # [1, T, heads, head_dim], as the other implementations return
 
     AttentionInterface.register("torch_varlen", torch_varlen)
@@ -432,6 +465,9 @@ def check_attention(model, impl, ids, positions, lengths, reference, iters: int)
     alone = alone_logits(model, ids, lengths)
     packed_err = (packed - reference).abs().max().item()
     alone_err = (alone - reference).abs().max().item()
+    del packed, alone  # a 1B model's logits are GBs: the timing below needs the room
+    if ids.is_cuda:
+        torch.cuda.empty_cache()
     out = {"max_abs_error_packed": packed_err, "max_abs_error_alone": alone_err,
            "correct": packed_err <= 2 * alone_err + 1e-4}  # fmt: skip
     if iters and out["correct"]:
@@ -466,10 +502,10 @@ def child_matmul(job: dict) -> dict:
     n, dtype, device = (8192, torch.bfloat16, "cuda") if gpu else (1024, torch.float32, "cpu")
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    for _ in range(3):
+    for _ in range(20 if gpu else 3):  # the clocks ramp up
         a @ b
     sync()
-    start, reps = time.perf_counter(), 10
+    start, reps = time.perf_counter(), 300 if gpu else 10  # ~0.4 s on an H100
     for _ in range(reps):
         a @ b
     sync()
@@ -593,6 +629,13 @@ def speed(bench: Bench, info: dict, shape: str, method: str, result: dict) -> di
             "first_loss": first(result["losses"]), "last_loss": last(result["losses"])}  # fmt: skip
 
 
+def mean_loss(losses: dict, first: bool, n: int = 5) -> float:
+    """The mean loss of the first (or last) n logged steps: one step's loss is noisy."""
+    steps = sorted(losses, key=int)
+    picked = steps[:n] if first else steps[-n:]
+    return sum(losses[s] for s in picked) / len(picked)
+
+
 def first(losses: dict):
     return losses[min(losses, key=int)] if losses else None
 
@@ -657,7 +700,8 @@ def qlora_section(bench: Bench) -> dict:
     merged = bench.child("consolidate", {"work": str(root), "tree": tree, "label": f"{shape} qlora merge"})
     losses = result["losses"]
     return {"shape": shape, "steps": bench.profile["qlora_steps"], **speed(bench, info, shape, "lora", result),
-            "loss_went_down": last(losses) < first(losses), "merged": merged.get("merged_lora"),
+            "loss_went_down": mean_loss(losses, first=True) < mean_loss(losses, first=False),
+            "merged": merged.get("merged_lora"),
             "verification": merged.get("verification")}  # fmt: skip
 
 
@@ -693,28 +737,31 @@ def stop_midway(bench: Bench, root: Path, tree: dict, step: int) -> int:
     """Start the stage, SIGTERM its whole process group once the loss curve passes `step`;
     returns the step its checkpoint was saved at."""
     from ftflow import paths
-
-    job_file = root / "job-stop.json"
-    job_file.write_text(json.dumps({"work": str(root), "tree": tree, "result": str(root / "stop.result.json")}))
-    (root / paths.TRAIN / "loss.csv").unlink(missing_ok=True)
-    shutil.rmtree(root / paths.CHECKPOINTS, ignore_errors=True)
-    with bench.log.open("a") as out:
-        out.write("\n===== stage stopped midway =====\n")
-        out.flush()
-        proc = subprocess.Popen([sys.executable, __file__, "--child", "stage", str(job_file)], stdout=out,
-                                stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)  # fmt: skip
-        deadline = min(bench.deadline, time.time() + 600)
-        while not (root / paths.TRAIN / "loss.csv").exists() or max(stage_losses(root), default=0) < step:
-            if proc.poll() is not None or time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
-                raise RuntimeError(f"the run ended (status {proc.returncode}) before step {step}")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as Slurm signals a job step
-        proc.wait(timeout=300)
     from ftflow.train.launcher import PREEMPTED_FILE
 
-    preempted = json.loads((root / paths.TRAIN / PREEMPTED_FILE).read_text())
-    return preempted["step"]
+    (root / paths.TRAIN / "loss.csv").unlink(missing_ok=True)
+    shutil.rmtree(root / paths.CHECKPOINTS, ignore_errors=True)
+    proc, _ = start_child("stage", {"work": str(root), "tree": tree, "label": "stopped midway"}, bench.log)
+    try:
+        while logged_steps(root) < step:
+            if proc.poll() is not None or time.time() > bench.deadline:
+                raise RuntimeError(f"the run ended (status {proc.poll()}) or ran out of time before step {step}")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as Slurm signals a job step
+        proc.wait(timeout=max(5.0, bench.deadline - time.time()))
+    finally:
+        end_child(proc)
+    return json.loads((root / paths.TRAIN / PREEMPTED_FILE).read_text())["step"]
+
+
+def logged_steps(root: Path) -> int:
+    """The last step in the stage's loss curve so far (0 before it has one; a line being
+    written is read next time)."""
+
+    try:
+        return max(stage_losses(root), default=0)
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
 
 
 def speedups_section(bench: Bench) -> dict:
@@ -803,7 +850,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (the test suite)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"of {','.join(SECTIONS)}")
-    parser.add_argument("--budget-s", type=float, help="stop starting sections after this (default: gpu 450, cpu 600)")
+    parser.add_argument("--budget-s", type=float, help="stop starting sections after this (default: gpu 500, cpu 600)")
     parser.add_argument("--steps", type=int, help="steps per run (default 12; the first two untimed)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -813,6 +860,8 @@ def main() -> None:
         Path(job["result"]).write_text(json.dumps(CHILDREN[kind](job), default=str))
         return
     args.out.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, kill_children)
     bench = Bench(args.out, args.cpu, args.budget_s)
     if args.steps:
         bench.profile = {**bench.profile, "steps": args.steps}

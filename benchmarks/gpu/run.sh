@@ -11,7 +11,9 @@ SITE=${FTFLOW_WHEEL_SITE:-/tmp/ftflow-site}
 mkdir -p "$OUT"
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
   # --no-deps: the folder holds exactly what the machine lacks (benchmarks/gpu/wheels.txt)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  # a failed install is recorded and the run goes on: each section then records what it could not import
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl >"$OUT/gpu.log" 2>&1 || echo "run.sh: installing $WHEELS failed (above)" | tee -a "$OUT/gpu.log"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

@@ -468,3 +468,24 @@ def test_wandb_goes_online_only_with_a_key(tmp_path, monkeypatch):
     (tmp_path / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_WANDB_KEY}\n")
     (tmp_path / ".netrc").chmod(0o600)
     assert wandb_mode(Tracking()) == "online"
+
+
+def test_the_step_timer_times_the_steps_after_the_warm_up_and_not_the_final_save():
+    """summary.json's `speed`: the clock starts after the first two steps and stops at the last
+    step's end, before the save the trainer always makes at the end of training (here a 0.3 s
+    pause between the last step and the end of training stands for it)."""
+    from transformers import TrainerControl, TrainerState
+
+    from ftflow.train.callbacks import StepTimer
+
+    timer, state, control = StepTimer(), TrainerState(max_steps=6), TrainerControl()
+    timer.on_train_begin(None, state, control)
+    for step in range(1, 7):
+        time.sleep(0.01)
+        state.global_step = step
+        timer.on_step_end(None, state, control)
+    time.sleep(0.3)  # the final checkpoint and model save
+    timer.on_train_end(None, state, control)
+    speed = timer.speed()
+    assert speed["after_step"] == 2 and speed["steps"] == 4
+    assert 0.04 <= speed["seconds"] < 0.25 and speed["seconds_per_step"] == pytest.approx(speed["seconds"] / 4, rel=0.01)

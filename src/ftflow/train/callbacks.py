@@ -94,9 +94,13 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.first + self.warmup:
             self.start = (state.global_step, _synchronized_time())
+        # the last step: stop the clock before the save the trainer makes after it (at the end of
+        # training it always saves, whatever save_steps says: seconds of writing, not of training)
+        if self.start and (state.global_step >= state.max_steps or control.should_training_stop):
+            self.end = (state.global_step, _synchronized_time())
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.start and self.end is None:
+        if self.start and self.end is None:  # stopped otherwise (early stopping after a validation pass)
             self.end = (state.global_step, _synchronized_time())
 
     def speed(self) -> dict:

@@ -113,7 +113,9 @@ def init_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
     from filelock import FileLock
 
     out.mkdir(parents=True, exist_ok=True)
-    marker, what = out / "ftflow_init.json", {"model": model_cfg.model_dump(), "vocab": len(tok), "seed": seed}
+    # what shapes the weights (the attention implementation that will run them does not)
+    model = model_cfg.model_dump(exclude={"attn_implementation"})
+    marker, what = out / "ftflow_init.json", {"model": model, "vocab": len(tok), "seed": seed}
     with FileLock(str(out.parent / f".{out.name}.lock")):
         if not marker.exists() or json.loads(marker.read_text()) != what:
             _write_scratch(model_cfg, tok, seed, out)
