@@ -488,4 +488,6 @@ def test_the_step_timer_times_the_steps_after_the_warm_up_and_not_the_final_save
     timer.on_train_end(None, state, control)
     speed = timer.speed()
     assert speed["after_step"] == 2 and speed["steps"] == 4
-    assert 0.04 <= speed["seconds"] < 0.25 and speed["seconds_per_step"] == pytest.approx(speed["seconds"] / 4, rel=0.01)
+    assert 0.04 <= speed["seconds"] < 0.25 and speed["seconds_per_step"] == pytest.approx(
+        speed["seconds"] / 4, rel=0.01
+    )
