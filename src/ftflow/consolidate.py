@@ -11,7 +11,8 @@ weights as read here against the logits train recorded, at the precision trainin
 damaged or wrongly gathered output shows up here), and the merged model against the unmerged
 one, both in float32. A 16-bit model's logits differ from float32 ones by rounding alone (up
 to about 1 in log-probability for a 30-layer model): that is measured and reported, never
-taken for damage.
+taken for damage. A QLoRA adapter is checked over the base quantized again as train quantized
+it (the model it was trained and recorded with), then merged into the full-precision base.
 """
 
 from __future__ import annotations
@@ -40,23 +41,47 @@ class ConsolidateError(StageError):
 
 def trained_model(model_cfg: Model, peft_cfg: Peft, dtype, root: Path, vocab_size: int):
     """The trained model as one in-memory model at `dtype`, shards gathered; adapters attached
-    but not merged yet (verify compares the merge with them)."""
-    trained = root / paths.TRAIN / "model"
+    but not merged yet (verify compares the merge with them). For QLoRA the adapter goes over the
+    full-precision base: that is what the merge produces."""
     if peft_cfg.method == "none":
-        return load_full(trained, dtype, model_cfg.trust_remote_code)
+        return load_full(root / paths.TRAIN / "model", dtype, model_cfg.trust_remote_code)
+    return adapter_model(model_cfg, dtype, root, vocab_size)
+
+
+def adapter_model(model_cfg: Model, dtype, root: Path, vocab_size: int, quantization=None):
+    """train's adapter over the base, on CPU (a merge on the GPU is where large models run out of
+    memory); `quantization`: the base quantized as train quantized it (QLoRA), and the adapter
+    computing in the dtype it was saved in, as in training (TRL trains QLoRA adapters in bf16;
+    PEFT would widen them to float32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    trained = root / paths.TRAIN / "model"
     base_dir = root / paths.base_model_dir(model_cfg.model_dump())
-    log.info("Loading the LoRA adapter in %s over <%s>", trained, base_dir)
-    # the base on CPU (a merge on the GPU is where large models run out of memory); for QLoRA
-    # this is the unquantized base the adapter was trained over
-    base = AutoModelForCausalLM.from_pretrained(
-        base_dir, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, device_map="cpu"
-    )
+    log.info("Loading the LoRA adapter in %s over <%s>%s", trained, base_dir, " quantized" if quantization else "")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
+                                                device_map={"": "cpu"}, quantization_config=quantization)  # fmt: skip
     if vocab_size > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(vocab_size)  # as train did
-    return PeftModel.from_pretrained(base, trained)
+    return PeftModel.from_pretrained(base, trained, autocast_adapter_dtype=quantization is None)
+
+
+def quantized_logprobs(model_cfg: Model, peft_cfg: Peft, root: Path, vocab_size: int, probe: Probe):
+    """QLoRA: the probe's log-probabilities from the adapter over the base quantized to 4 bits
+    as train quantized it (bitsandbytes' CPU kernels), the model train recorded the probe with;
+    None where the installed bitsandbytes has no CPU kernels (the check is then skipped, saying so)."""
+    import torch
+
+    from ftflow.train import quantization
+
+    if "cpu" not in quantization.kbit_devices():
+        return None
+    model = adapter_model(
+        model_cfg, getattr(torch, probe.dtype), root, vocab_size, quantization.quantization_config(peft_cfg)
+    )
+    at_training = logprobs(model.eval(), probe)
+    del model  # (before the full-precision copy is loaded)
+    return at_training
 
 
 def load_full(trained: Path, dtype, trust_remote_code: bool):
@@ -139,10 +164,12 @@ def tolerance(dtype: str, rounding: float, override: float | None) -> float:
     return TOL_FLOAT32 if dtype == "float32" else max(MIN_TOL_16BIT, ROUNDING_MARGIN * rounding)
 
 
-def verify(model, probe: Probe, out_dtype: str, peft_cfg: Peft, override: float | None):
+def verify(model, probe: Probe, out_dtype: str, peft_cfg: Peft, override: float | None, quantized=None):
     """Check the trained model (at the training precision, as trained_model() loaded it), merge
     its adapters and cast it to the output dtype. Returns the model to write and the record;
-    `record["ok"]` is False when a check failed (see failure())."""
+    `record["ok"]` is False when a check failed (see failure()). QLoRA: `quantized` holds the
+    probe's log-probabilities over the 4-bit base (quantized_logprobs), which the trained-weights
+    check compares instead."""
     import torch
 
     train_dtype = probe.dtype
@@ -152,9 +179,17 @@ def verify(model, probe: Probe, out_dtype: str, peft_cfg: Peft, override: float 
     at_float32 = at_training if train_dtype == "float32" else logprobs(model, probe)
     rounding = compare(at_training, at_float32)["max_abs_logprob_diff"]
     checks = {}
-    if peft_cfg.method == "qlora":
-        checks["trained_weights"] = {"skipped": "trained over a 4-bit base (QLoRA), whose logits the unquantized "
-                                                "base cannot reproduce", "ok": True}  # fmt: skip
+    if peft_cfg.method == "qlora" and quantized is None:
+        checks["trained_weights"] = {"skipped": "trained over a 4-bit base (QLoRA), and the bitsandbytes here has no "
+                                                "CPU kernels to quantize it again (bitsandbytes>=0.48 has)", "ok": True}  # fmt: skip
+    elif peft_cfg.method == "qlora":
+        # the 4-bit layers and TRL's QLoRA adapters compute in bfloat16 whatever the other weights'
+        # dtype: a 16-bit comparison (even train on CPU and this check differ by ~2e-3, not 0)
+        checks["trained_weights"] = {
+            "compares": f"the adapter over the base quantized to 4 bits as train did (bitsandbytes on cpu, bfloat16 "
+                        f"compute) vs the logits train recorded (train on {probe.device})",
+            **compare(quantized, recorded), "tolerance": tolerance("bfloat16", rounding, override),
+        }  # fmt: skip
     else:
         checks["trained_weights"] = {
             "compares": f"the trained weights as read here vs the logits train recorded, both {train_dtype} "
@@ -169,7 +204,8 @@ def verify(model, probe: Probe, out_dtype: str, peft_cfg: Peft, override: float 
     else:
         merged = at_float32
     for check in checks.values():
-        check.setdefault("ok", check["max_abs_logprob_diff"] <= check["tolerance"])
+        if "ok" not in check:
+            check["ok"] = check["max_abs_logprob_diff"] <= check["tolerance"]
     model = model.to(getattr(torch, out_dtype))
     written = merged if out_dtype == "float32" else logprobs(model, probe)
     precision = {
@@ -179,6 +215,9 @@ def verify(model, probe: Probe, out_dtype: str, peft_cfg: Peft, override: float 
         # the written model against train's record across precisions: no fault, for information
         "written_vs_recorded": compare(written, recorded)["max_abs_logprob_diff"],
     }  # fmt: skip
+    if quantized is not None:
+        # the merge puts the adapter on the full-precision base, not on the 4-bit one it was trained over
+        precision["dequantization"] = compare(at_float32, quantized)["max_abs_logprob_diff"]
     binding = max((c for c in checks.values() if "tolerance" in c), key=lambda c: c["max_abs_logprob_diff"] / c["tolerance"],
                   default={"max_abs_logprob_diff": 0.0, "tolerance": 0.0, "argmax_agree": 1.0})  # fmt: skip
     record = {"ok": all(c["ok"] for c in checks.values()) and precision["output_rounding"] != float("inf"),
@@ -193,6 +232,14 @@ def failure(record: dict, out_dir: Path) -> str:
     the same precision), a faulty merge, or an output dtype too narrow for the model."""
     nothing = f"nothing was written to {out_dir}"
     prec, trained, merge = record["precision"], record["checks"]["trained_weights"], record["checks"].get("merge")
+    if not trained["ok"] and "dequantization" in prec:
+        return (
+            f"verification failed: the trained weights in {paths.TRAIN}/model, the QLoRA adapter over the base quantized "
+            f"to 4 bits again as train did, give log-probabilities on the probe that differ from those train recorded "
+            f"by up to {trained['max_abs_logprob_diff']:.3g} (tolerance {trained['tolerance']:g}, a bfloat16 comparison; "
+            f"argmax agrees at {trained['argmax_agree']:.0%} of positions). The adapter or the base is not the one "
+            f"train used, or a file is damaged; {nothing}"
+        )
     if not trained["ok"]:
         t = prec["training"]
         rounding = f"; {t} rounding alone moves them by up to {prec['training_rounding']:.3g}" if t != "float32" else ""
@@ -300,8 +347,9 @@ def consolidate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     out_dir = root / paths.CONSOLIDATE / "model"
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     probe = read_probe(root / paths.TRAIN)
+    quantized = quantized_logprobs(model_cfg, peft_cfg, root, len(tok), probe) if peft_cfg.method == "qlora" else None
     model = trained_model(model_cfg, peft_cfg, getattr(torch, probe.dtype), root, len(tok))
-    model, check = verify(model.eval(), probe, cons.dtype, peft_cfg, cons.verify_tolerance)
+    model, check = verify(model.eval(), probe, cons.dtype, peft_cfg, cons.verify_tolerance, quantized)
     (out_dir.parent).mkdir(parents=True, exist_ok=True)
     (out_dir.parent / "verification.json").write_text(json.dumps(check, indent=2))
     if not check["ok"]:

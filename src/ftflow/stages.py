@@ -147,6 +147,7 @@ STAGES = (
             "train.curve",
             "train.launcher",
             "train.probe",
+            "train.quantization",
             "train.rewards",
             "train.stage",
             "train.tracking",
@@ -172,6 +173,7 @@ STAGES = (
             "provenance",
             "train",
             "train.probe",
+            "train.quantization",
         ),
     ),  # fmt: skip
     Stage(

@@ -134,11 +134,19 @@ def test_grpo_samples_rewards_and_updates(tmp_path):
     assert any(not torch.equal(init[k], tuned[k]) for k in init)
 
 
-def test_qlora_without_cuda_is_a_clear_error(conversations, tmp_path):
+def test_qlora_without_4bit_kernels_for_the_device_is_a_clear_error(conversations, tmp_path):
+    """A bitsandbytes with 4-bit kernels for CUDA only (before 0.48; a stand-in package of that
+    kind first on the path) on a machine without a GPU: train stops before launching, saying what
+    is missing and what to use instead. (QLoRA itself runs: tests/train/test_qlora.py.)"""
     root = clone(conversations, tmp_path / "repo")
-    proc = ftflow("train", *SMALL_SFT, "peft=qlora", "train.max_steps=1", cwd=root, check=False)
-    assert proc.returncode == 1
-    assert "peft=qlora needs a CUDA GPU" in proc.stderr and "use peft=lora" in proc.stderr
+    (tmp_path / "cuda_only" / "bitsandbytes").mkdir(parents=True)
+    (tmp_path / "cuda_only" / "bitsandbytes" / "__init__.py").write_text('supported_torch_devices = {"cuda"}\n')
+    proc = ftflow("train", *SMALL_SFT, "peft=qlora", "train.max_steps=1", cwd=root, check=False,
+                  env_extra={"PYTHONPATH": str(tmp_path / "cuda_only")})  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "peft=qlora: the installed bitsandbytes has no 4-bit kernels for cpu (only for cuda)" in proc.stderr
+    assert "use peft=lora" in proc.stderr
+    assert not (root / paths.TRAIN / "model").exists()
 
 
 # --- launchers: 2 processes over gloo -----------------------------------------------------------

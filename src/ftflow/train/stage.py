@@ -17,7 +17,7 @@ from ftflow import paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Launcher, Peft, StageConfig, Train
 from ftflow.errors import StageError
-from ftflow.train import workers
+from ftflow.train import quantization, workers
 from ftflow.train.checkpoints import (
     checkpoint_key,
     last_complete_checkpoint,
@@ -100,20 +100,19 @@ def check_validation(train_cfg: Train, root: Path) -> None:
 
 
 def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
-    """QLoRA quantizes the base with bitsandbytes kernels, which need a CUDA GPU."""
+    """QLoRA quantizes the base with bitsandbytes' 4-bit kernels, which must exist for the run's
+    device: CUDA on a GPU node, the CPU with bitsandbytes 0.48 or later."""
     if peft_cfg.method != "qlora":
         return
-    import importlib.util
-
     import torch
 
-    missing = []
-    if launcher.cpu or not torch.cuda.is_available():
-        missing.append("a CUDA GPU (launcher.cpu=false on a GPU node)")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes (pip install bitsandbytes)")
-    if missing:
-        raise TrainError(f"peft=qlora needs {' and '.join(missing)}; use peft=lora on this machine")
+    device = "cpu" if launcher.cpu or not torch.cuda.is_available() else "cuda"
+    devices = quantization.kbit_devices()
+    if not devices:
+        raise TrainError("peft=qlora needs bitsandbytes (pip install bitsandbytes); use peft=lora on this machine")
+    if device not in devices:
+        raise TrainError(f"peft=qlora: the installed bitsandbytes has no 4-bit kernels for {device} (only for "
+                         f"{', '.join(sorted(devices))}); use peft=lora on this machine, or bitsandbytes>=0.48")  # fmt: skip
 
 
 def check_accelerators(launcher: Launcher) -> None:

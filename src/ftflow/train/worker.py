@@ -22,7 +22,7 @@ import yaml
 
 from ftflow import paths
 from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
-from ftflow.train import curve, tracking, trainers, workers
+from ftflow.train import curve, quantization, tracking, trainers, workers
 from ftflow.train.callbacks import LossCurve, MarkComplete, StepTimer, StopOnSignal
 from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
 from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
@@ -199,26 +199,25 @@ def load_models(cfg: StageConfig, base: Path, vocab: int):
 
     log.info("process %s: %d torch threads", os.environ.get("RANK", "0"), torch.get_num_threads())
     dtype = load_dtype(cfg.model, cfg.train, cfg.launcher)
-    model = load_model(cfg.model, cfg.peft, base, vocab, dtype)
+    model = load_model(cfg.model, cfg.peft, base, vocab, dtype, cfg.launcher.cpu)
     method = cfg.train.method
     needs_ref = method in ("dpo", "kto") or (method == "grpo" and cfg.train.grpo.beta > 0)
     if needs_ref and cfg.peft.method == "none":
-        return model, load_model(cfg.model, cfg.peft, base, vocab, dtype)
+        return model, load_model(cfg.model, cfg.peft, base, vocab, dtype, cfg.launcher.cpu)
     return model, None
 
 
-def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: str):
+def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: str, cpu: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if peft_cfg.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )  # fmt: skip
+        kwargs["quantization_config"] = quantization.quantization_config(peft_cfg)
+        # a 4-bit model cannot be moved after loading: each process loads it onto its own device
+        # (transformers would put every process's copy on the first GPU)
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": "cpu" if cpu or not torch.cuda.is_available() else f"cuda:{local}"}
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, dtype),
