@@ -63,9 +63,8 @@ SHAPES = {
     "qwen-0.5b": dict(vocab=151936, model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                       tie_word_embeddings=True),
-    # --cpu: the same two families, tiny (every layer width a multiple of 32, as in real models:
-    # bitsandbytes' CPU 4-bit inference kernel needs that, and QLoRA runs on CPU too)
-    "tiny-llama": dict(vocab=512, model_type="llama", hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+    # --cpu: the same two families, tiny
+    "tiny-llama": dict(vocab=512, model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        tie_word_embeddings=True),
     "tiny-qwen": dict(vocab=640, model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -101,7 +101,7 @@ def check_validation(train_cfg: Train, root: Path) -> None:
 
 def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
     """QLoRA quantizes the base with bitsandbytes' 4-bit kernels, which must exist for the run's
-    device: CUDA on a GPU node, the CPU with bitsandbytes 0.48 or later."""
+    device: CUDA on a GPU node, the CPU with a recent bitsandbytes (quantization.CPU_SINCE)."""
     if peft_cfg.method != "qlora":
         return
     import torch
@@ -112,7 +112,8 @@ def check_peft_backend(peft_cfg: Peft, launcher: Launcher) -> None:
         raise TrainError("peft=qlora needs bitsandbytes (pip install bitsandbytes); use peft=lora on this machine")
     if device not in devices:
         raise TrainError(f"peft=qlora: the installed bitsandbytes has no 4-bit kernels for {device} (only for "
-                         f"{', '.join(sorted(devices))}); use peft=lora on this machine, or bitsandbytes>=0.48")  # fmt: skip
+                         f"{', '.join(sorted(devices))}); use peft=lora on this machine, or bitsandbytes>="
+                         f"{'.'.join(map(str, quantization.CPU_SINCE))}")  # fmt: skip
 
 
 def check_accelerators(launcher: Launcher) -> None:

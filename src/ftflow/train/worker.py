@@ -214,8 +214,8 @@ def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: 
     kwargs = {}
     if peft_cfg.method == "qlora":
         kwargs["quantization_config"] = quantization.quantization_config(peft_cfg)
-        # a 4-bit model cannot be moved after loading: each process loads it onto its own device
-        # (transformers would put every process's copy on the first GPU)
+        # each process's 4-bit copy on its own device (transformers' 4-bit loader would put every
+        # process's copy on the first GPU, and accelerate then refuses to train it)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": "cpu" if cpu or not torch.cuda.is_available() else f"cuda:{local}"}
     model = AutoModelForCausalLM.from_pretrained(
@@ -225,6 +225,8 @@ def load_model(model_cfg: Model, peft_cfg: Peft, path: Path, vocab: int, dtype: 
         trust_remote_code=model_cfg.trust_remote_code,
         **kwargs,
     )
+    if peft_cfg.method == "qlora":
+        quantization.plain_cpu_kernels(model)
     if vocab > model.get_input_embeddings().num_embeddings:
         # pack added the chat template's marker tokens to the vocabulary
         model.resize_token_embeddings(vocab)
