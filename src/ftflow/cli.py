@@ -4,7 +4,10 @@
     ftflow run [overrides...] [-- snakemake args]   compose, run the DAG with Snakemake, then
                                          write its report: results/report.html
     ftflow report [-- snakemake args]    bring the report's files up to date, write the report
-    ftflow <stage> [overrides...]        run one stage by hand (same code as its rule)
+    ftflow <stage> [overrides...]        run one stage by hand (same code as its rule);
+                                         `ftflow <stage> --help`: the config keys it reads
+    ftflow config [GROUP...] [overrides...]   every config key (of GROUP: train, data, ...) with
+                                         its type, allowed values, value and description
     ftflow inspect [packed dir] [--rows N]   packed rows with trained / masked tokens marked
     ftflow chat [model dir] [--prompt TEXT] [--system TEXT] [--max-new-tokens N]
                                          talk to a model (default: results/consolidate/model)
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +38,8 @@ from ftflow.config import params
 from ftflow.errors import ConfigError, StageError
 from ftflow.progress import setup_logging
 from ftflow.workflow import workspace
+
+INTERRUPTED = 128 + signal.SIGINT  # a shell's exit status for a process ended by Ctrl-C
 
 
 def run_rule(smk) -> None:
@@ -52,10 +58,26 @@ def run_rule(smk) -> None:
         print(f"Slurm job {os.environ['SLURM_JOB_ID']}", flush=True)
     try:
         runner.run_rule(smk.rule, smk.params.cfg)
-    except StageError as err:
+    except (StageError, KeyboardInterrupt) as err:
+        why = err if isinstance(err, StageError) else "interrupted (SIGINT); run again to redo this step"
         for out in (sys.stderr, job_stderr):
-            print(f"ftflow {smk.rule}: {err}", file=out, flush=True)
-        sys.exit(getattr(err, "exit_status", 1))
+            print(f"ftflow {smk.rule}: {why}", file=out, flush=True)
+        sys.exit(getattr(err, "exit_status", INTERRUPTED))
+
+
+def call(cmd: list[str], **kwargs) -> int:
+    """Run a child command (Snakemake, DVC) to its end, even through Ctrl-C: the terminal sends
+    SIGINT to the child as well, which stops in its own way (Snakemake waits for its jobs; the
+    training processes save a checkpoint), so this process only waits, and says so once."""
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # reset in the child
+    try:
+        rc = subprocess.call(cmd, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return rc
 
 
 def compose_and_write(overrides: list[str]) -> dict:
@@ -84,7 +106,7 @@ def dispatch(rule: str, extra: list[str]) -> int:
     # missing one is an error); this holds because rules name their inputs by path (common.smk)
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
     print(" ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
+    return call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
 
 
 def html_report(extra: list[str] = ()) -> int:
@@ -98,10 +120,34 @@ def html_report(extra: list[str] = ()) -> int:
     if not all((Path(paths.REPORT) / name).exists() for name in paths.REPORT_FILES.values()):
         print(f"report: not written ({paths.REPORT}/ is incomplete); `ftflow report` makes it", file=sys.stderr)
         return 0
-    rc = subprocess.call(snakemake_cmd("--report", HTML))
+    rc = call(snakemake_cmd("--report", HTML))
     if rc == 0:
         print(f"report: {HTML}", file=sys.stderr)
     return rc
+
+
+def config_help(words: list[str], stage: str | None) -> str:
+    """`ftflow config [GROUP...] [overrides...]`, and `ftflow <stage> --help` (stage: its sections)."""
+    import difflib
+
+    from ftflow.config import describe
+    from ftflow.config.schema import validate
+
+    groups = [w for w in words if "=" not in w]
+    unknown = sorted(set(groups) - set(describe.sections()))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], describe.sections(), n=1)
+        hint = f" — did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"config: no config group {', '.join(unknown)} (groups: {', '.join(describe.sections())}){hint}"
+        )
+    valid = validate(params.compose([w for w in words if "=" in w])).model_dump(mode="json")
+    if stage is None:
+        return describe.describe(valid, groups or describe.sections())
+    sections = stages.BY_NAME[stage].sections
+    head = (f"ftflow {stage} [overrides...]: run the {stage} stage by hand, as its rule does. "
+            + ("It reads these config keys (values as conf/ composes now):\n" if sections else "It reads no config.\n"))  # fmt: skip
+    return head + describe.describe(valid, sections)
 
 
 def check_params() -> None:
@@ -115,10 +161,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "command",
-        choices=("compose", "run", *stages.NAMES, "dispatch", "dvc-yaml", "sync", "pull", "inspect", "chat"),
+        choices=("compose", "run", *stages.NAMES, "config", "dispatch", "dvc-yaml", "sync", "pull", "inspect", "chat"),
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.learning_rate=1e-4 peft=lora")
     p.add_argument("--check", action="store_true", help="compose: only check that params.yaml is current")
+    p.add_argument("--stage", help=argparse.SUPPRESS)  # `ftflow <stage> --help`: config lists its sections
     p.add_argument("--rows", type=int, default=2, help="inspect: how many packed rows to show")
     p.add_argument("--prompt", help="chat: print the answer to this one message and stop")
     p.add_argument("--system", help="chat: a system message first")
@@ -130,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # what follows `--` goes to Snakemake (run, report, dispatch) or DVC (pull)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    if ours[:1] and ours[0] in stages.NAMES and {"-h", "--help"} & set(ours):
+        ours = ["config", f"--stage={ours[0]}", *(a for a in ours[1:] if a not in ("-h", "--help"))]
+    args = parser().parse_args(ours)
     setup_logging()
     try:
         return command(args, extra) or 0
@@ -140,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(f"ftflow {args.command}: {err}", file=sys.stderr)
         return getattr(err, "exit_status", 1)
+    except BrokenPipeError:  # `ftflow config | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        again = " ".join(["ftflow", *argv])
+        print(f"ftflow {args.command}: interrupted (Ctrl-C). `{again}` goes on from where it stopped "
+              "(training from its last checkpoint; train.resume=false starts it afresh)", file=sys.stderr)  # fmt: skip
+        return INTERRUPTED
 
 
 # commands that write the workspace (params.yaml, results/): one at a time (workflow/workspace.py)
@@ -157,9 +215,11 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
         compose_and_write(args.overrides)
     elif args.command == "run":
         compose_and_write(args.overrides)
-        return subprocess.call(snakemake_cmd(*extra)) or html_report(extra)
+        return call(snakemake_cmd(*extra)) or html_report(extra)
     elif args.command == "report":
-        return subprocess.call(snakemake_cmd(*extra, "--", "report")) or html_report()
+        return call(snakemake_cmd(*extra, "--", "report")) or html_report()
+    elif args.command == "config":
+        print(config_help(args.overrides, args.stage))
     elif args.command == "dispatch":
         if len(args.overrides) != 1:
             parser().error("dispatch takes one rule name")
@@ -179,7 +239,7 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     elif args.command in ("sync", "pull"):
         from ftflow.workflow.sync import sync
 
-        if args.command == "pull" and subprocess.call(["dvc", "pull", *args.overrides, *extra]) != 0:
+        if args.command == "pull" and call(["dvc", "pull", *args.overrides, *extra]) != 0:
             return 1
         sync()
     else:  # a stage, by hand: composed with the overrides, params.yaml left alone

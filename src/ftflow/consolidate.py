@@ -318,7 +318,8 @@ def model_card(cfg: dict, root: Path, check: dict) -> str:
         f"- training: {train_cfg.get('method', '?')}, {cfg['peft']['method'] if cfg['peft']['method'] != 'none' else 'full weights'}"
         + (f"; {summary.get('steps')} steps, final loss {summary.get('final_loss'):.4g}" if summary.get("final_loss") is not None else ""),
         *([f"- weights: step {summary['kept']['step']}, {summary['kept']['why']}"] if summary.get("kept") else []),
-        f"- code: commit `{git['commit']}`" + (" (uncommitted changes)" if git["dirty"] else ""),
+        f"- code: commit `{git['commit']}`" + (f" (uncommitted changes to {', '.join(git.get('changed') or ['tracked files'])})"
+                                               if git["dirty"] else ""),  # fmt: skip
         f"- config fingerprint: `{fingerprint(cfg)}`; data manifest sha256: `{manifest_digest(root)}`",
         "- chat template: in tokenizer_config; generation eos = the template's end-of-turn token",
         f"- verified: max |log p| difference {check['max_abs_logprob_diff']:.2g} from the trained model on a probe"

@@ -25,17 +25,27 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout
 
 
+# tracked files that every run rewrites, recorded in full elsewhere: the composed config (the
+# provenance's `config`), DVC's record of the data (`inputs`: the manifest's and the packed
+# splits' hashes) and of the pipeline. A change to them alone is not a dirty tree.
+RUN_STATE = ("params.yaml", "data.dvc", "dvc.lock")
+
+
 def git_state(root: Path = Path(".")) -> dict:
-    """The commit of the code, and whether the working tree had uncommitted changes. (No remote
-    URL: those can carry credentials.)"""
+    """The commit of the code, and the tracked files that differ from it (code or config a
+    person changed; not RUN_STATE): `dirty` when there are any. (No remote URL: those can
+    carry credentials.)"""
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip() if commit else None, "dirty": bool(status.strip()) if status is not None else None}
+    if status is None:
+        return {"commit": commit.strip() if commit else None, "dirty": None, "changed": None}
+    changed = sorted({line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip()} - set(RUN_STATE))
+    return {"commit": commit.strip() if commit else None, "dirty": bool(changed), "changed": changed}
 
 
 def git_diff(root: Path = Path(".")) -> str:
     """The uncommitted changes to tracked files (what `dirty` means), as a patch."""
-    return _git(root, "diff", "HEAD", "--no-color") or ""
+    return _git(root, "diff", "HEAD", "--no-color", "--", ".", *(f":(exclude){f}" for f in RUN_STATE)) or ""
 
 
 def package_versions() -> dict[str, str | None]:

@@ -159,7 +159,8 @@ def loss_figure(rows: list[dict], out: Path) -> dict:
     panels = {metric: [(label, pts) for split, label in splits if (pts := curve.series(rows, split, metric))]
               for metric, splits in lines.items()}  # fmt: skip
     panels = {metric: found for metric, found in panels.items() if found}
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 1.9 * len(panels)), sharex=True, squeeze=False)
+    rows_ = max(1, len(panels))  # an empty curve still gets its (empty) panel and title
+    fig, axes = plt.subplots(rows_, 1, figsize=(7, 1.2 + 1.9 * rows_), sharex=True, squeeze=False)
     for ax, (metric, found) in zip(axes[:, 0], panels.items()):
         for label, points in found:
             ax.plot(*zip(*points), marker="o" if len(points) < 40 else None, markersize=3, linewidth=1.5, label=label)
@@ -171,8 +172,10 @@ def loss_figure(rows: list[dict], out: Path) -> dict:
         ax.grid(True, which="both", alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     losses, validation = curve.series(rows, "train", "loss"), curve.series(rows, "validation", "loss")
-    figures = {"steps": losses[-1][0], "first_loss": losses[0][1], "final_loss": losses[-1][1]}
-    title = f"loss {figures['first_loss']:.4g} at step {losses[0][0]} → {figures['final_loss']:.4g} at step {figures['steps']}"
+    figures, title = {}, "no training loss was logged"
+    if losses:  # train logs its first and last steps, so only a run of no step has none
+        figures = {"steps": losses[-1][0], "first_loss": losses[0][1], "final_loss": losses[-1][1]}
+        title = f"loss {figures['first_loss']:.4g} at step {losses[0][0]} → {figures['final_loss']:.4g} at step {figures['steps']}"
     if validation:
         figures["validation_loss"], figures["validation_step"] = validation[-1][1], validation[-1][0]
         title += f"; validation {figures['validation_loss']:.4g} at step {figures['validation_step']}"
@@ -206,7 +209,8 @@ def provenance_tables(prov: dict, train_summary: dict, consolidated: dict, manif
     git = prov.get("git") or {}
     commit = git.get("commit") or "(not a git checkout)"
     code = Table("Code and run", ["what", "value"], [
-        ["git commit", commit + (f" with uncommitted changes: {paths.CHECKPOINTS}/{train_summary.get('config_fingerprint')}/git.diff"
+        ["git commit", commit + (f" with uncommitted changes to {', '.join(git.get('changed') or ['tracked files'])}: "
+                                 f"{paths.CHECKPOINTS}/{train_summary.get('config_fingerprint')}/git.diff"
                                  if git.get("dirty") else "")],  # fmt: skip
         ["config fingerprint (train)", train_summary.get("config_fingerprint", "")],
         ["method", train_summary.get("method", "")],
@@ -269,7 +273,8 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
             f"{count(s['tokens'])} tokens in {count(s['rows'])} rows, {share(s['packing_efficiency'])} full"
         )
     out["training loss"] = (f"{figures['first_loss']:.4g} → {figures['final_loss']:.4g} (logged at step "
-                            f"{count(figures['steps'])} of {count(train_summary['steps'])})")  # fmt: skip
+                            f"{count(figures['steps'])} of {count(train_summary['steps'])})" if "steps" in figures
+                            else "none logged")  # fmt: skip
     if "validation_loss" in figures:
         out["validation loss"] = f"{figures['validation_loss']:.4g} at step {count(figures['validation_step'])}"
     for task, metric, base, tuned, delta in evaluation.rows:

@@ -56,17 +56,7 @@ STAGES = (
         "download",
         "ftflow.data.download:download",
         ("data", "model", "eval"),  # projected to where things come from: config.params.stage_params
-        (
-            "config",
-            "config.params",
-            "data",
-            "data.download",
-            "errors",
-            "hashing",
-            "paths",
-            "workflow",
-            "workflow.inputs",
-        ),
+        ("config", "config.locations", "data", "data.download", "errors", "hashing", "paths"),
         slurm_job=False,
         dvc_stage=False,
         rules={
@@ -83,6 +73,7 @@ STAGES = (
         ("data",),
         (
             "config",
+            "config.locations",
             "config.params",
             "config.schema",
             "data",
@@ -103,6 +94,7 @@ STAGES = (
         ("model", "tokenizer", "template", "pack"),
         (
             "config",
+            "config.locations",
             "config.params",
             "config.schema",
             "disk",
@@ -128,6 +120,7 @@ STAGES = (
         ("model", "train", "peft", "launcher", "tracking"),
         (
             "config",
+            "config.locations",
             "config.params",
             "config.schema",
             "data",
@@ -163,6 +156,7 @@ STAGES = (
         ("model", "peft", "template", "consolidate"),
         (
             "config",
+            "config.locations",
             "config.params",
             "config.schema",
             "consolidate",
@@ -180,7 +174,7 @@ STAGES = (
         "evaluate",
         "ftflow.evaluate:evaluate",
         ("model", "eval"),
-        ("config", "config.params", "config.schema", "errors", "evaluate", "paths"),
+        ("config", "config.locations", "config.params", "config.schema", "errors", "evaluate", "paths"),
     ),
     # the report reads the stages' outputs (and the config.yaml each wrote), no config
     Stage(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ CONF = REPO / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "experiment")
 # options that need company: a value the shipped file leaves required, or a consistent pairing
 NEEDS = {
-    ("model", "local"): ["model.path=/models/x", "tokenizer=model"],
+    ("model", "local"): ["model.path={local_model}", "tokenizer=model"],
     ("model", "hub"): ["tokenizer=model"],
     ("tokenizer", "model"): ["model=hub"],
     ("template", "model"): ["model=hub", "tokenizer=model"],
@@ -37,9 +38,19 @@ def options():
         yield "experiment", file.stem
 
 
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    """What compose requires of model=local's folder (the files, not a loadable model)."""
+    folder = tmp_path_factory.mktemp("model")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / name).write_text("{}")
+    return folder
+
+
 @pytest.mark.parametrize("group,option", list(options()))
-def test_every_shipped_option_composes_and_validates(group, option):
-    tree = compose([f"{group}={option}", *NEEDS.get((group, option), [])], CONF)
+def test_every_shipped_option_composes_and_validates(group, option, local_model):
+    needs = [o.format(local_model=local_model) for o in NEEDS.get((group, option), [])]
+    tree = compose([f"{group}={option}", *needs], CONF)
     validate(tree)
     if group != "experiment" and group != "data":
         text = (CONF / group / f"{option}.yaml").read_text()
@@ -291,3 +302,103 @@ def test_slurm_resources_come_from_the_slurm_section_and_the_launcher():
 def test_a_misspelt_slurm_key_is_an_error():
     with pytest.raises(ConfigError, match="slurm.jobs.train.memory"):
         compose(["+slurm.jobs.train.memory=10"], CONF)
+
+
+def test_a_train_job_gets_its_gpus_from_the_launcher_the_others_from_their_job():
+    from ftflow.workflow.slurm import resources
+
+    tree = validate(compose(["slurm.jobs.evaluate.gpus=1", "slurm.jobs.consolidate.gpus=2"], CONF)).model_dump()
+    assert resources(tree, "evaluate")["gres"] == "gpu:1" and resources(tree, "consolidate")["gres"] == "gpu:2"
+    assert "gres" not in resources(tree, "pack")
+    with pytest.raises(ConfigError, match="slurm.jobs.train.gpus: the train job's GPUs come from launcher"):
+        compose(["+slurm.jobs.train.gpus=1"], CONF)
+
+
+def test_a_train_runtime_within_the_stop_signal_lead_is_refused():
+    with pytest.raises(
+        ConfigError, match=r"slurm.jobs.train.runtime=5 minutes is not longer than slurm.stop_signal_s=300"
+    ):
+        compose(["slurm.jobs.train.runtime=5"], CONF)
+    compose(["slurm.jobs.train.runtime=6", "slurm.stop_signal_s=60"], CONF)  # the Slurm test's short job
+
+
+# --- inputs the config names are checked at compose --------------------------------------------
+
+
+def model_error(overrides) -> str:
+    with pytest.raises(ConfigError) as err:
+        compose(["model=local", "tokenizer=model", "template=model", *overrides], CONF)
+    return str(err.value)
+
+
+def test_a_local_model_path_must_be_an_hf_model_directory(tmp_path):
+    assert "model.path: /nonexistent/model does not exist (model=local reads an HF model directory)" in model_error(
+        ["model.path=/nonexistent/model"]
+    )
+    (tmp_path / "empty").mkdir()
+    message = model_error([f"model.path={tmp_path / 'empty'}"])
+    assert f"model.path: {tmp_path / 'empty'} is not an HF model directory: it lacks config.json; weights" in message
+    assert "tokenizer files" in message
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert "is a file, not an HF model directory; a .gguf file is read with model=gguf" in model_error(
+        [f"model.path={tmp_path / 'm.gguf'}"]
+    )
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    (tmp_path / "half" / "tokenizer.json").write_text("{}")
+    assert model_error([f"model.path={tmp_path / 'half'}"]).endswith(
+        "it lacks weights (*.safetensors or pytorch_model*.bin)"
+    )
+
+
+def test_a_gguf_file_and_the_data_paths_must_exist():
+    with pytest.raises(ConfigError, match=r"model.path: /x/y.gguf is not a file \(model=gguf reads a .gguf file\)"):
+        compose(["model=smollm2", "model.path=/x/y.gguf"], CONF)
+    with pytest.raises(ConfigError, match=r"model.path: pkg:no_such_pkg/m.gguf: no installed package 'no_such_pkg'"):
+        compose(["model=smollm2", "model.path=pkg:no_such_pkg/m.gguf"], CONF)
+    with pytest.raises(ConfigError) as err:
+        compose(["data.sources.0.path=examples/nope.jsonl", "data.sources.1.path=examples/*.nope"], CONF)
+    assert "data.sources[0].path ('demo_train'): examples/nope.jsonl does not exist" in str(err.value)
+    assert "data.sources[1].path ('demo_validation'): examples/*.nope matches no file" in str(err.value)
+
+
+def test_params_yaml_written_by_dvc_is_checked_for_its_inputs_too(tmp_path):
+    """DVC's Hydra integration writes params.yaml without ftflow compose: the check of the
+    Snakefile's parse checks the inputs it names."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    tree = compose([], conf)
+    tree["data"]["sources"][0]["path"] = "examples/gone.jsonl"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[0\].path \('demo_train'\): examples/gone.jsonl does not exist"
+    ):
+        config.load_checked(params, conf)
+
+
+# --- a misspelt key or option ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.learnig_rate=1e-4", "train.learnig_rate: unknown key — did you mean train.learning_rate?"),
+        ("+train.learnig_rate=1e-4", "train.learnig_rate: unknown key — did you mean train.learning_rate?"),
+        ("trian.epochs=3", "trian.epochs: unknown key — did you mean train.epochs?"),
+        ("data.sources.0.pth=x", "data.sources.0.path?"),
+        ("+data.sources.0.pth=x", "data.sources[0].pth: unknown key — did you mean data.sources.0.path?"),
+        ("+slurm.jobs.train.runtme=5", "did you mean slurm.jobs.train.runtime?"),
+        (
+            "model=smolm2",
+            "model=smolm2: no option 'smolm2' in conf/model/ (options: hub, local, smollm2, tiny_llama) "
+            "— did you mean model=smollm2?",
+        ),  # fmt: skip
+        ("train.zzzz=1", "train.zzzz: unknown key"),
+    ],
+)
+def test_a_misspelt_key_or_option_gets_did_you_mean(override, message):
+    with pytest.raises(ConfigError) as err:
+        compose([override], CONF)
+    assert message in str(err.value) and "+train" not in str(err.value), str(err.value)
+    assert "To append to your config" not in str(err.value)

@@ -381,7 +381,7 @@ def test_stop_signal_checkpoints_and_the_workflow_retry_resumes(conversations, t
 
 def is_worker(process: psutil.Process) -> bool:
     try:
-        return "ftflow.train" in process.cmdline() and "accelerate.commands.launch" not in process.cmdline()
+        return "ftflow.train" in process.cmdline() and "ftflow.train.launcher" not in process.cmdline()
     except psutil.NoSuchProcess:
         return False
 

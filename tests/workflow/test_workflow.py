@@ -141,7 +141,8 @@ def import_chain(importtime: str, module: str) -> list[str] | None:
 
 # what the Snakefile's parse may import of ftflow: the params check, the paths, the rules' input
 # files, the Slurm resources and the dvc.yaml check; no stage
-PARSE_MODULES = {"ftflow", "ftflow.config", "ftflow.config.params", "ftflow.errors", "ftflow.paths", "ftflow.stages",
+PARSE_MODULES = {"ftflow", "ftflow.config", "ftflow.config.locations", "ftflow.config.params",
+                 "ftflow.errors", "ftflow.paths", "ftflow.stages",
                  "ftflow.workflow", "ftflow.workflow.inputs", "ftflow.workflow.slurm", "ftflow.workflow.dvcyaml",
                  "ftflow.workflow.workspace"}  # fmt: skip
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import yaml
 
 from ftflow import stages
+from ftflow.config import locations
 from ftflow.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -71,12 +72,39 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
         raise ConfigError(f"invalid config:\n  {key}: {what} (set it in conf/ or as an override)") from None
     except HydraException as err:
         msg = " ".join(str(err).split())
-        raise ConfigError(f"cannot compose conf/ with overrides {list(overrides)}: {msg}") from None
+        raise ConfigError(
+            composition_error(msg, conf_dir) or f"cannot compose conf/ with overrides {list(overrides)}: {msg}"
+        ) from None
     tree.pop("experiment", None)  # the experiment group only overrides other groups
     from ftflow.config.schema import validate
 
-    check_user_code(validate(tree), Path(conf_dir))
+    config = validate(tree)
+    check_user_code(config, Path(conf_dir))
+    locations.check(config)
     return tree
+
+
+def composition_error(msg: str, conf_dir: Path) -> str | None:
+    """Hydra's refusals a person meets most, said in ftflow's words: a misspelt key (Hydra's
+    own hint, "use +key=value", only leads to a second error) and a group option that does not
+    exist. None for anything else."""
+    import difflib
+    import re
+
+    from ftflow.config.schema import did_you_mean
+
+    key = re.match(r"Could not override '([^']+)'", msg)
+    if key:
+        return f"invalid config:\n  {key.group(1)}: unknown key{did_you_mean(key.group(1))}"
+    option = re.search(r"Could not find '([\w/]+)/([^'/]+)'", msg)
+    if option:
+        group, name = option.groups()
+        options = sorted(p.stem for p in (Path(conf_dir) / group).glob("*.yaml"))
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        hint = f" — did you mean {group}={close[0]}?" if close else ""
+        return (f"invalid config:\n  {group}={name}: no option {name!r} in conf/{group}/ "
+                f"(options: {', '.join(options)}){hint}")  # fmt: skip
+    return None
 
 
 def check_user_code(config: Config, conf_dir: Path) -> None:
@@ -179,7 +207,9 @@ def _check(path: Path, conf_dir: Path) -> Checked:
     from ftflow.config.schema import validate
 
     tree, overrides = read_params(path)
-    valid = validate(tree).model_dump(mode="json")
+    config = validate(tree)
+    locations.check(config)  # params.yaml written by DVC's Hydra integration was never composed by us
+    valid = config.model_dump(mode="json")
     if overrides is not None:
         # composed by `ftflow compose`: recompose with the same overrides, compare everything
         # but the digest (a comment-only edit of conf/ changes nothing that matters)

@@ -9,7 +9,10 @@ while params.yaml's last check holds (see config.params.load_checked).
 
 from __future__ import annotations
 
+import difflib
 import functools
+import types
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
@@ -31,25 +34,29 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class Source(Section):
-    name: str = Field(pattern=NAME)  # its folder under data/raw/
-    path: str | None = None  # a local file, directory or glob (data/*.jsonl.gz), or a save_to_disk dir
-    hub: str | None = None  # a hub dataset repo id (org/name)
-    revision: str | None = None  # tag, branch or commit sha; pin it for reproducibility
-    files: list[str] | None = None  # glob patterns of files to take from the source
-    subset: str | None = None  # hub layout: the config/subset name
-    from_split: str | None = None  # the source's own split to read (hub layout, saved DatasetDict)
-    split: Literal["train", "validation", "test"] = "train"  # which split this source feeds
-    reader: str = "alpaca"  # a built-in reader name, or "file.py:function" (file under conf/data/)
-    columns: dict[str, str] | None = None  # the reader's field name -> this source's column name
-    system: str | None = None  # system prompt for records that have none
-    sample_by: Literal["line", "paragraph", "document"] = "line"  # .txt files: what one record is
-    shuffle: bool = False  # shuffle the source's records (seeded) before `limit`
-    seed: int = 0
-    limit: int | None = Field(default=None, ge=1)  # first N records (N random ones with shuffle)
-    weight: float = Field(default=1.0, gt=0)  # mixture weight: < 1 subsamples, > 1 repeats records
-    dedup: bool = False  # drop exact duplicates (same normalized record)
-    min_chars: int | None = Field(default=None, ge=0)  # length filters on the record's text
-    max_chars: int | None = Field(default=None, ge=1)
+    name: str = Field(pattern=NAME, description="its folder under data/raw/")
+    path: str | None = Field(
+        None, description="a local file, directory or glob (data/*.jsonl.gz), or a save_to_disk dir"
+    )
+    hub: str | None = Field(None, description="a hub dataset repo id (org/name)")
+    revision: str | None = Field(None, description="tag, branch or commit sha; pin it for reproducibility")
+    files: list[str] | None = Field(None, description="glob patterns of files to take from the source")
+    subset: str | None = Field(None, description="hub layout: the config/subset name")
+    from_split: str | None = Field(None, description="the source's own split to read (hub layout, saved DatasetDict)")
+    split: Literal["train", "validation", "test"] = Field("train", description="which split this source feeds")
+    reader: str = Field("alpaca", description="a built-in reader name, or 'file.py:function' (file under conf/data/)")
+    columns: dict[str, str] | None = Field(None, description="the reader's field name -> this source's column name")
+    system: str | None = Field(None, description="system prompt for records that have none")
+    sample_by: Literal["line", "paragraph", "document"] = Field("line", description=".txt files: what one record is")
+    shuffle: bool = Field(False, description="shuffle the source's records (seeded) before `limit`")
+    seed: int = Field(0, description="the seed of `shuffle`")
+    limit: int | None = Field(default=None, ge=1, description="first N records (N random ones with shuffle)")
+    weight: float = Field(default=1.0, gt=0, description="mixture weight: < 1 subsamples, > 1 repeats records")
+    dedup: bool = Field(False, description="drop exact duplicates (same normalized record)")
+    min_chars: int | None = Field(default=None, ge=0, description="length filters on the record's text")
+    max_chars: int | None = Field(
+        default=None, ge=1, description="length filters on the record's text: the longest kept"
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:
@@ -70,11 +77,19 @@ class Source(Section):
 
 
 class Data(Section):
-    kind: Literal["conversation", "preference", "unpaired", "prompt", "text"] = "conversation"
-    sources: list[Source] = Field(min_length=1)
-    on_error: Literal["raise", "skip"] = "raise"  # skip: drop bad records, count per reason
-    max_record_mb: float = Field(default=8.0, gt=0)  # a bigger record is an error, not data
-    num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
+    kind: Literal["conversation", "preference", "unpaired", "prompt", "text"] = Field(
+        "conversation",
+        description=(
+            "what one record is: a conversation, a preference pair, an unpaired (KTO) example, a prompt "
+            "(GRPO) or raw text; one dataset holds one kind"
+        ),
+    )
+    sources: list[Source] = Field(
+        min_length=1, description="the datasets to read, each feeding one split (see data.sources[].*)"
+    )
+    on_error: Literal["raise", "skip"] = Field("raise", description="skip: drop bad records, count per reason")
+    max_record_mb: float = Field(default=8.0, gt=0, description="a bigger record is an error, not data")
+    num_proc: int | None = Field(default=None, ge=1, description="worker processes (default: the usable cores)")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Data:
@@ -107,22 +122,39 @@ class Data(Section):
 
 
 class Model(Section):
-    name: str = Field(pattern=NAME)  # folder name under data/models/
-    # hub: a hub repo; local: an HF model directory; gguf: a .gguf file (llama.cpp's format),
-    # converted once into an HF directory by download; scratch: initialised by train
-    source: Literal["hub", "local", "gguf", "scratch"]
-    hub_id: str | None = None
-    revision: str | None = None
-    # local: a directory; gguf: a .gguf file, or pkg:<package>/<file> for one inside an installed package
-    path: str | None = None
-    architecture: dict[str, Any] | None = None  # scratch: transformers config kwargs
-    # the weights' dtype in training; auto: bfloat16 when training runs in bf16 (train.bf16
-    # resolves true: a GPU that has it), else float32 (so always float32 on CPU)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa (train/worker.py);
-    # sdpa, eager and flex_attention keep packed conversations apart by their position ids
-    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = "auto"
-    trust_remote_code: bool = False
+    name: str = Field(pattern=NAME, description="folder name under data/models/")
+    source: Literal["hub", "local", "gguf", "scratch"] = Field(
+        description=(
+            "hub: a hub repo; local: an HF model directory; gguf: a .gguf file (llama.cpp's format), "
+            "converted once into an HF directory by download; scratch: initialised by train"
+        )
+    )
+    hub_id: str | None = Field(None, description="source=hub: the model's repo id (org/name)")
+    revision: str | None = Field(None, description="source=hub: tag, branch or commit sha; pin it for reproducibility")
+    path: str | None = Field(
+        None,
+        description=(
+            "local: a directory; gguf: a .gguf file, or pkg:<package>/<file> for one inside an installed package"
+        ),
+    )
+    architecture: dict[str, Any] | None = Field(None, description="scratch: transformers config kwargs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description=(
+            "the weights' dtype in training; auto: bfloat16 when training runs in bf16 (train.bf16 "
+            "resolves true: a GPU that has it), else float32 (so always float32 on CPU)"
+        ),
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"] = Field(
+        "auto",
+        description=(
+            "auto: flash_attention_2 on a GPU with flash-attn installed, else sdpa (train/worker.py); "
+            "sdpa, eager and flex_attention keep packed conversations apart by their position ids"
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (off: a model that needs it fails to load)"
+    )
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Model:
@@ -135,52 +167,68 @@ class Model(Section):
 
 
 class Tokenizer(Section):
-    source: Literal["model", "train"]  # take the base model's tokenizer, or train one (scratch)
-    vocab_size: int = Field(default=512, ge=64)
-    min_frequency: int = Field(default=2, ge=1)
+    source: Literal["model", "train"] = Field(description="take the base model's tokenizer, or train one (scratch)")
+    vocab_size: int = Field(default=512, ge=64, description="source=train: the trained tokenizer's vocabulary size")
+    min_frequency: int = Field(
+        default=2, ge=1, description="source=train: a merge must occur this often to enter the vocabulary"
+    )
 
 
 class Template(Section):
-    name: Literal["chatml", "llama3", "model"]  # ours (src/ftflow/pack/templates/) or the tokenizer's own
-    eos_token: str | None = "<|im_end|>"  # ends each turn; the generation eos (None: tokenizer's)
+    name: Literal["chatml", "llama3", "model"] = Field(
+        description="ours (src/ftflow/pack/templates/) or the tokenizer's own"
+    )
+    eos_token: str | None = Field("<|im_end|>", description="ends each turn; the generation eos (None: tokenizer's)")
 
 
 # --- pack / train / peft / launcher ----------------------------------------------------
 
 
 class Pack(Section):
-    max_length: int = Field(ge=16)
-    strategy: Literal["bfd", "none"] = "bfd"  # bfd: best-fit-decreasing rows; none: a sequence per row
-    # sequences longer than max_length; auto: split raw text (a document is not a sample to cut
-    # short), truncate conversations (keep the start)
-    overflow: Literal["auto", "truncate", "drop", "split"] = "auto"
-    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"  # which tokens carry loss
-    num_proc: int | None = Field(default=None, ge=1)  # worker processes (default: the usable cores)
+    max_length: int = Field(ge=16, description="tokens per packed row (and the longest sequence: see overflow)")
+    strategy: Literal["bfd", "none"] = Field(
+        "bfd", description="bfd: best-fit-decreasing rows; none: a sequence per row"
+    )
+    overflow: Literal["auto", "truncate", "drop", "split"] = Field(
+        "auto",
+        description=(
+            "sequences longer than max_length; auto: split raw text (a document is not a sample to cut "
+            "short), truncate conversations (keep the start)"
+        ),
+    )
+    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="which tokens carry loss")
+    num_proc: int | None = Field(default=None, ge=1, description="worker processes (default: the usable cores)")
 
 
 class Dpo(Section):
-    beta: float = Field(default=0.1, gt=0)  # how far the policy may move from the reference
-    loss_type: str = "sigmoid"  # TRL's DPO loss: sigmoid, ipo, hinge, robust, ...
+    beta: float = Field(default=0.1, gt=0, description="how far the policy may move from the reference")
+    loss_type: str = Field("sigmoid", description="TRL's DPO loss: sigmoid, ipo, hinge, robust, ...")
 
 
 class Kto(Section):
-    beta: float = Field(default=0.1, gt=0)
-    desirable_weight: float = Field(default=1.0, gt=0)
-    undesirable_weight: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.1, gt=0, description="how far the policy may move from the reference")
+    desirable_weight: float = Field(default=1.0, gt=0, description="loss weight of the desirable (label true) examples")
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, description="loss weight of the undesirable (label false) examples"
+    )
 
 
 class Reward(Section):
-    name: str  # a built-in (src/ftflow/train/rewards.py) or "file.py:function" (file under conf/train/)
-    weight: float = 1.0
-    pattern: str | None = None  # regex_match: the answer is the pattern's first group in the completion
+    name: str = Field(
+        description="a built-in (src/ftflow/train/rewards.py) or 'file.py:function' (file under conf/train/)"
+    )
+    weight: float = Field(1.0, description="this reward's weight in the sum of rewards")
+    pattern: str | None = Field(
+        None, description="regex_match: the answer is the pattern's first group in the completion"
+    )
 
 
 class Grpo(Section):
-    rewards: list[Reward] = Field(min_length=1)
-    num_generations: int = Field(default=4, ge=2)  # completions per prompt (the group)
-    max_completion_length: int = Field(default=32, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    beta: float = Field(default=0.0, ge=0)  # KL penalty to the reference model (0: no reference)
+    rewards: list[Reward] = Field(min_length=1, description="the reward functions, summed with their weights")
+    num_generations: int = Field(default=4, ge=2, description="completions per prompt (the group)")
+    max_completion_length: int = Field(default=32, ge=1, description="the longest generated completion, in tokens")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the generations")
+    beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: no reference)")
 
 
 # which data kind each trainer consumes (pack writes one layout per kind)
@@ -188,45 +236,99 @@ TRAINER_KIND = {"sft": ("conversation", "text"), "dpo": ("preference",), "kto": 
 
 
 class Train(Section):
-    method: Literal["sft", "dpo", "kto", "grpo"] = "sft"  # the TRL trainer
-    seed: int = 0
-    epochs: float = Field(gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    per_device_batch_size: int = Field(ge=1)
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_steps: float = Field(default=0.0, ge=0)  # < 1: a fraction of all steps
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = 1.0
-    bf16: bool | Literal["auto"] = "auto"  # auto: on a GPU that supports it, never on CPU
-    gradient_checkpointing: bool = False
-    # speed-ups measured by benchmarks/gpu/bench.py (README: GPU): Liger's Triton kernels (RMSNorm,
-    # RoPE, SwiGLU, and a cross-entropy fused with the output layer that never holds the whole
-    # logits; needs a CUDA GPU and liger-kernel), and torch.compile of the model
-    liger_kernel: bool = False
-    torch_compile: bool = False
-    logging_steps: int = Field(default=10, ge=1)
-    save_steps: int = Field(default=500, ge=1)  # also saved on SIGUSR1/SIGTERM (preemption)
-    save_total_limit: int = Field(default=2, ge=1)
-    # a pass over the validation split (when it has rows) every eval_steps; None: at each save
-    # (where a best checkpoint is chosen), 0: never. Its first eval_rows packed rows only: cheap
-    eval_steps: int | None = Field(default=None, ge=0)
-    eval_rows: int = Field(default=256, ge=1)
-    # which weights train/model holds: the last step's, or those of the best validation pass (by
-    # the validation metric best_metric; lower is better unless greater_is_better), which
-    # save_total_limit never rotates away. early_stopping_patience: stop after that many passes
-    # without improvement (keep=best)
-    keep: Literal["last", "best"] = "last"
-    best_metric: str = "loss"
-    greater_is_better: bool = False
-    early_stopping_patience: int | None = Field(default=None, ge=1)
-    # what a resume checks of a checkpoint's files against what was recorded when it was saved:
-    # their sizes (free), or their sha256 too (each save then reads back every file it wrote)
-    checkpoint_verify: Literal["size", "sha256"] = "size"
-    dpo: Dpo = Dpo()
-    kto: Kto = Kto()
-    grpo: Grpo | None = None
+    method: Literal["sft", "dpo", "kto", "grpo"] = Field("sft", description="the TRL trainer")
+    seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    epochs: float = Field(gt=0, description="passes over the training data (max_steps > 0 overrides it)")
+    max_steps: int = Field(
+        -1, description="stop after this many optimizer steps (a quick try: 3); -1: train for epochs"
+    )
+    per_device_batch_size: int = Field(ge=1, description="packed rows (or pairs, prompts) per process per step")
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="steps whose gradients add up before one optimizer update"
+    )
+    learning_rate: float = Field(gt=0, description="the optimizer's (AdamW's) peak learning rate")
+    lr_scheduler: str = Field(
+        "cosine", description="transformers' learning-rate schedule after warmup: cosine, linear, constant, ..."
+    )
+    warmup_steps: float = Field(
+        default=0.0, ge=0, description="steps of linear learning-rate warmup; < 1: a fraction of all steps"
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, description="gradients are clipped to this global norm")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="train in bfloat16 mixed precision; auto: on a GPU that supports it, never on CPU"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, about a third more compute"
+    )
+    # speed-ups measured by benchmarks/gpu/bench.py (README: GPU)
+    liger_kernel: bool = Field(
+        False,
+        description=(
+            "Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a cross-entropy fused with the output "
+            "layer that never holds the whole logits); needs a CUDA GPU and liger-kernel"
+        ),
+    )
+    torch_compile: bool = Field(False, description="torch.compile the model (minutes of compilation at the start)")
+    logging_steps: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "a row of the loss curve (results/train/loss.csv) every N steps; the first and last steps are always logged"
+        ),
+    )
+    save_steps: int = Field(
+        default=500,
+        ge=1,
+        description="a checkpoint every N steps; also on a stop signal (SIGUSR1/SIGTERM: preemption; SIGINT: Ctrl-C)",
+    )
+    save_total_limit: int = Field(
+        default=2, ge=1, description="checkpoints kept per config (the oldest are removed; keep=best's is never)"
+    )
+    eval_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "a pass over the validation split (when it has rows) every eval_steps; None: at each save "
+            "(where a best checkpoint is chosen), 0: never. Its first eval_rows packed rows only: cheap"
+        ),
+    )
+    eval_rows: int = Field(
+        default=256, ge=1, description="the validation pass reads the first N packed rows of the validation split"
+    )
+    keep: Literal["last", "best"] = Field(
+        "last",
+        description=(
+            "which weights train/model holds: the last step's, or those of the best validation pass (by "
+            "the validation metric best_metric; lower is better unless greater_is_better), which "
+            "save_total_limit never rotates away. early_stopping_patience: stop after that many passes "
+            "without improvement (keep=best)"
+        ),
+    )
+    best_metric: str = Field(
+        "loss", description="keep=best: the validation metric that chooses (loss, or a trainer's reward metric)"
+    )
+    greater_is_better: bool = Field(False, description="keep=best: a higher best_metric is better (default: lower)")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="keep=best: stop after this many validation passes without improvement"
+    )
+    checkpoint_verify: Literal["size", "sha256"] = Field(
+        "size",
+        description=(
+            "what a resume checks of a checkpoint's files against what was recorded when it was saved: "
+            "their sizes (free), or their sha256 too (each save then reads back every file it wrote)"
+        ),
+    )
+    resume: bool = Field(
+        True,
+        description=(
+            "a rerun (after a stop signal, Ctrl-C, a crash) goes on from the last complete checkpoint of "
+            "the same config; false removes them first and trains from step 0"
+        ),
+    )
+    dpo: Dpo = Field(Dpo(), description="method=dpo's settings")
+    kto: Kto = Field(Kto(), description="method=kto's settings")
+    grpo: Grpo | None = Field(None, description="method=grpo's settings (its rewards are required)")
 
     @model_validator(mode="after")
     def _grpo_rewards(self) -> Train:
@@ -250,39 +352,53 @@ class Train(Section):
 
 
 class Peft(Section):
-    method: Literal["none", "lora", "qlora"]  # qlora: LoRA over a 4-bit base (CUDA + bitsandbytes)
-    r: int = Field(default=8, ge=1)
-    alpha: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    modules_to_save: list[str] | None = None  # trained in full beside the adapters (e.g. [lm_head])
+    method: Literal["none", "lora", "qlora"] = Field(description="qlora: LoRA over a 4-bit base (CUDA + bitsandbytes)")
+    r: int = Field(default=8, ge=1, description="LoRA rank: the adapters' inner dimension")
+    alpha: int = Field(default=16, ge=1, description="LoRA scaling: the adapters' output is multiplied by alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="the layers that get adapters: all-linear, or a list of module names (q_proj, ...)"
+    )
+    modules_to_save: list[str] | None = Field(None, description="trained in full beside the adapters (e.g. [lm_head])")
 
 
 class DeepSpeed(Section):
-    zero_stage: Literal[2, 3] = 3
-    offload_optimizer: Literal["none", "cpu"] = "none"  # optimizer states in host memory
-    offload_params: Literal["none", "cpu"] = "none"  # ZeRO-3 only: parameters in host memory
-    # ZeRO-3: gather the full weights into one process at the final save (it must hold the
-    # whole model); false leaves the shards and consolidate gathers them on CPU (adapters are
-    # always gathered: they are small)
-    gather_weights_on_save: bool = False
+    zero_stage: Literal[2, 3] = Field(3, description="2 shards optimizer states and gradients; 3 the parameters too")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="optimizer states in host memory")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 only: parameters in host memory")
+    gather_weights_on_save: bool = Field(
+        False,
+        description=(
+            "ZeRO-3: gather the full weights into one process at the final save (it must hold the whole "
+            "model); false leaves the shards and consolidate gathers them on CPU (adapters are always "
+            "gathered: they are small)"
+        ),
+    )
 
 
 class Fsdp(Section):
-    sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
-    cpu_offload: bool = False
+    sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = Field(
+        "FULL_SHARD",
+        description=(
+            "what FSDP shards: FULL_SHARD (everything), SHARD_GRAD_OP (not the parameters), HYBRID_SHARD "
+            "(within a node), NO_SHARD (DDP)"
+        ),
+    )
+    cpu_offload: bool = Field(False, description="keep parameters in host memory between uses")
 
 
 class Launcher(Section):
-    name: Literal["accelerate"] = "accelerate"
-    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
-    num_processes: int = Field(default=1, ge=1)  # per node: one per GPU (or CPU worker)
-    nodes: int = Field(default=1, ge=1)  # > 1: rank and head address come from Slurm
-    cpu: bool = True  # force CPU even when an accelerator is visible
-    main_process_port: int | None = Field(default=None, ge=1024, le=65535)  # None: a free one
-    collective_timeout_s: int = Field(default=600, ge=1)  # a lost peer fails the others after this
-    deepspeed: DeepSpeed = DeepSpeed()
-    fsdp: Fsdp = Fsdp()
+    name: Literal["accelerate"] = Field("accelerate", description="the launcher program (accelerate launch)")
+    distributed: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="how several processes share the work: none (one process), ddp, fsdp, deepspeed"
+    )
+    num_processes: int = Field(default=1, ge=1, description="per node: one per GPU (or CPU worker)")
+    nodes: int = Field(default=1, ge=1, description="> 1: rank and head address come from Slurm")
+    cpu: bool = Field(True, description="force CPU even when an accelerator is visible")
+    main_process_port: int | None = Field(default=None, ge=1024, le=65535, description="None: a free one")
+    collective_timeout_s: int = Field(default=600, ge=1, description="a lost peer fails the others after this")
+    deepspeed: DeepSpeed = Field(DeepSpeed(), description="distributed=deepspeed's settings")
+    fsdp: Fsdp = Field(Fsdp(), description="distributed=fsdp's settings")
 
     @model_validator(mode="after")
     def _processes(self) -> Launcher:
@@ -297,91 +413,156 @@ class Launcher(Section):
 
 
 class Tracking(Section):
-    backend: Literal["wandb", "none"] = "wandb"
-    project: str = "ftflow"
-    group: str | None = None  # None: the DVC experiment name when run by `dvc exp run`
-    name: str | None = None  # None: <method>-<peft>-<config fingerprint>
-    tags: list[str] = []
-    mode: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online when a key is configured
+    backend: Literal["wandb", "none"] = Field("wandb", description="wandb (offline unless a key is configured) or none")
+    project: str = Field("ftflow", description="the wandb project")
+    group: str | None = Field(None, description="None: the DVC experiment name when run by `dvc exp run`")
+    name: str | None = Field(None, description="None: <method>-<peft>-<config fingerprint>")
+    tags: list[str] = Field([], description="wandb run tags")
+    mode: Literal["auto", "offline", "online", "disabled"] = Field(
+        "auto", description="auto: online when a key is configured"
+    )
 
 
 class Consolidate(Section):
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the written weights
-    max_shard_size: str = "5GB"
-    # largest |log p| difference allowed on the probe, in both checks (the trained weights vs
-    # what train recorded, at the training precision; the merged model vs the unmerged one, in
-    # float32). None: 1e-3 where both sides are float32, else 3x what 16-bit rounding does to
-    # this model on the probe (at least 0.1)
-    verify_tolerance: float | None = Field(default=None, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="of the written weights")
+    max_shard_size: str = Field(
+        "5GB", description="the largest safetensors file written (the weights are split beyond it)"
+    )
+    verify_tolerance: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "largest |log p| difference allowed on the probe, in both checks (the trained weights vs what"
+            " train recorded, at the training precision; the merged model vs the unmerged one, in "
+            "float32). None: 1e-3 where both sides are float32, else 3x what 16-bit rounding does to this"
+            " model on the probe (at least 0.1)"
+        ),
+    )
 
 
 class EvalDataset(Section):
     """A hub dataset an lm-eval built-in task reads (its YAML's dataset_path and dataset_name),
     fetched by download on the login node into data/eval/, which evaluate reads offline."""
 
-    hub: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")  # dataset_path, e.g. openai/gsm8k
-    name: str | None = None  # dataset_name (the hub config), e.g. main
-    revision: str | None = None  # tag, branch or commit; the manifest records the commit taken
+    hub: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="dataset_path, e.g. openai/gsm8k")
+    name: str | None = Field(None, description="dataset_name (the hub config), e.g. main")
+    revision: str | None = Field(None, description="tag, branch or commit; the manifest records the commit taken")
 
 
 class Eval(Section):
-    # task names: a YAML of conf/eval/tasks/, else one of lm-eval's built-in tasks or groups
-    tasks: list[str] = Field(min_length=1)
-    limit: int | None = Field(default=None, ge=1)
-    # few-shot examples: one number for every task, {task: number} per task (the others their
-    # task's own default), or null for every task's own default
-    num_fewshot: Annotated[int, Field(ge=0)] | dict[str, Annotated[int, Field(ge=0)]] | None = 0
-    batch_size: int = Field(default=16, ge=1)
-    max_gen_toks: int | None = Field(default=32, ge=1)  # null: each task's own limit
-    datasets: list[EvalDataset] = []  # the built-in tasks' hub data (see EvalDataset)
-    apply_chat_template: bool = True
-    seed: int = 0
-    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed and a GPU is there
-    # label -> HF model directory (with its tokenizer) to evaluate instead of the pipeline's
-    # base and tuned models: `ftflow evaluate 'eval.models={mine: /models/x}'`
-    models: dict[str, str] | None = None
+    tasks: list[str] = Field(
+        min_length=1,
+        description="task names: a YAML of conf/eval/tasks/, else one of lm-eval's built-in tasks or groups",
+    )
+    limit: int | None = Field(default=None, ge=1, description="evaluate the first N examples of each task (null: all)")
+    num_fewshot: Annotated[int, Field(ge=0)] | dict[str, Annotated[int, Field(ge=0)]] | None = Field(
+        0,
+        description=(
+            "few-shot examples: one number for every task, {task: number} per task (the others their "
+            "task's own default), or null for every task's own default"
+        ),
+    )
+    batch_size: int = Field(default=16, ge=1, description="examples per forward pass")
+    max_gen_toks: int | None = Field(default=32, ge=1, description="null: each task's own limit")
+    datasets: list[EvalDataset] = Field([], description="the built-in tasks' hub data (see EvalDataset)")
+    apply_chat_template: bool = Field(
+        True,
+        description=("render each prompt with the model's chat template, as a chat (lm-eval's apply_chat_template)"),
+    )
+    seed: int = Field(0, description="lm-eval's random, numpy and torch seeds (few-shot sampling)")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when installed and a GPU is there")
+    models: dict[str, str] | None = Field(
+        None,
+        description=(
+            "label -> HF model directory (with its tokenizer) to evaluate instead of the pipeline's base "
+            "and tuned models: `ftflow evaluate 'eval.models={mine: /models/x}'`"
+        ),
+    )
 
 
 class SlurmJob(Section):
     """One stage's Slurm job (profiles/slurm). None: the top-level value, or the cluster's
     default. GPUs and nodes of the train job are not here: they come from launcher."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    cpus: int | None = Field(default=None, ge=1)  # per task (train: per node)
-    mem_mb: int | None = Field(default=None, ge=1)  # per node
-    runtime: int | None = Field(default=None, ge=1)  # minutes
+    partition: str | None = Field(None, description="the job's partition (null: slurm.partition)")
+    account: str | None = Field(None, description="the job's account (null: slurm.account)")
+    qos: str | None = Field(None, description="the job's quality of service (null: slurm.qos)")
+    constraint: str | None = Field(None, description="the job's node features (null: slurm.constraint)")
+    cpus: int | None = Field(default=None, ge=1, description="CPUs per task (train: per node)")
+    mem_mb: int | None = Field(default=None, ge=1, description="memory per node, in MB")
+    runtime: int | None = Field(default=None, ge=1, description="the job's time limit, in minutes")
+    gpus: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "GPUs per node (--gres=gpu:N; evaluate runs its models on one when it has one); not for "
+            "train, whose GPUs come from launcher"
+        ),
+    )
 
 
 class Slurm(Section):
-    partition: str | None = None  # for every stage unless its job says otherwise
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    # train asks for SIGTERM this long before its time limit: it checkpoints, exits, and the
-    # profile's retry resumes it (Slurm sends SIGTERM at the limit too, but only KillWait before SIGKILL)
-    stop_signal_s: int = Field(default=300, ge=1)
-    # a retried job asks for runtime x runtime_growth^(attempt-1): more time after a time limit
-    runtime_growth: float = Field(default=1.0, ge=1.0)
-    jobs: dict[Literal[stages.SLURM_JOBS], SlurmJob] = {}  # type: ignore[valid-type]  # (a tuple: the same as listing them)
+    """Each stage's Slurm job: values for every job, and per stage (jobs)."""
+
+    partition: str | None = Field(None, description="the partition of every stage's job unless its job says otherwise")
+    account: str | None = Field(
+        None, description="the account every stage's job is charged to unless its job says otherwise"
+    )
+    qos: str | None = Field(None, description="quality of service of every stage's job unless its job says otherwise")
+    constraint: str | None = Field(
+        None, description="node features (--constraint) of every stage's job unless its job says otherwise"
+    )
+    stop_signal_s: int = Field(
+        default=300,
+        ge=1,
+        description=(
+            "train asks for SIGTERM this long before its time limit: it checkpoints, exits, and the "
+            "profile's retry resumes it (Slurm sends SIGTERM at the limit too, but only KillWait before "
+            "SIGKILL)"
+        ),
+    )
+    runtime_growth: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="a retried job asks for runtime x runtime_growth^(attempt-1): more time after a time limit",
+    )
+    jobs: dict[Literal[stages.SLURM_JOBS], SlurmJob] = Field(  # type: ignore[valid-type]  # (a tuple: the same as listing them)
+        {}, description="a stage's own job settings, by stage name (slurm.jobs.train.runtime=600)"
+    )
+
+    @model_validator(mode="after")
+    def _train_job(self) -> Slurm:
+        train = self.jobs.get("train") or SlurmJob()
+        if train.gpus is not None:
+            raise ValueError("slurm.jobs.train.gpus: the train job's GPUs come from launcher (launcher=gpu, "
+                             "launcher.num_processes: GPUs per node), so that the request and the launch agree")  # fmt: skip
+        if train.runtime is not None and train.runtime * 60 <= self.stop_signal_s:
+            raise ValueError(f"slurm.jobs.train.runtime={train.runtime} minutes is not longer than slurm.stop_signal_s="
+                             f"{self.stop_signal_s} s, the warning train gets before its time limit: it would "
+                             "checkpoint at once, every time; give it more time or a shorter stop_signal_s")  # fmt: skip
+        return self
 
 
 class Config(Section):
-    conf_digest: str | None = None  # which conf/ this tree was composed from (see conf_digest())
-    data: Data
-    model: Model
-    tokenizer: Tokenizer
-    template: Template
-    pack: Pack
-    train: Train
-    peft: Peft
-    launcher: Launcher
-    tracking: Tracking
-    consolidate: Consolidate
-    eval: Eval
-    slurm: Slurm = Slurm()  # read by the rules' resources only: no stage reruns when it changes
+    conf_digest: str | None = Field(None, description="which conf/ this tree was composed from (see conf_digest())")
+    data: Data = Field(description="the training data: sources, their readers and the record kind (conf/data/)")
+    model: Model = Field(description="the base model: hub, local directory, GGUF file or scratch (conf/model/)")
+    tokenizer: Tokenizer = Field(description="the model's own tokenizer, or one trained on the data (conf/tokenizer/)")
+    template: Template = Field(description="the chat template conversations are rendered with (conf/template/)")
+    pack: Pack = Field(description="tokenization, loss masks and packing into rows (conf/pack/)")
+    train: Train = Field(description="the trainer and its optimisation (conf/train/)")
+    peft: Peft = Field(description="full fine-tuning, LoRA or QLoRA (conf/peft/)")
+    launcher: Launcher = Field(description="processes, nodes and distribution of training (conf/launcher/)")
+    tracking: Tracking = Field(description="experiment tracking (conf/tracking/)")
+    consolidate: Consolidate = Field(description="the final model directory and its check (conf/consolidate/)")
+    eval: Eval = Field(description="the lm-eval tasks and settings (conf/eval/)")
+    slurm: Slurm = Field(
+        Slurm(),
+        description=(
+            "each stage's Slurm job under profiles/slurm (conf/slurm/); read by the rules' resources "
+            "only: no stage reruns when it changes"
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -437,13 +618,17 @@ def stage_config(stage: str, sections: dict[str, Any]) -> StageConfig:
     return cfg
 
 
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    return did_you_mean(".".join(map(str, loc)))
+
+
 def _validated(model: type[BaseModel], tree: dict[str, Any], what: str):
     try:
         return model.model_validate(tree)
     except ValidationError as err:
         lines = []
         for e in err.errors():
-            what_is_wrong = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            what_is_wrong = "unknown key" + _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
             if e["type"] == "missing":
                 what_is_wrong = "missing required value"
             path = _dotted(e["loc"]) or "<root>"
@@ -453,3 +638,39 @@ def _validated(model: type[BaseModel], tree: dict[str, Any], what: str):
             got = "" if quiet else f" (got {e['input']!r})"
             lines.append(f"  {path}: {what_is_wrong}{got}")
         raise ConfigError(f"{what}:\n" + "\n".join(lines)) from None
+
+
+# --- a key by its dotted path: the section it lies in, and the closest real one ---------------
+
+
+def model_of(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds (itself, optional, or the items of a list or dict)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, dict):
+        found = [m for a in typing.get_args(annotation) if (m := model_of(a))]
+        return found[0] if found else None
+    return None
+
+
+def did_you_mean(key: str) -> str:
+    """' — did you mean train.learning_rate?' for a key the schema does not have, '' when
+    nothing is close. `key` is dotted as an override writes it (data.sources.0.pth)."""
+    return _closest(Config, key.split("."), [])
+
+
+def _closest(model: type[BaseModel], parts: list[str], fixed: list[str]) -> str:
+    if not parts:
+        return ""
+    part, rest = parts[0], parts[1:]
+    if part not in model.model_fields:
+        close = difflib.get_close_matches(part, list(model.model_fields), n=1, cutoff=0.6)
+        return f" — did you mean {'.'.join([*fixed, close[0], *rest])}?" if close else ""
+    annotation = model.model_fields[part].annotation
+    inner = model_of(annotation)
+    if inner is None or not rest:
+        return ""
+    if typing.get_origin(annotation) is dict or rest[0].isdigit():  # past a map's key or a list's index
+        return _closest(inner, rest[1:], [*fixed, part, rest[0]])
+    return _closest(inner, rest, [*fixed, part])

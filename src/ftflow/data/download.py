@@ -30,9 +30,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ftflow import paths
+from ftflow.config.locations import PKG, local_files, package_file
 from ftflow.errors import StageError
 from ftflow.hashing import file_sha256
-from ftflow.workflow.inputs import PKG, local_files, package_file
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,18 @@ class LossCurve(TrainerCallback):
             curve.append(self.path, new)
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the step training ends on (the last, or the one a stop signal ended), whatever
+    train.logging_steps says: a run shorter than logging_steps still has a curve, and a curve
+    ends where its weights do. (The first step: TrainingArguments.logging_first_step. Early
+    stopping decides after the step's log, at its validation pass, which is logged anyway.)
+    Listed after StopOnSignal, so it sees that callback's decision."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps or control.should_training_stop:
+            control.should_log = True
+
+
 class MarkComplete(TrainerCallback):
     """Marks a checkpoint complete once every process has written its part: only a complete
     one is ever resumed from. The marker records its files' sizes (and sha256s)."""
@@ -62,7 +74,9 @@ class StopOnSignal(TrainerCallback):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self.signal = (
+            self.signal or signum
+        )  # the first says why (Ctrl-C sends SIGINT to all, then the stage passes it on)
 
     def on_step_end(self, args, state, control, **kwargs):
         got = self.signal or 0

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 # (with train.checkpoint_verify=sha256 also the sha256) of every file in the folder
 COMPLETE = "ftflow_complete"
 # settings that do not shape the weights: a checkpoint resumes whatever their values
-NOT_IN_KEY = {"train": ("checkpoint_verify",), "launcher": ("collective_timeout_s",)}
+NOT_IN_KEY = {"train": ("checkpoint_verify", "resume"), "launcher": ("collective_timeout_s",)}
 
 # small files that pin down the packed data: normalize's stats (sha256 of every normalized file)
 # and pack's config and stats; pack is deterministic, so these identify its output without
@@ -140,6 +140,15 @@ def remove_unusable(ckpt_dir: Path, verify: str = "size") -> None:
         fix = dvc_fix(folder / name)  # (DVC restored the checkpoint as links into its cache)
         log.warning("%s is damaged: %s. Removed it; %s.%s", folder, why, instead, f" {fix}" if fix else "")
         shutil.rmtree(folder)
+
+
+def start_afresh(ckpt_dir: Path) -> None:
+    """train.resume=false: the checkpoints of this config are removed, so training starts at step 0."""
+    found = checkpoints(ckpt_dir)
+    if found:
+        log.warning("train.resume=false: removing %d checkpoint(s) of this config (%s); training starts from step 0",
+                    len(found), ", ".join(p.name for p in found))  # fmt: skip
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 def own_files(ckpt_dir: Path) -> None:

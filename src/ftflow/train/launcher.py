@@ -25,8 +25,9 @@ from ftflow.errors import StageError
 
 log = logging.getLogger(__name__)
 
-# what Slurm sends before a time limit or on preemption: the workers checkpoint and stop (callbacks.StopOnSignal)
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# what Slurm sends before a time limit or on preemption, and Ctrl-C in a terminal (SIGINT, to the
+# whole foreground process group): the workers checkpoint and stop (callbacks.StopOnSignal)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 PREEMPTED = 75  # EX_TEMPFAIL: the workers' exit status after saving on a stop signal; run again to resume
 PREEMPTED_FILE = "preempted.json"  # in train's output folder: which signal, at which step
 
@@ -78,7 +79,7 @@ def accelerate_command(launcher: Launcher, bf16: bool, module_args: list[str], e
                        adapters: bool = False) -> list[str]:  # fmt: skip
     rank, head, port = rendezvous(launcher, env)
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable, "-m", "ftflow.train.launcher", "accelerate",  # accelerate_main
         "--num_processes", str(launcher.num_processes * launcher.nodes),
         "--num_machines", str(launcher.nodes),
         "--machine_rank", str(rank),
@@ -186,7 +187,7 @@ def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: b
             if pid_file.name not in told:
                 told.add(pid_file.name)
                 try:
-                    os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+                    os.kill(int(pid_file.read_text()), stop[0])  # the signal this process got
                 except (ProcessLookupError, ValueError):
                     pass
 
@@ -210,6 +211,23 @@ def run_forwarding_signals(cmd: list[str], env: dict, pid_dir: Path, via_srun: b
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def accelerate_main(argv: list[str]) -> None:
+    """`accelerate launch`, ending with the workers' own exit status and no traceback of it: its
+    one-process launcher raises CalledProcessError for any failure, and torchrun ChildFailedError,
+    so a checkpoint after Ctrl-C or a preemption signal (status PREEMPTED) would end in
+    tracebacks. torchrun's summary of the failed ranks is kept, as text."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except subprocess.CalledProcessError as err:
+        sys.exit(err.returncode)
+    except ChildFailedError as err:
+        print(err, file=sys.stderr)
+        sys.exit(err.get_first_failure()[1].exitcode or 1)
 
 
 def node_main(config_path: str, root: str) -> None:
@@ -240,9 +258,9 @@ def launch_env(launcher: Launcher) -> dict[str, str]:
     """Environment for the launcher and its workers."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.update(dict.fromkeys(THREAD_VARIABLES, str(threads_per_process(launcher))))
-    # torchrun would turn SIGTERM (Slurm's preemption signal) into killing the workers
-    # 30 s later; the workers handle it themselves (checkpoint, then exit)
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # torchrun would turn SIGTERM (Slurm's preemption signal) or SIGINT (Ctrl-C) into killing the
+    # workers 30 s later; the workers handle them themselves (checkpoint, then exit)
+    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
     if launcher.distributed == "deepspeed":
         if launcher.cpu:
             env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would pick a visible GPU
@@ -264,4 +282,7 @@ def remove_stale_build_locks(max_age_s: float = 600) -> None:
 
 
 if __name__ == "__main__":
-    node_main(*sys.argv[1:])
+    if sys.argv[1:2] == ["accelerate"]:  # this node's training processes (accelerate_command)
+        accelerate_main(sys.argv[2:])
+    else:  # one node of a multi-node job, started by srun (node_tasks_command)
+        node_main(*sys.argv[1:])

@@ -24,6 +24,7 @@ from ftflow.train.checkpoints import (
     out_of_space,
     own_files,
     remove_unusable,
+    start_afresh,
 )
 from ftflow.train.launcher import (
     PREEMPTED,
@@ -53,6 +54,8 @@ def launch(cfg: StageConfig, root: Path = Path(".")) -> dict:
     check_accelerators(cfg.launcher)
     check_validation(cfg.train, root)
     ckpt_dir = root / paths.CHECKPOINTS / checkpoint_key(cfg.sections, root)
+    if not cfg.train.resume:
+        start_afresh(ckpt_dir)
     own_files(ckpt_dir)
     remove_unusable(ckpt_dir, cfg.train.checkpoint_verify)  # once per job (srun starts the nodes after this)
     (out_dir / PREEMPTED_FILE).unlink(missing_ok=True)

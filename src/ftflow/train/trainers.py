@@ -56,6 +56,7 @@ def common_args(train_cfg: Train, launcher: Launcher, output_dir: Path, report_t
         use_liger_kernel=train_cfg.liger_kernel,
         torch_compile=train_cfg.torch_compile,
         logging_steps=train_cfg.logging_steps,
+        logging_first_step=True,  # with callbacks.LogLastStep: a short run's curve has both ends
         save_steps=train_cfg.save_steps,
         save_total_limit=train_cfg.save_total_limit,
         use_cpu=launcher.cpu,

@@ -23,7 +23,7 @@ import yaml
 from ftflow import paths
 from ftflow.config.schema import Launcher, Model, Peft, StageConfig, Train, stage_config
 from ftflow.train import curve, quantization, tracking, trainers, workers
-from ftflow.train.callbacks import LossCurve, MarkComplete, StepTimer, StopOnSignal
+from ftflow.train.callbacks import LogLastStep, LossCurve, MarkComplete, StepTimer, StopOnSignal
 from ftflow.train.checkpoints import checkpoint_key, finished, last_complete_checkpoint, prune_other_configs
 from ftflow.train.launcher import PREEMPTED, PREEMPTED_FILE
 from ftflow.train.probe import PROBE_FILE, record_probe
@@ -82,6 +82,7 @@ def setup(cfg: StageConfig, root: Path) -> Run:
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    callbacks.append(LogLastStep())  # after every callback that may stop training
 
     tok = AutoTokenizer.from_pretrained(root / paths.PACK / "tokenizer")
     base = base_weights(cfg, tok, root)
@@ -280,6 +281,7 @@ def train(run: Run):
     trainer, resume = run.trainer, run.resume
     if resume:
         log.info("Resuming from %s", resume)
+        logging.getLogger("transformers.trainer").addFilter(TiedKeysNotMissing(trainer.model))
     if resume and finished(resume) and not trainer.is_deepspeed_enabled:
         # the last checkpoint is the end of training: load it, train nothing (resuming would
         # take one more step: the trainer checks for the end only after a step)
@@ -291,6 +293,30 @@ def train(run: Run):
         trainer._load_from_checkpoint(str(best or resume))
         return TrainOutput(trainer.state.global_step, _last_logged(trainer.state.log_history, "train_loss"), {})
     return trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+class TiedKeysNotMissing(logging.Filter):
+    """Drops the trainer's "There were missing keys in the checkpoint model loaded: [...]" on a
+    resume when every key it lists is a tied parameter (lm_head.weight of a model whose output
+    layer shares the input embedding's weights): the checkpoint holds the tensor once, under the
+    other name, and loading that one loads both. Any other missing key is still reported."""
+
+    PREFIX = "There were missing keys in the checkpoint model loaded: "
+
+    def __init__(self, model):
+        super().__init__()
+        names_by_tensor: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names_by_tensor.setdefault(id(param), []).append(name)
+        self.tied = {name for names in names_by_tensor.values() if len(names) > 1 for name in names}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        import ast
+
+        return not set(ast.literal_eval(message[len(self.PREFIX) :].rstrip("."))) <= self.tied
 
 
 def best_checkpoint(run: Run) -> Path | None:

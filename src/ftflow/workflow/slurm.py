@@ -2,7 +2,7 @@
 into sbatch flags (profiles/slurm). The rules call `resources(VALID, stage)`, on the validated
 config tree (ftflow.config.schema's defaults filled in) that config.params.load_checked returns.
 
-Partition, account, QoS, constraint, CPUs, memory and time come from the `slurm` config section;
+Partition, account, QoS, constraint, CPUs, memory, time and GPUs come from the `slurm` config section;
 the train job's GPUs per node and node count come from `launcher`, which also tells accelerate
 how many processes to start: one source, so the allocation and the launch cannot disagree.
 """
@@ -28,6 +28,8 @@ def resources(valid: dict, stage: str) -> dict:
         out["mem_mb"] = job["mem_mb"]
     if job.get("runtime") is not None:
         out["runtime"] = runtime(job["runtime"], slurm["runtime_growth"])
+    if job.get("gpus"):
+        out["gres"] = f"gpu:{job['gpus']}"  # --gres counts per node
     if stage == "train":
         out.update(train_resources(valid["launcher"], slurm["stop_signal_s"]))
     return out
