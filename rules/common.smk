@@ -27,8 +27,9 @@ ALL_CORES = os.cpu_count() or 1
 
 
 def params_of(stage):
-    """The config sections a stage reads: a change elsewhere does not rerun it."""
-    return ftparams.stage_params(PARAMS, stage)
+    """The config sections a stage reads (but those it reads as it starts, which change nothing it
+    writes: ftflow.stages.Stage.read_at_run): a change elsewhere does not rerun it."""
+    return ftparams.rule_params(PARAMS, stage)
 
 
 def slurm_resources(stage):

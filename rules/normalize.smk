@@ -1,7 +1,9 @@
+# normalize reads each source's own manifest, not data/manifest.json: that one also names the
+# model, and a new model must not rerun normalize (it never reads the model)
 rule normalize:
     input:
         raw=raw_dirs(),
-        manifest=paths.MANIFEST,
+        manifests=[paths.source_manifest(s["name"]) for s in PARAMS["data"]["sources"]],
         code=code("normalize"),
         readers=user_readers(),
     output:

@@ -5,6 +5,7 @@ rule train:
         packed=[f"{paths.PACK}/{s}" for s in PACKED_SPLITS],
         tokenizer=f"{paths.PACK}/tokenizer",
         base=[] if SCRATCH else [base_model()],
+        manifest=paths.MANIFEST,  # what was downloaded, recorded in the model's provenance
         code=code("train"),
         rewards=reward_files(PARAMS["train"]),
     output:

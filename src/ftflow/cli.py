@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftflow import runner, stages
+from ftflow import freshness, runner, stages
 from ftflow.config import params
 from ftflow.errors import ConfigError, StageError
 from ftflow.progress import setup_logging
@@ -107,6 +107,22 @@ def dispatch(rule: str, extra: list[str]) -> int:
     cmd = snakemake_cmd("--allowed-rules", rule, "--forcerun", rule, *extra, "--", rule)
     print(" ".join(cmd), file=sys.stderr, flush=True)
     return call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
+
+
+def presented(tree: dict, extra: list[str]) -> int:
+    """After a run: every stage's results were made by this config, or the run fails naming the
+    stage and the keys (a run of some targets only, `ftflow run -- results/pack/train`, leaves
+    later stages as they were: then the report is not written, and the run is not failed)."""
+    if {"-n", "--dry-run", "--dryrun"} & set(extra):
+        return 0
+    try:
+        freshness.check_current(tree)
+    except freshness.StaleResults as err:
+        if any(not word.startswith("-") for word in extra):
+            print(f"report: not written: {err}", file=sys.stderr)
+            return 0
+        raise
+    return 0
 
 
 def html_report(extra: list[str] = ()) -> int:
@@ -214,8 +230,10 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     elif args.command == "compose":
         compose_and_write(args.overrides)
     elif args.command == "run":
-        compose_and_write(args.overrides)
-        return call(snakemake_cmd(*extra)) or html_report(extra)
+        tree = compose_and_write(args.overrides)
+        for line in freshness.describe(freshness.changes(tree)):
+            print(f"changed since the results on disk: {line}", file=sys.stderr)
+        return call(snakemake_cmd(*extra)) or presented(tree, extra) or html_report(extra)
     elif args.command == "report":
         return call(snakemake_cmd(*extra, "--", "report")) or html_report()
     elif args.command == "config":
@@ -235,6 +253,8 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     elif args.command == "chat":
         from ftflow.chat import MODEL, chat
 
+        if not args.overrides:  # the pipeline's model: made by the current params.yaml, or refused
+            freshness.check_current(params.read_params()[0], only=freshness.before("evaluate"))
         chat(Path(args.overrides[0] if args.overrides else MODEL), args.system, args.max_new_tokens, args.prompt)
     elif args.command in ("sync", "pull"):
         from ftflow.workflow.sync import sync
@@ -243,7 +263,10 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
             return 1
         sync()
     else:  # a stage, by hand: composed with the overrides, params.yaml left alone
-        runner.run(args.command, params.stage_params(params.compose(args.overrides), args.command))
+        tree = params.compose(args.overrides)
+        if not (args.command == "evaluate" and tree["eval"].get("models")):  # (eval.models: other models)
+            freshness.check_current(tree, only=freshness.before(args.command))  # what it reads is this config's
+        runner.run(args.command, params.stage_params(tree, args.command))
     return None
 
 

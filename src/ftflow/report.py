@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 from jinja2 import Environment
 
-from ftflow import paths
+from ftflow import freshness, paths
+from ftflow.config.params import PARAMS_FILE, read_params
 from ftflow.train import curve
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,9 @@ def read_json(path: Path):
 
 
 def report(cfg: dict, root: Path = Path(".")) -> dict:
-    """Run the stage: write results/report/ from the other stages' outputs (`cfg` is empty)."""
+    """Run the stage: write results/report/ from the other stages' outputs (`cfg` is empty),
+    each of them made by the config in params.yaml (else StaleResults names the stage and keys)."""
+    freshness.check_current(read_params(root / PARAMS_FILE)[0], root)
     (root / paths.REPORT).mkdir(parents=True, exist_ok=True)
     out = {name: root / paths.REPORT / file for name, file in paths.REPORT_FILES.items()}
     normalized = read_json(root / paths.NORMALIZE / "stats.json")
@@ -299,9 +302,7 @@ def report(cfg: dict, root: Path = Path(".")) -> dict:
     prov = read_json(root / paths.TRAIN / "model" / "provenance.json")
     evaluation = eval_table(read_json(root / paths.EVALUATE / "comparison.json"))
     stage_configs = {stage: (root / folder / "config.yaml").read_text()
-                     for stage, folder in (("normalize", paths.NORMALIZE), ("pack", paths.PACK), ("train", paths.TRAIN),
-                                           ("consolidate", paths.CONSOLIDATE), ("evaluate", paths.EVALUATE))
-                     if (root / folder / "config.yaml").exists()}  # fmt: skip
+                     for stage, folder in freshness.FOLDERS.items() if (root / folder / "config.yaml").exists()}  # fmt: skip
 
     out["normalize"].write_text(page("normalize: records per source", [normalize_table(normalized)]))
     out["pack"].write_text(page("pack: tokens and packing", [pack_table(packed)]))

@@ -25,8 +25,14 @@ def run(stage: str, params: dict, root: Path = Path(".")):
 
 
 def run_rule(rule: str, params: dict, root: Path = Path(".")):
-    """Run a rule's part of its stage on the rule's params (download has a rule per source)."""
+    """Run a rule's part of its stage on the rule's params (download has a rule per source), with
+    the sections its rule leaves out of them (Stage.read_at_run) from params.yaml."""
     stage = RULES[rule]
+    if stage.read_at_run:
+        from ftflow.config.params import PARAMS_FILE, read_params
+
+        tree = read_params(root / PARAMS_FILE)[0]
+        params = {**params, **{name: tree[name] for name in stage.read_at_run}}
     return _call(stage, stage.rule_entries()[rule], params, root)
 
 

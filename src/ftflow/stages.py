@@ -33,6 +33,10 @@ class Stage:
     # gets its sections validated once, as a typed StageConfig (download gets the locations
     # config.params.stage_params projects out of them, report no config)
     typed: bool = True
+    # sections it reads that never change what it writes (train: tracking, where the curve is
+    # also sent): left out of its rule's and DVC stage's params (config.params.rule_params), so
+    # changing them reruns nothing; its job reads them from params.yaml as it starts (runner)
+    read_at_run: tuple[str, ...] = ()
 
     def rule_entries(self) -> dict[str, str]:
         return self.rules or {self.name: self.entry}
@@ -149,6 +153,7 @@ STAGES = (
             "train.workers",
         ),
         processes=("train.__main__",),  # accelerate launch -m ftflow.train: the workers
+        read_at_run=("tracking",),  # the weights are the same whichever tracker watched
     ),  # fmt: skip
     Stage(
         "consolidate",
@@ -176,9 +181,25 @@ STAGES = (
         ("model", "eval"),
         ("config", "config.locations", "config.params", "config.schema", "errors", "evaluate", "paths"),
     ),
-    # the report reads the stages' outputs (and the config.yaml each wrote), no config
+    # the report reads the stages' outputs (and the config.yaml each wrote, which must be what
+    # params.yaml gives each stage: freshness), no config of its own
     Stage(
-        "report", "ftflow.report:report", (), ("paths", "report", "train", "train.curve"), slurm_job=False, typed=False
+        "report",
+        "ftflow.report:report",
+        (),
+        (
+            "config",
+            "config.locations",
+            "config.params",
+            "errors",
+            "freshness",
+            "paths",
+            "report",
+            "train",
+            "train.curve",
+        ),
+        slurm_job=False,
+        typed=False,
     ),
 )
 

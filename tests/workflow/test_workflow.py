@@ -50,6 +50,18 @@ def test_second_run_has_nothing_to_do(finished):
         (["peft=lora"], {**AFTER_TRAIN}),
         (["data.sources.0.limit=100"], {"normalize": 1, "pack": 1, **AFTER_TRAIN}),
         (["pack.max_length=256"], {"pack": 1, **AFTER_TRAIN}),
+        (["model.trust_remote_code=true"], {"pack": 1, **AFTER_TRAIN}),
+        # another model: downloaded, but normalize never reads the model
+        (
+            ["model=smollm2", "tokenizer=model", "template=model"],
+            {"download_model": 1, "download": 1, "pack": 1, **AFTER_TRAIN},
+        ),  # fmt: skip
+        (["tokenizer.vocab_size=600"], {"pack": 1, **AFTER_TRAIN}),
+        (["template=llama3"], {"pack": 1, **AFTER_TRAIN}),
+        (["launcher.collective_timeout_s=300"], AFTER_TRAIN),
+        (["tracking=none"], {}),  # the weights are the same whichever tracker watched
+        (["consolidate.verify_tolerance=0.01"], {"consolidate": 1, "evaluate": 1, "report": 1, "all": 1}),
+        (["slurm.jobs.train.runtime=100"], {}),  # the Slurm job's size: no stage reads it
     ],
 )
 def test_a_config_change_reruns_exactly_the_stages_that_read_it(finished, overrides, expected):
@@ -59,6 +71,39 @@ def test_a_config_change_reruns_exactly_the_stages_that_read_it(finished, overri
     finally:
         ftflow("compose", "experiment=smoke", cwd=finished)
     assert planned_jobs(finished) == {}  # back to the finished config: nothing to do again
+
+
+@pytest.mark.slow
+def test_a_run_names_the_keys_that_changed_for_each_stage(finished):
+    try:
+        out = ftflow("run", "experiment=smoke", "train.learning_rate=5e-4", "+data.sources.0.limit=100", "--", "-n",
+                     cwd=finished).stderr  # fmt: skip
+        lines = [line for line in out.splitlines() if line.startswith("changed since the results on disk: ")]
+        assert lines == [
+            "changed since the results on disk: normalize: data.sources[0].limit: 200 -> 100",
+            "changed since the results on disk: train: train.learning_rate: 0.001 -> 0.0005",
+        ], out[-3000:]
+    finally:
+        ftflow("compose", "experiment=smoke", cwd=finished)
+
+
+@pytest.mark.slow
+def test_results_made_by_another_config_are_never_presented(finished):
+    """Whatever Snakemake decides: the report stage and `ftflow chat` refuse results whose
+    recorded config is not the current one, naming the stage and the keys."""
+    config = finished / "results/consolidate/config.yaml"
+    original = config.read_text()
+    try:
+        config.write_text(original.replace("verify_tolerance: null", "verify_tolerance: 0.5"))
+        chat = ftflow("chat", "--prompt", "hi", cwd=finished, check=False)
+        assert chat.returncode == 1, chat.stderr
+        assert "consolidate: consolidate.verify_tolerance: 0.5 -> null" in chat.stderr
+        report = ftflow("report", "--", "--forcerun", "report", cwd=finished, check=False)
+        assert report.returncode != 0 and "consolidate.verify_tolerance: 0.5 -> null" in report.stderr + report.stdout
+    finally:
+        config.write_text(original)
+        ftflow("report", cwd=finished)  # the failed report job's files were removed: make them again
+    assert planned_jobs(finished) == {}
 
 
 @pytest.mark.slow

@@ -249,6 +249,12 @@ def stage_params(tree: dict, stage: str) -> dict:
     return out
 
 
+def rule_params(tree: dict, stage: str) -> dict:
+    """The sections a change of which reruns the stage: its rule's `params:` (Snakemake's rerun
+    trigger) and its DVC stage's params; those it reads at run time (Stage.read_at_run) are not."""
+    return {k: v for k, v in stage_params(tree, stage).items() if k not in stages.BY_NAME[stage].read_at_run}
+
+
 def write_stage_config(section: dict, out_dir: str | Path) -> None:
     """Each stage writes the exact config it ran with beside its outputs."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)

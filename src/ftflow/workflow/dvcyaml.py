@@ -47,7 +47,9 @@ PLOTS = {
         "template": "ftflow_eval",
     },
 }
-COARSE_DEPS = (paths.RAW, paths.MODELS, paths.MANIFESTS, "conf/eval/tasks", "conf/data", "conf/train")
+# (the first that holds a path wins: normalize reads the sources' manifests only, not the model's)
+COARSE_DEPS = (paths.RAW, paths.MODELS, f"{paths.MANIFESTS}/sources", paths.MANIFESTS, "conf/eval/tasks", "conf/data",
+               "conf/train")  # fmt: skip
 # Coarse deps that a stage has whatever the config, so that dvc.yaml keeps one shape: user
 # reader files live in conf/data/ (beside the data configs), user GRPO rewards in conf/train/,
 # and only some configs name one.
@@ -106,8 +108,9 @@ def render(graph: dict[str, dict[str, list[str]]]) -> dict:
     for name in DVC_STAGES:
         outs = graph[name]["outs"]
         stage: dict = {"cmd": f"ftflow dispatch {name}", "deps": graph[name]["deps"]}
-        if BY_NAME[name].sections:  # report reads no config
-            stage["params"] = list(BY_NAME[name].sections)
+        triggers = [s for s in BY_NAME[name].sections if s not in BY_NAME[name].read_at_run]
+        if triggers:  # report reads no config
+            stage["params"] = triggers
         plain = [o for o in outs if o not in METRICS and o not in PLOTS]
         stage["outs"] = [{o: {"persist": True}} if o in PERSIST.get(name, []) else o for o in plain]
         for key, kind in (("metrics", METRICS), ("plots", PLOTS)):
