@@ -9,6 +9,7 @@ rule consolidate:
         model=directory(f"{paths.CONSOLIDATE}/model"),
         summary=f"{paths.CONSOLIDATE}/summary.json",
         verification=f"{paths.CONSOLIDATE}/verification.json",
+        config=f"{paths.CONSOLIDATE}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them
     log:
         f"{paths.LOGS}/consolidate.log",
     conda:

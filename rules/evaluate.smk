@@ -14,6 +14,7 @@ rule evaluate:
         card=f"{paths.EVALUATE}/model_card.md",  # the consolidated model's card + these results
         base=directory(f"{paths.EVALUATE}/base"),  # lm-eval results.json + per-sample outputs
         tuned=directory(f"{paths.EVALUATE}/tuned"),
+        config=f"{paths.EVALUATE}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them
     log:
         f"{paths.LOGS}/evaluate.log",
     conda:

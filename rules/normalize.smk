@@ -9,6 +9,7 @@ rule normalize:
     output:
         splits=expand(f"{paths.NORMALIZE}/{{split}}.parquet", split=SPLITS),
         stats=f"{paths.NORMALIZE}/stats.json",
+        config=f"{paths.NORMALIZE}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them
     log:
         f"{paths.LOGS}/normalize.log",
     conda:

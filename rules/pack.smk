@@ -8,6 +8,7 @@ rule pack:
         packed=packed_dirs(),
         tokenizer=directory(f"{paths.PACK}/tokenizer"),
         stats=f"{paths.PACK}/stats.json",
+        config=f"{paths.PACK}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them
     log:
         f"{paths.LOGS}/pack.log",
     conda:

@@ -18,6 +18,7 @@ rule report:
         consolidate=f"{paths.CONSOLIDATE}/summary.json",
         evaluate=f"{paths.EVALUATE}/comparison.json",
         manifest=paths.MANIFEST,
+        configs=[f"{folder}/config.yaml" for folder in paths.RECORDING.values()],  # each stage's, checked and shown
         code=code("report"),
     output:
         normalize=report(

@@ -13,6 +13,7 @@ rule train:
         init=[directory(base_model())] if SCRATCH else [],
         curve=f"{paths.TRAIN}/loss.csv",
         summary=f"{paths.TRAIN}/summary.json",
+        config=f"{paths.TRAIN}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them
         probe=f"{paths.TRAIN}/probe.safetensors",  # the trained model's logits, for consolidate's check
     log:
         f"{paths.LOGS}/train.log",

@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ftflow import freshness, runner, stages
@@ -100,6 +101,16 @@ def dispatch(rule: str, extra: list[str]) -> int:
 
     if rule not in stages.DVC_STAGES:
         raise ConfigError(f"dispatch: {rule!r} is not a DVC stage (one of {stages.DVC_STAGES})")
+    from ftflow.workflow.inputs import missing_downloads
+
+    missing = missing_downloads(params.read_params()[0], rule) if rule in stages.BY_NAME else []
+    if missing:
+        raise StageError(
+            f"{rule} reads what was never downloaded into data/:\n  " + "\n  ".join(missing) + "\n"
+            "DVC's pipeline does not download (login nodes do; data/ is versioned by `dvc add data`). "
+            "Download with this params.yaml, then version it and run again:\n"
+            "  snakemake --profile profiles/local download && dvc add data"
+        )
     dvc = workspace.launcher(os.getpid()) or "dvc"
     os.environ.update(workspace.claim(f"{dvc} (its stage {rule})", dvc="skip"))
     # --allowed-rules: the other rules are not in the DAG, so their outputs are plain inputs (a
@@ -123,6 +134,25 @@ def presented(tree: dict, extra: list[str]) -> int:
             return 0
         raise
     return 0
+
+
+def record_in_dvc(extra: list[str]) -> int:
+    """After a whole run in a DVC repository: `dvc commit` of the pipeline's stages, so that
+    dvc.lock describes what is on disk and DVC's door goes on from it (a `dvc exp run` then
+    reruns what its change reaches, and finds every output in its cache instead of removing
+    those it has no record of). Not after a dry run or a run of some targets only."""
+    if {"-n", "--dry-run", "--dryrun"} & set(extra) or any(not w.startswith("-") for w in extra):
+        return 0
+    if not Path(".dvc").is_dir() or not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
+        return 0
+    workspace.release_dvc()  # dvc commit takes DVC's lock itself
+    start = time.monotonic()
+    rc = call(["dvc", "commit", "--force", "--quiet", "dvc.yaml"])
+    if rc == 0:
+        print(f"dvc: the run recorded in dvc.lock ({time.monotonic() - start:.0f} s)", file=sys.stderr)
+    else:
+        print("dvc: `dvc commit dvc.yaml` failed (above): dvc.lock does not describe this run", file=sys.stderr)
+    return rc
 
 
 def html_report(extra: list[str] = ()) -> int:
@@ -233,7 +263,7 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
         tree = compose_and_write(args.overrides)
         for line in freshness.describe(freshness.changes(tree)):
             print(f"changed since the results on disk: {line}", file=sys.stderr)
-        return call(snakemake_cmd(*extra)) or presented(tree, extra) or html_report(extra)
+        return call(snakemake_cmd(*extra)) or presented(tree, extra) or record_in_dvc(extra) or html_report(extra)
     elif args.command == "report":
         return call(snakemake_cmd(*extra, "--", "report")) or html_report()
     elif args.command == "config":

@@ -23,8 +23,7 @@ from ftflow import paths, stages
 from ftflow.config.params import load_yaml, rule_params
 from ftflow.errors import StageError
 
-# the stages that record their config beside their outputs, upstream first
-FOLDERS = {name: getattr(paths, name.upper()) for name in ("normalize", "pack", "train", "consolidate", "evaluate")}
+FOLDERS = paths.RECORDING  # the stages that record their config beside their outputs, upstream first
 
 
 class StaleResults(StageError):

@@ -30,6 +30,9 @@ REPORT_FILES = {
     "summary": "summary.yaml",  # the first page's figures
 }
 LOGS = "logs"
+# the stages that write config.yaml (the config they ran with) beside their outputs, as an
+# output: DVC versions it with them (ftflow.freshness compares it with the current config)
+RECORDING = {"normalize": NORMALIZE, "pack": PACK, "train": TRAIN, "consolidate": CONSOLIDATE, "evaluate": EVALUATE}
 
 # user code and task files that conf/ names, resolved from these folders
 READERS = "conf/data"  # data.sources[].reader: "file.py:function"

@@ -465,3 +465,52 @@ def test_a_dvc_run_and_an_ftflow_run_refuse_each_other(project):
     dvc("checkout", "--force", cwd=project)
     ftflow("sync", cwd=project)
     assert planned_jobs(project) == {}
+
+
+# --- 6. one state for both doors --------------------------------------------------------------
+
+
+def checkpoints(root: Path) -> set[str]:
+    folder = root / "results/train/checkpoints"
+    return {str(p.relative_to(folder)) for p in folder.glob("*/checkpoint-*")} if folder.exists() else set()
+
+
+@pytest.mark.dvc
+@pytest.mark.slow
+def test_after_any_ftflow_runs_a_dvc_experiment_reruns_only_what_its_change_reaches(tmp_path):
+    """`ftflow run`s with other overrides, then DVC's door: each `dvc exp run` runs what its change
+    reaches and nothing else, removes no checkpoint, and its report shows its own results; a
+    source nobody downloaded fails at once naming it and the command."""
+    root = make_dvc_repo(tmp_path / "repo")
+    snakemake("download", cwd=root)
+    dvc("add", "data", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "data", cwd=root)
+    for overrides in (["pack.max_length=96", "train.learning_rate=2e-3"], ["tracking=none"], []):
+        proc = ftflow("run", *overrides, cwd=root)
+        assert "dvc: the run recorded in dvc.lock" in proc.stderr, proc.stderr[-2000:]
+    kept = checkpoints(root)
+    assert kept
+
+    # the last ftflow run was conf/'s own config: an eval setting reruns evaluate and report only
+    proc = dvc("exp", "run", "-S", "eval.limit=10", cwd=root)
+    assert stages_run(proc) == ["evaluate", "report"]
+    assert "hash info" not in proc.stdout + proc.stderr
+    assert kept <= checkpoints(root)
+    assert yaml.safe_load((root / "results/eval/config.yaml").read_text())["eval"]["limit"] == 10
+
+    # what the first ftflow run made is in DVC's cache: its pack comes back from there, train runs anew
+    proc = dvc("exp", "run", "-S", "pack.max_length=96", "-S", "train.learning_rate=3e-3", cwd=root)
+    assert "pack" not in stages_run(proc) and {"train", "consolidate", "evaluate", "report"} <= set(stages_run(proc))
+    assert yaml.safe_load((root / "results/pack/config.yaml").read_text())["pack"]["max_length"] == 96  # restored
+    assert "hash info" not in proc.stdout + proc.stderr
+    assert kept <= checkpoints(root)  # another config's checkpoints are pruned only by a finished train
+    summary = yaml.safe_load((root / "results/report/summary.yaml").read_text())
+    assert summary  # the report of this experiment was written: every stage's record matched it
+
+    # a source that was never downloaded: DVC's normalize fails at once, saying what and how
+    proc = dvc("exp", "run", "-S", "data.sources.0.name=other_train", cwd=root, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "normalize reads what was never downloaded into data/" in out, out[-3000:]
+    assert "data source 'other_train'" in out and "snakemake --profile profiles/local download && dvc add data" in out
+    assert "MissingInputException" not in out

@@ -59,3 +59,23 @@ def report_headline(root: Path = Path(".")) -> dict:
     stage ran. Not --report-metadata: Snakemake 9 garbles its text values."""
     path = root / paths.REPORT / paths.REPORT_FILES["summary"]
     return load_yaml(path.read_text()) if path.exists() else {}
+
+
+def missing_downloads(tree: dict, stage: str, root: Path = Path(".")) -> list[str]:
+    """What a stage reads that the download rules bring and is not in data/: DVC's pipeline has
+    no download stage (login nodes download; `dvc add data` versions what they brought), so a
+    DVC stage checks for it before Snakemake would fail on a missing input file."""
+    missing = []
+    if stage == "normalize":
+        for s in tree["data"]["sources"]:
+            if not (root / paths.source_manifest(s["name"])).exists():
+                missing.append(f"data source {s['name']!r} ({s.get('path') or s.get('hub')}): {paths.RAW}/{s['name']}/")
+    if stage in ("pack", "train", "consolidate", "evaluate") and tree["model"]["source"] != "scratch":
+        if not (root / paths.model_manifest(tree["model"]["name"])).exists():
+            missing.append(f"model {tree['model']['name']!r}: {paths.base_model_dir(tree['model'])}/")
+    if stage == "evaluate":
+        for d in tree["eval"].get("datasets") or []:
+            key = paths.eval_dataset_key(d["hub"], d.get("name"))
+            if not (root / paths.eval_manifest(key)).exists():
+                missing.append(f"eval dataset {d['hub']}: {paths.eval_manifest(key)}")
+    return missing

@@ -68,6 +68,14 @@ def claim(what: str, root: Path = Path("."), dvc: str = "hold") -> dict[str, str
     return {HOLDER_ENV: str(os.getpid())}
 
 
+def release_dvc(root: Path = Path(".")) -> None:
+    """Give DVC's repo lock back, keeping the workspace's: `ftflow run` then records its run
+    with `dvc commit`, which takes that lock itself."""
+    held = _held.pop((root / DVC_LOCK).resolve(), None)
+    if held is not None:
+        held.close()
+
+
 def _lock(path: Path):
     """The file, open and exclusively locked by this process, or None if another holds it."""
     f = open(path, "a+")
