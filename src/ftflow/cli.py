@@ -283,7 +283,8 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     elif args.command == "chat":
         from ftflow.chat import MODEL, chat
 
-        if not args.overrides:  # the pipeline's model: made by the current params.yaml, or refused
+        if not args.overrides and Path(MODEL).exists() and Path(params.PARAMS_FILE).exists():
+            # the pipeline's model: made by the current params.yaml, or refused
             freshness.check_current(params.read_params()[0], only=freshness.before("evaluate"))
         chat(Path(args.overrides[0] if args.overrides else MODEL), args.system, args.max_new_tokens, args.prompt)
     elif args.command in ("sync", "pull"):
