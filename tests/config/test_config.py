@@ -402,3 +402,13 @@ def test_a_misspelt_key_or_option_gets_did_you_mean(override, message):
         compose([override], CONF)
     assert message in str(err.value) and "+train" not in str(err.value), str(err.value)
     assert "To append to your config" not in str(err.value)
+
+
+def test_a_task_yamls_data_files_must_exist(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    task = conf / "eval/tasks/demo_words.yaml"
+    task.write_text(task.read_text().replace("examples/demo/test.jsonl", "examples/demo/gone.jsonl"))
+    with pytest.raises(ConfigError) as err:
+        compose([], conf)
+    assert f"eval.tasks ('demo_words'): {task} reads examples/demo/gone.jsonl, which does not exist" in str(err.value)

@@ -43,7 +43,7 @@ WEIGHTS = ("*.safetensors", "pytorch_model*.bin")  # what transformers loads a m
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def check(config: Config) -> None:
+def check(config: Config, conf_dir: Path = Path("conf")) -> None:
     """Every local input the config names exists and is what it must be, so that a wrong path
     fails here, naming its key, before Snakemake decides anything: a producer that cannot be
     built must never leave the outputs of an earlier config looking current."""
@@ -52,6 +52,9 @@ def check(config: Config) -> None:
     why = model_problem(config.model, config.tokenizer.source == "model")
     if why:
         problems.append(f"  model.path: {why}")
+    problems += [
+        f"  eval.tasks ({task!r}): {why}" for task in config.eval.tasks for why in task_problems(task, conf_dir)
+    ]
     if problems:
         raise ConfigError("invalid config (an input it names):\n" + "\n".join(problems))
 
@@ -86,3 +89,22 @@ def model_problem(model, needs_tokenizer: bool) -> str | None:
     if lacks:
         return f"{folder} is not an HF model directory: it lacks {'; '.join(lacks)}"
     return None
+
+
+def task_problems(task: str, conf_dir: Path) -> list[str]:
+    """The local data files a task YAML of conf/eval/tasks/ reads (dataset_kwargs.data_files,
+    relative to the repository root) that do not exist. A name without a YAML is an lm-eval
+    built-in task, whose data evaluate checks before any model loads."""
+    import yaml
+
+    path = Path(conf_dir) / "eval" / "tasks" / f"{task}.yaml"
+    if not path.is_file():
+        return []
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        return [f"{path} is not valid YAML ({' '.join(str(err).split())[:200]})"]
+    files = ((spec.get("dataset_kwargs") or {}) if isinstance(spec, dict) else {}).get("data_files") or {}
+    named = [v for value in (files.values() if isinstance(files, dict) else [files])
+             for v in ([value] if isinstance(value, str) else value)]  # fmt: skip
+    return [f"{path} reads {f}, which does not exist" for f in named if not local_files(f)]

@@ -80,7 +80,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
 
     config = validate(tree)
     check_user_code(config, Path(conf_dir))
-    locations.check(config)
+    locations.check(config, Path(conf_dir))
     return tree
 
 
@@ -208,7 +208,7 @@ def _check(path: Path, conf_dir: Path) -> Checked:
 
     tree, overrides = read_params(path)
     config = validate(tree)
-    locations.check(config)  # params.yaml written by DVC's Hydra integration was never composed by us
+    locations.check(config, conf_dir)  # params.yaml written by DVC's Hydra integration was never composed by us
     valid = config.model_dump(mode="json")
     if overrides is not None:
         # composed by `ftflow compose`: recompose with the same overrides, compare everything
