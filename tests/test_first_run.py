@@ -117,3 +117,14 @@ def test_ctrl_c_while_training_saves_a_checkpoint_and_the_rerun_resumes(repo):
     assert "train.resume=false: removing" in log.read_text() and "Resuming" not in log.read_text()
     assert json.loads((repo / "results/train/summary.json").read_text())["resumed_from"] is None
     assert "train" in job_stats(fresh.stderr)
+
+
+def test_the_ctrl_c_hint_never_repeats_train_resume_false():
+    """Rerunning an interrupted `... train.resume=false` as it was would remove the checkpoint it
+    just saved: the hint leaves that override out and says why."""
+    from ftflow.cli import how_to_go_on
+
+    hint = how_to_go_on(["run", "data=mine", "train.max_steps=400", "train.resume=false"])
+    assert hint.startswith("`ftflow run data=mine train.max_steps=400` goes on from where it stopped")
+    assert "with train.resume=false it would start afresh and remove that checkpoint" in hint
+    assert how_to_go_on(["run", "data=mine"]).startswith("`ftflow run data=mine` goes on from where it stopped")

@@ -33,3 +33,8 @@ def test_only_changes_a_person_made_make_the_tree_dirty(tmp_path):
     state = git_state(tmp_path)
     assert state["dirty"] is True and state["changed"] == ["code.py"]
     assert "+x = 2" in git_diff(tmp_path) and "params.yaml" not in git_diff(tmp_path)
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("kind: conversation\n")  # never committed
+    (tmp_path / "notes.txt").write_text("not code\n")
+    assert git_state(tmp_path)["changed"] == ["code.py", "conf/mine.yaml"]

@@ -145,9 +145,14 @@ def record_in_dvc(extra: list[str]) -> int:
         return 0
     if not Path(".dvc").is_dir() or not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
         return 0
+    from ftflow.workflow.dvcyaml import output_times
+
     workspace.release_dvc()  # dvc commit takes DVC's lock itself
-    start = time.monotonic()
+    start, times = time.monotonic(), output_times()
     rc = call(["dvc", "commit", "--force", "--quiet", "dvc.yaml"])
+    for path, ns in times.items():  # as Snakemake saw them (output_times says why)
+        if path.exists():
+            os.utime(path, ns=(ns, ns), follow_symlinks=False)
     if rc == 0:
         print(f"dvc: the run recorded in dvc.lock ({time.monotonic() - start:.0f} s)", file=sys.stderr)
     else:
@@ -240,10 +245,19 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        again = " ".join(["ftflow", *argv])
-        print(f"ftflow {args.command}: interrupted (Ctrl-C). `{again}` goes on from where it stopped "
-              "(training from its last checkpoint; train.resume=false starts it afresh)", file=sys.stderr)  # fmt: skip
+        print(f"ftflow {args.command}: interrupted (Ctrl-C). {how_to_go_on(argv)}", file=sys.stderr)
         return INTERRUPTED
+
+
+def how_to_go_on(argv: list[str]) -> str:
+    """The command that goes on from where an interrupted one stopped: the same, but never with
+    train.resume=false, which would remove the checkpoint just saved (it reruns nothing else:
+    train.resume is not a rerun trigger)."""
+    again = " ".join(["ftflow", *(a for a in argv if a.lstrip("+") != "train.resume=false")])
+    hint = f"`{again}` goes on from where it stopped (training from the checkpoint it saved"
+    if again != " ".join(["ftflow", *argv]):
+        return hint + "; with train.resume=false it would start afresh and remove that checkpoint)"
+    return hint + "; add train.resume=false to start afresh instead)"
 
 
 # commands that write the workspace (params.yaml, results/): one at a time (workflow/workspace.py)
@@ -261,9 +275,13 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
         compose_and_write(args.overrides)
     elif args.command == "run":
         tree = compose_and_write(args.overrides)
-        for line in freshness.describe(freshness.changes(tree)):
+        changed = freshness.changes(tree)
+        for line in freshness.describe(changed):
             print(f"changed since the results on disk: {line}", file=sys.stderr)
-        return call(snakemake_cmd(*extra)) or presented(tree, extra) or record_in_dvc(extra) or html_report(extra)
+        # rerun them whatever Snakemake's own records say (after `ftflow sync` it has none)
+        force = ["--forcerun", *changed] if changed else []
+        return (call(snakemake_cmd(*force, *extra)) or presented(tree, extra) or record_in_dvc(extra)
+                or html_report(extra))  # fmt: skip
     elif args.command == "report":
         return call(snakemake_cmd(*extra, "--", "report")) or html_report()
     elif args.command == "config":

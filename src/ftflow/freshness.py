@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ftflow import paths, stages
-from ftflow.config.params import load_yaml, rule_params
+from ftflow.config.params import load_yaml, rule_params, without_run_time
 from ftflow.errors import StageError
 
 FOLDERS = paths.RECORDING  # the stages that record their config beside their outputs, upstream first
@@ -35,8 +35,7 @@ def recorded(stage: str, root: Path = Path(".")) -> dict | None:
     path = root / FOLDERS[stage] / "config.yaml"
     if not path.exists():
         return None
-    ignored = stages.BY_NAME[stage].read_at_run
-    return {k: v for k, v in (load_yaml(path.read_text()) or {}).items() if k not in ignored}
+    return without_run_time(load_yaml(path.read_text()) or {}, stage)
 
 
 def flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -53,7 +52,8 @@ def flat(value: Any, prefix: str = "") -> dict[str, Any]:
 def changed_keys(old: dict, new: dict) -> list[str]:
     """`key: old -> new` for each key whose value differs (a key only one side has: `(none)`)."""
     before, after = flat(old), flat(new)
-    keys = sorted(k for k in set(before) | set(after) if before.get(k, "(none)") != after.get(k, "(none)"))
+    keys = sorted((k for k in set(before) | set(after) if before.get(k, "(none)") != after.get(k, "(none)")),
+                  key=lambda k: (k not in before or k not in after, k))  # values changed first, then keys added or gone  # fmt: skip
     return [f"{k}: {shown(before.get(k, '(none)'))} -> {shown(after.get(k, '(none)'))}" for k in keys]
 
 

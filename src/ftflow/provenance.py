@@ -29,6 +29,8 @@ def _git(root: Path, *args: str) -> str | None:
 # provenance's `config`), DVC's record of the data (`inputs`: the manifest's and the packed
 # splits' hashes) and of the pipeline. A change to them alone is not a dirty tree.
 RUN_STATE = ("params.yaml", "data.dvc", "dvc.lock")
+# where a file not yet committed changes what a run does (elsewhere: data, results, notes)
+UNCOMMITTED_MATTERS = ("conf", "src", "rules", "scripts", "workflow", "profiles")
 
 
 def git_state(root: Path = Path(".")) -> dict:
@@ -39,7 +41,10 @@ def git_state(root: Path = Path(".")) -> dict:
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
     if status is None:
         return {"commit": commit.strip() if commit else None, "dirty": None, "changed": None}
-    changed = sorted({line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip()} - set(RUN_STATE))
+    changed = {line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip()} - set(RUN_STATE)
+    # code and config not committed at all (a data config or reader of your own in conf/)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *UNCOMMITTED_MATTERS) or ""
+    changed = sorted(changed | set(untracked.split()))
     return {"commit": commit.strip() if commit else None, "dirty": bool(changed), "changed": changed}
 
 

@@ -31,8 +31,13 @@ def run_rule(rule: str, params: dict, root: Path = Path(".")):
     if stage.read_at_run:
         from ftflow.config.params import PARAMS_FILE, read_params
 
-        tree = read_params(root / PARAMS_FILE)[0]
-        params = {**params, **{name: tree[name] for name in stage.read_at_run}}
+        tree, params = read_params(root / PARAMS_FILE)[0], dict(params)
+        for entry in stage.read_at_run:
+            section, _, key = entry.partition(".")
+            if not key:
+                params[section] = tree[section]
+            elif key in tree.get(section, {}):
+                params[section] = {**params[section], key: tree[section][key]}
     return _call(stage, stage.rule_entries()[rule], params, root)
 
 

@@ -33,9 +33,10 @@ class Stage:
     # gets its sections validated once, as a typed StageConfig (download gets the locations
     # config.params.stage_params projects out of them, report no config)
     typed: bool = True
-    # sections it reads that never change what it writes (train: tracking, where the curve is
-    # also sent): left out of its rule's and DVC stage's params (config.params.rule_params), so
-    # changing them reruns nothing; its job reads them from params.yaml as it starts (runner)
+    # sections (or section.key) it reads that never change what it writes (train: tracking,
+    # where the curve is also sent; whether a rerun resumes): left out of its rule's params
+    # (config.params.rule_params; a whole section out of its DVC stage's too), so changing them
+    # reruns nothing; its job reads them from params.yaml as it starts (runner)
     read_at_run: tuple[str, ...] = ()
 
     def rule_entries(self) -> dict[str, str]:
@@ -153,7 +154,9 @@ STAGES = (
             "train.workers",
         ),
         processes=("train.__main__",),  # accelerate launch -m ftflow.train: the workers
-        read_at_run=("tracking",),  # the weights are the same whichever tracker watched
+        # the weights are the same whichever tracker watched, and whether the run resumed or
+        # how a resume checked the checkpoint (checkpoints.NOT_IN_KEY)
+        read_at_run=("tracking", "train.resume", "train.checkpoint_verify"),
     ),  # fmt: skip
     Stage(
         "consolidate",

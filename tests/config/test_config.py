@@ -43,7 +43,7 @@ def local_model(tmp_path_factory):
     """What compose requires of model=local's folder (the files, not a loadable model)."""
     folder = tmp_path_factory.mktemp("model")
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        (folder / name).write_text("{}")
+        (folder / name).write_text('{"model_type": "llama"}')
     return folder
 
 
@@ -344,11 +344,15 @@ def test_a_local_model_path_must_be_an_hf_model_directory(tmp_path):
         [f"model.path={tmp_path / 'm.gguf'}"]
     )
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "config.json").write_text("{}")
+    (tmp_path / "half" / "config.json").write_text("{'model_type': 'llama'}")  # not JSON
     (tmp_path / "half" / "tokenizer.json").write_text("{}")
     assert model_error([f"model.path={tmp_path / 'half'}"]).endswith(
         "it lacks weights (*.safetensors or pytorch_model*.bin)"
     )
+    (tmp_path / "half" / "model.safetensors").write_bytes(b"")
+    assert "config.json is not valid JSON" in model_error([f"model.path={tmp_path / 'half'}"])
+    (tmp_path / "half" / "config.json").write_text('{"model_type": "llama"}')
+    assert model_error([f"model.path={tmp_path / 'half'}"]).endswith(": empty weights file(s) model.safetensors")
 
 
 def test_a_gguf_file_and_the_data_paths_must_exist():
@@ -387,7 +391,7 @@ def test_params_yaml_written_by_dvc_is_checked_for_its_inputs_too(tmp_path):
         ("+train.learnig_rate=1e-4", "train.learnig_rate: unknown key — did you mean train.learning_rate?"),
         ("trian.epochs=3", "trian.epochs: unknown key — did you mean train.epochs?"),
         ("data.sources.0.pth=x", "data.sources.0.path?"),
-        ("+data.sources.0.pth=x", "data.sources[0].pth: unknown key — did you mean data.sources.0.path?"),
+        ("+data.sources.0.pth=x", "data.sources[0].pth: unknown key — did you mean data.sources[0].path?"),
         ("+slurm.jobs.train.runtme=5", "did you mean slurm.jobs.train.runtime?"),
         (
             "model=smolm2",

@@ -76,7 +76,7 @@ def test_a_config_change_reruns_exactly_the_stages_that_read_it(finished, overri
 @pytest.mark.slow
 def test_a_run_names_the_keys_that_changed_for_each_stage(finished):
     try:
-        out = ftflow("run", "experiment=smoke", "train.learning_rate=5e-4", "+data.sources.0.limit=100", "--", "-n",
+        out = ftflow("run", "experiment=smoke", "train.learning_rate=5e-4", "data.sources.0.limit=100", "--", "-n",
                      cwd=finished).stderr  # fmt: skip
         lines = [line for line in out.splitlines() if line.startswith("changed since the results on disk: ")]
         assert lines == [

@@ -82,13 +82,29 @@ def model_problem(model, needs_tokenizer: bool) -> str | None:
         hint = "; a .gguf file is read with model=gguf" if folder.suffix == ".gguf" else ""
         return f"{folder} is a file, not an HF model directory{hint}"
     lacks = [] if (folder / "config.json").is_file() else ["config.json"]
-    if not any(next(folder.glob(pattern), None) for pattern in WEIGHTS):
+    weights = [f for pattern in WEIGHTS for f in folder.glob(pattern)]
+    if not weights:
         lacks.append(f"weights ({' or '.join(WEIGHTS)})")
     if needs_tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         lacks.append(f"tokenizer files ({', '.join(TOKENIZER_FILES)}; tokenizer=model reads the model's own)")
     if lacks:
         return f"{folder} is not an HF model directory: it lacks {'; '.join(lacks)}"
-    return None
+    return damaged(folder / "config.json", weights)
+
+
+def damaged(config: Path, weights: list[Path]) -> str | None:
+    """A model folder's files that cannot be what they say (cheap checks only: the JSON of the
+    config, a weights file with no bytes)."""
+    import json
+
+    try:
+        parsed = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{config} is not valid JSON ({err})"
+    if not isinstance(parsed, dict) or not parsed.get("model_type"):
+        return f"{config} names no model_type: not a transformers model config"
+    empty = [f.name for f in weights if f.stat().st_size == 0]
+    return f"{config.parent}: empty weights file(s) {', '.join(sorted(empty))}" if empty else None
 
 
 def task_problems(task: str, conf_dir: Path) -> list[str]:

@@ -73,7 +73,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
     except HydraException as err:
         msg = " ".join(str(err).split())
         raise ConfigError(
-            composition_error(msg, conf_dir) or f"cannot compose conf/ with overrides {list(overrides)}: {msg}"
+            composition_error(msg, conf_dir, overrides)
+            or f"cannot compose conf/ with overrides {list(overrides)}: {msg}"
         ) from None
     tree.pop("experiment", None)  # the experiment group only overrides other groups
     from ftflow.config.schema import validate
@@ -84,7 +85,7 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
     return tree
 
 
-def composition_error(msg: str, conf_dir: Path) -> str | None:
+def composition_error(msg: str, conf_dir: Path, overrides=()) -> str | None:
     """Hydra's refusals a person meets most, said in ftflow's words: a misspelt key (Hydra's
     own hint, "use +key=value", only leads to a second error) and a group option that does not
     exist. None for anything else."""
@@ -93,6 +94,11 @@ def composition_error(msg: str, conf_dir: Path) -> str | None:
 
     from ftflow.config.schema import did_you_mean
 
+    if "LexerNoViableAltException" in msg or "no viable alternative" in msg:
+        bad = [o for o in overrides if "[" in o.partition("=")[0]] or list(overrides)
+        return (f"cannot read the override {' '.join(bad)}: Hydra's overrides name list items with dots, not "
+                "brackets (data.sources.0.reader=messages), and a value with spaces or brackets is quoted: "
+                "'eval.tasks=[a,b]'")  # fmt: skip
     key = re.match(r"Could not override '([^']+)'", msg)
     if key:
         return f"invalid config:\n  {key.group(1)}: unknown key{did_you_mean(key.group(1))}"
@@ -250,9 +256,21 @@ def stage_params(tree: dict, stage: str) -> dict:
 
 
 def rule_params(tree: dict, stage: str) -> dict:
-    """The sections a change of which reruns the stage: its rule's `params:` (Snakemake's rerun
-    trigger) and its DVC stage's params; those it reads at run time (Stage.read_at_run) are not."""
-    return {k: v for k, v in stage_params(tree, stage).items() if k not in stages.BY_NAME[stage].read_at_run}
+    """What a change of reruns the stage: its rule's `params:` (Snakemake's rerun trigger), its
+    sections without what it reads at run time (Stage.read_at_run: a section, or section.key)."""
+    return without_run_time(stage_params(tree, stage), stage)
+
+
+def without_run_time(sections: dict, stage: str) -> dict:
+    """A stage's sections without what it reads at run time (Stage.read_at_run)."""
+    out = dict(sections)
+    for entry in stages.BY_NAME[stage].read_at_run:
+        section, _, key = entry.partition(".")
+        if not key:
+            out.pop(section, None)
+        elif isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
 
 
 def write_stage_config(section: dict, out_dir: str | Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -619,7 +620,8 @@ def stage_config(stage: str, sections: dict[str, Any]) -> StageConfig:
 
 
 def _did_you_mean(loc: tuple[Any, ...]) -> str:
-    return did_you_mean(".".join(map(str, loc)))
+    """did_you_mean in the notation of the message it ends (data.sources[0].reader)."""
+    return re.sub(r"\.(\d+)(?=[.?])", r"[\1]", did_you_mean(".".join(map(str, loc))))
 
 
 def _validated(model: type[BaseModel], tree: dict[str, Any], what: str):
@@ -629,6 +631,7 @@ def _validated(model: type[BaseModel], tree: dict[str, Any], what: str):
         lines = []
         for e in err.errors():
             what_is_wrong = "unknown key" + _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
+            what_is_wrong = what_is_wrong.removeprefix("Value error, ")  # pydantic's, before our own reason
             if e["type"] == "missing":
                 what_is_wrong = "missing required value"
             path = _dotted(e["loc"]) or "<root>"

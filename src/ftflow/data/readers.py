@@ -378,7 +378,11 @@ def reader_kind(spec: str) -> str | None:
 def _refuse_unknown(spec: str) -> None:
     """A reader is a built-in's name or user code "file.py:function" (its file: inputs.user_files)."""
     if spec not in READERS and ":" not in spec:
-        raise ValueError(f"unknown reader {spec!r}: use one of {sorted(READERS)} or 'file.py:function'")
+        import difflib
+
+        close = difflib.get_close_matches(spec, list(READERS), n=1)
+        hint = f" — did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown reader {spec!r}: use one of {sorted(READERS)} or 'file.py:function'{hint}")
 
 
 def get_reader(spec: str, base: Path = READERS_DIR) -> Reader:

@@ -108,6 +108,7 @@ def render(graph: dict[str, dict[str, list[str]]]) -> dict:
     for name in DVC_STAGES:
         outs = graph[name]["outs"]
         stage: dict = {"cmd": f"ftflow dispatch {name}", "deps": graph[name]["deps"]}
+        # (a key read at run time, train.resume, stays: DVC's params name whole sections here)
         triggers = [s for s in BY_NAME[name].sections if s not in BY_NAME[name].read_at_run]
         if triggers:  # report reads no config
             stage["params"] = triggers
@@ -155,6 +156,22 @@ def declared_graph(content: dict) -> dict[str, dict[str, list[str]]]:
             outs = names(stage.get("outs")) + names(stage.get("metrics")) + names(stage.get("plots"))
             graph[name] = {"deps": sorted(names(stage.get("deps"))), "outs": sorted(outs)}
     return graph
+
+
+def output_times(root: Path = Path(".")) -> dict[Path, int]:
+    """The modification time of every file of dvc.yaml's outputs. `dvc commit` links each output
+    into DVC's cache, and an output identical to one cached before (a stage's config.yaml that
+    another experiment shared) becomes a link to that older file: Snakemake, which compares
+    times, would then rerun what follows. `ftflow run` puts these times back after committing."""
+    outs = [
+        o for stage in declared_graph(load_yaml((Path(root) / DVC_YAML).read_text())).values() for o in stage["outs"]
+    ]
+    times = {}
+    for out in outs:
+        path = Path(root) / out
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.is_file() else []
+        times.update({f: f.stat().st_mtime_ns for f in files})
+    return times
 
 
 def differences(expected: dict, declared: dict) -> list[str]:
