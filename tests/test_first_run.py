@@ -83,7 +83,7 @@ def started_training(log: Path) -> bool:
 
 @pytest.mark.slow
 def test_ctrl_c_while_training_saves_a_checkpoint_and_the_rerun_resumes(repo):
-    run = ["run", *MINE, "train.max_steps=400", "train.logging_steps=50"]
+    run = ["run", *MINE, "train.max_steps=150", "train.logging_steps=50"]
     log = repo / "logs/train.log"
     log.unlink(missing_ok=True)
     # as a terminal's Ctrl-C: SIGINT to every process of the foreground process group
@@ -102,14 +102,14 @@ def test_ctrl_c_while_training_saves_a_checkpoint_and_the_rerun_resumes(repo):
     stopped = [line for line in log.read_text().splitlines() if "training stopped on SIGINT at step" in line]
     assert len(stopped) == 1, log.read_text()[-3000:]
     step = int(stopped[0].split("at step ")[1].split(";")[0])
-    assert 0 < step < 400
+    assert 0 < step < 150
     no_traceback(repo, out, err)
 
     rerun = ftflow(*run, cwd=repo)
     assert job_stats(rerun.stderr).keys() >= {"train", "consolidate", "evaluate", "report"}
     assert "Resuming from results/train/checkpoints/" in log.read_text() and f"checkpoint-{step}" in log.read_text()
     summary = json.loads((repo / "results/train/summary.json").read_text())
-    assert summary["resumed_from"] == f"checkpoint-{step}" and summary["steps"] == 400
+    assert summary["resumed_from"] == f"checkpoint-{step}" and summary["steps"] == 150
     no_traceback(repo, rerun.stdout, rerun.stderr)
 
     # train.resume=false: the same config starts afresh from step 0
@@ -124,7 +124,7 @@ def test_the_ctrl_c_hint_never_repeats_train_resume_false():
     just saved: the hint leaves that override out and says why."""
     from ftflow.cli import how_to_go_on
 
-    hint = how_to_go_on(["run", "data=mine", "train.max_steps=400", "train.resume=false"])
-    assert hint.startswith("`ftflow run data=mine train.max_steps=400` goes on from where it stopped")
+    hint = how_to_go_on(["run", "data=mine", "train.max_steps=150", "train.resume=false"])
+    assert hint.startswith("`ftflow run data=mine train.max_steps=150` goes on from where it stopped")
     assert "with train.resume=false it would start afresh and remove that checkpoint" in hint
     assert how_to_go_on(["run", "data=mine"]).startswith("`ftflow run data=mine` goes on from where it stopped")
