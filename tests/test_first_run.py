@@ -112,8 +112,9 @@ def test_ctrl_c_while_training_saves_a_checkpoint_and_the_rerun_resumes(repo):
     assert summary["resumed_from"] == f"checkpoint-{step}" and summary["steps"] == 150
     no_traceback(repo, rerun.stdout, rerun.stderr)
 
-    # train.resume=false: the same config starts afresh from step 0
-    fresh = ftflow(*run, "train.resume=false", cwd=repo)
+    # train.resume=false: the same config trains afresh from step 0 (a finished run changes no
+    # result for it, so the README says to force the stage)
+    fresh = ftflow(*run, "train.resume=false", "--", "--forcerun", "train", cwd=repo)
     assert "train.resume=false: removing" in log.read_text() and "Resuming" not in log.read_text()
     assert json.loads((repo / "results/train/summary.json").read_text())["resumed_from"] is None
     assert "train" in job_stats(fresh.stderr)

@@ -120,6 +120,23 @@ def dispatch(rule: str, extra: list[str]) -> int:
     return call(cmd, env={**os.environ, dvcyaml.STAGE_ENV: rule})
 
 
+# Snakemake's options whose next words are values, not targets
+VALUE_OPTIONS = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O", "--allowed-rules", "--cores", "-c",
+                 "--jobs", "-j", "--config", "-C", "--set-threads", "--set-resources", "--profile", "--directory",
+                 "-d", "--rerun-triggers", "--latency-wait", "--retries", "--resources"}  # fmt: skip
+
+
+def targets(extra: list[str]) -> list[str]:
+    """The files or rules named in Snakemake's arguments: a run of those only."""
+    found, value = [], False
+    for word in extra:
+        if word.startswith("-"):
+            value = word.partition("=")[0] in VALUE_OPTIONS and "=" not in word
+        elif not value:
+            found.append(word)
+    return found
+
+
 def presented(tree: dict, extra: list[str]) -> int:
     """After a run: every stage's results were made by this config, or the run fails naming the
     stage and the keys (a run of some targets only, `ftflow run -- results/pack/train`, leaves
@@ -129,7 +146,7 @@ def presented(tree: dict, extra: list[str]) -> int:
     try:
         freshness.check_current(tree)
     except freshness.StaleResults as err:
-        if any(not word.startswith("-") for word in extra):
+        if targets(extra):
             print(f"report: not written: {err}", file=sys.stderr)
             return 0
         raise
@@ -141,7 +158,7 @@ def record_in_dvc(extra: list[str]) -> int:
     dvc.lock describes what is on disk and DVC's door goes on from it (a `dvc exp run` then
     reruns what its change reaches, and finds every output in its cache instead of removing
     those it has no record of). Not after a dry run or a run of some targets only."""
-    if {"-n", "--dry-run", "--dryrun"} & set(extra) or any(not w.startswith("-") for w in extra):
+    if {"-n", "--dry-run", "--dryrun"} & set(extra) or targets(extra):
         return 0
     if not Path(".dvc").is_dir() or not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
         return 0

@@ -215,9 +215,7 @@ def test_gguf_paths_that_cannot_be_had(tmp_path):
     for path, message in cases.items():
         with pytest.raises(DownloadError, match=re.escape(message)):
             download({"data": {"sources": []}, "model": {"name": "g", "source": "gguf", "path": path}}, tmp_path)
-    with pytest.raises(
-        ConfigError, match=r"model: model.source=gguf needs model.path to name a .gguf file"
-    ):
+    with pytest.raises(ConfigError, match=r"model: model.source=gguf needs model.path to name a .gguf file"):
         compose(["model=smollm2", "model.path=/models/x.bin"])
 
 

@@ -234,11 +234,18 @@ def test_dvc_repro_reruns_exactly_the_changed_stages(project, overrides, expecte
 
 @pytest.mark.dvc
 @pytest.mark.slow
-def test_a_snakemake_run_is_recorded_by_dvc_commit(project):
+def test_a_run_is_recorded_by_dvc_commit(project):
+    """`ftflow run` records its run in dvc.lock itself, keeping the times Snakemake compares; a
+    plain `snakemake` run is recorded by `dvc commit dvc.yaml`."""
     try:
-        ftflow("run", "eval.max_gen_toks=4", cwd=project)
+        proc = ftflow("run", "eval.max_gen_toks=4", cwd=project)
+        assert "dvc: the run recorded in dvc.lock" in proc.stderr
+        assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
+        assert planned_jobs(project) == {}
+        ftflow("compose", "eval.max_gen_toks=5", cwd=project)
+        snakemake(cwd=project)
         assert "evaluate" in dvc("status", cwd=project).stdout
-        dvc("commit", "--force", cwd=project)
+        dvc("commit", "--force", "dvc.yaml", cwd=project)
         assert "Data and pipelines are up to date" in dvc("status", cwd=project).stdout
     finally:
         restore(project)
