@@ -399,6 +399,7 @@ def test_params_yaml_written_by_dvc_is_checked_for_its_inputs_too(tmp_path):
             "— did you mean model=smollm2?",
         ),  # fmt: skip
         ("train.zzzz=1", "train.zzzz: unknown key"),
+        ("peft.r=16", "peft.r: not set in conf/ (its default applies); Hydra sets such a key with a +: +peft.r=16"),
     ],
 )
 def test_a_misspelt_key_or_option_gets_did_you_mean(override, message):

@@ -92,7 +92,7 @@ def composition_error(msg: str, conf_dir: Path, overrides=()) -> str | None:
     import difflib
     import re
 
-    from ftflow.config.schema import did_you_mean
+    from ftflow.config.schema import did_you_mean, known_key
 
     if "LexerNoViableAltException" in msg or "no viable alternative" in msg:
         bad = [o for o in overrides if "[" in o.partition("=")[0]] or list(overrides)
@@ -100,6 +100,10 @@ def composition_error(msg: str, conf_dir: Path, overrides=()) -> str | None:
                 "brackets (data.sources.0.reader=messages), and a value with spaces or brackets is quoted: "
                 "'eval.tasks=[a,b]'")  # fmt: skip
     key = re.match(r"Could not override '([^']+)'", msg)
+    if key and known_key(key.group(1)):  # a real key that conf/ leaves to its default
+        value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == key.group(1)), "...")
+        return (f"invalid config:\n  {key.group(1)}: not set in conf/ (its default applies); Hydra sets such a key "
+                f"with a +: +{key.group(1)}={value}")  # fmt: skip
     if key:
         return f"invalid config:\n  {key.group(1)}: unknown key{did_you_mean(key.group(1))}"
     option = re.search(r"Could not find '([\w/]+)/([^'/]+)'", msg)

@@ -677,3 +677,19 @@ def _closest(model: type[BaseModel], parts: list[str], fixed: list[str]) -> str:
     if typing.get_origin(annotation) is dict or rest[0].isdigit():  # past a map's key or a list's index
         return _closest(inner, rest[1:], [*fixed, part, rest[0]])
     return _closest(inner, rest, [*fixed, part])
+
+
+def known_key(key: str) -> bool:
+    """Whether the schema has this dotted key (data.sources.0.reader), set in conf/ or not."""
+    model: type[BaseModel] | None = Config
+    parts = key.split(".")
+    i = 0
+    while i < len(parts):
+        if model is None or parts[i] not in model.model_fields:
+            return False
+        annotation = model.model_fields[parts[i]].annotation
+        model = model_of(annotation)
+        i += 1
+        if model is not None and i < len(parts) and (typing.get_origin(annotation) is dict or parts[i].isdigit()):
+            i += 1  # past a map's key or a list's index
+    return True
