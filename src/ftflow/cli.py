@@ -295,8 +295,9 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
         changed = freshness.changes(tree)
         for line in freshness.describe(changed):
             print(f"changed since the results on disk: {line}", file=sys.stderr)
-        # rerun them whatever Snakemake's own records say (after `ftflow sync` it has none)
-        force = ["--forcerun", *changed] if changed else []
+        # rerun them whatever Snakemake's own records say (after `ftflow sync` it has none); not in
+        # a run of some targets only: Snakemake would add the forced rules to it
+        force = ["--forcerun", *changed] if changed and not targets(extra) else []
         return (call(snakemake_cmd(*force, *extra)) or presented(tree, extra) or record_in_dvc(extra)
                 or html_report(extra))  # fmt: skip
     elif args.command == "report":
@@ -331,7 +332,9 @@ def command(args: argparse.Namespace, extra: list[str]) -> int | None:
     else:  # a stage, by hand: composed with the overrides, params.yaml left alone
         tree = params.compose(args.overrides)
         if not (args.command == "evaluate" and tree["eval"].get("models")):  # (eval.models: other models)
-            freshness.check_current(tree, only=freshness.before(args.command))  # what it reads is this config's
+            # what it reads was made by this config, as far as the keys it reads itself go
+            sections = stages.BY_NAME[args.command].sections
+            freshness.check_current(tree, only=freshness.before(args.command), sections=sections)
         runner.run(args.command, params.stage_params(tree, args.command))
     return None
 

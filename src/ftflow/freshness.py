@@ -89,10 +89,16 @@ def before(stage: str) -> list[str]:
     return [s for s in FOLDERS if order.index(s) < order.index(stage)]
 
 
-def check_current(tree: dict, root: Path = Path("."), only: list[str] | None = None) -> None:
+def check_current(tree: dict, root: Path = Path("."), only: list[str] | None = None,
+                  sections: tuple[str, ...] | None = None) -> None:  # fmt: skip
     """Refuse results made by another config than `tree` (every recorded stage's, or `only`
-    those), naming the stage and the keys."""
-    found = {s: keys for s, keys in changes(tree, root).items() if only is None or s in only}
+    those; only the keys of `sections` when given: a stage run by hand cares for what it reads
+    itself), naming the stage and the keys."""
+    found = {}
+    for stage, keys in changes(tree, root).items():
+        keys = [k for k in keys if sections is None or k.split(".")[0].split("[")[0] in sections]
+        if keys and (only is None or stage in only):
+            found[stage] = keys
     if found:
         raise StaleResults(
             "results on disk were made by another config than the current one, and were not remade:\n  "
