@@ -126,6 +126,11 @@ VALUE_OPTIONS = {"--forcerun", "-R", "--until", "-U", "--omit-from", "-O", "--al
                  "-d", "--rerun-triggers", "--latency-wait", "--retries", "--resources"}  # fmt: skip
 
 
+def dry_run(extra: list[str]) -> bool:
+    """Snakemake only plans: nothing to check, record or report afterwards."""
+    return bool({"-n", "--dry-run", "--dryrun"} & set(extra))
+
+
 def targets(extra: list[str]) -> list[str]:
     """The files or rules named in Snakemake's arguments: a run of those only."""
     found, value = [], False
@@ -141,7 +146,7 @@ def presented(tree: dict, extra: list[str]) -> int:
     """After a run: every stage's results were made by this config, or the run fails naming the
     stage and the keys (a run of some targets only, `ftflow run -- results/pack/train`, leaves
     later stages as they were: then the report is not written, and the run is not failed)."""
-    if {"-n", "--dry-run", "--dryrun"} & set(extra):
+    if dry_run(extra):
         return 0
     try:
         freshness.check_current(tree)
@@ -158,7 +163,7 @@ def record_in_dvc(extra: list[str]) -> int:
     dvc.lock describes what is on disk and DVC's door goes on from it (a `dvc exp run` then
     reruns what its change reaches, and finds every output in its cache instead of removing
     those it has no record of). Not after a dry run or a run of some targets only."""
-    if {"-n", "--dry-run", "--dryrun"} & set(extra) or targets(extra):
+    if dry_run(extra) or targets(extra):
         return 0
     if not Path(".dvc").is_dir() or not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
         return 0
@@ -183,7 +188,7 @@ def html_report(extra: list[str] = ()) -> int:
     from ftflow import paths
     from ftflow.report import HTML
 
-    if {"-n", "--dry-run", "--dryrun"} & set(extra):
+    if dry_run(extra):
         return 0
     if not all((Path(paths.REPORT) / name).exists() for name in paths.REPORT_FILES.values()):
         print(f"report: not written ({paths.REPORT}/ is incomplete); `ftflow report` makes it", file=sys.stderr)
