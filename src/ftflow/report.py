@@ -110,7 +110,17 @@ def normalize_table(stats: dict) -> Table:
     table.note = f"kind: {stats['kind']}. read = kept + dropped, for every source."
     if not reasons:
         table.note += " No record was dropped."
+    for split, s in splits.items():
+        if "carved" in s:
+            table.note += " " + carved_note(split, s)
     return table
+
+
+def carved_note(split: str, s: dict) -> str:
+    """How a carved split was made: "test: 3 records carved from train (data.test_size=0.1, by ...)"."""
+    carved = s["carved"]
+    size = next(f"{k}={v}" for k, v in carved.items() if k.startswith("data."))
+    return f"{split}: {count(s['rows'])} records carved from {carved['from']} ({size}, {carved['how']})."
 
 
 PACK_COLUMNS = {
@@ -269,6 +279,14 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
     for split, s in normalized["splits"].items():
         if s["records_in"]:
             out[f"{split} records kept"] = f"{count(s['records_out'])} of {count(s['records_in'])}"
+        if "carved_out" in s:
+            out[f"{split} records kept"] += (
+                f" ({count(s['rows'])} left after carving "
+                + ", ".join(f"{count(n)} into {name}" for name, n in s["carved_out"].items())
+                + ")"
+            )
+        if "carved" in s:
+            out[f"{split} records"] = carved_note(split, s).partition(": ")[2].rstrip(".")
     for split, s in packed["splits"].items():
         out[f"{split} packing"] = (
             f"{count(s['tokens'])} tokens in {count(s['rows'])} rows, {share(s['packing_efficiency'])} full"

@@ -82,6 +82,7 @@ STAGES = (
             "config.params",
             "config.schema",
             "data",
+            "data.carve",
             "data.formats",
             "data.messages",
             "data.normalize",

@@ -77,6 +77,10 @@ class Source(Section):
         return self
 
 
+# data.validation_size / data.test_size: a fraction of the training records (0.1) or a count (200)
+SplitSize = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, lt=1)]
+
+
 class Data(Section):
     kind: Literal["conversation", "preference", "unpaired", "prompt", "text"] = Field(
         "conversation",
@@ -91,6 +95,16 @@ class Data(Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="skip: drop bad records, count per reason")
     max_record_mb: float = Field(default=8.0, gt=0, description="a bigger record is an error, not data")
     num_proc: int | None = Field(default=None, ge=1, description="worker processes (default: the usable cores)")
+    validation_size: SplitSize | None = Field(
+        None,
+        description=(
+            "carve the validation split from the training records: a fraction (0.1) or a count (200); by a hash "
+            "of each normalized record, so a record keeps its split when others are added (with a fraction)"
+        ),
+    )
+    test_size: SplitSize | None = Field(
+        None, description="carve the test split (what eval=holdout scores) the same way; see validation_size"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> Data:
@@ -101,6 +115,26 @@ class Data(Section):
         if "train" not in {s.split for s in self.sources}:
             raise ValueError("no source feeds the train split")
         return self
+
+    @model_validator(mode="after")
+    def _carved_splits(self) -> Data:
+        for split, size in self.carved().items():
+            feeding = [s.name for s in self.sources if s.split == split]
+            if feeding:
+                raise ValueError(f"data.{split}_size carves a {split} split from the training records, but source "
+                                 f"{feeding[0]!r} feeds {split} already: set one or the other")  # fmt: skip
+        fractions = [size for size in self.carved().values() if isinstance(size, float)]
+        if sum(fractions) >= 1:
+            raise ValueError(f"data.validation_size + data.test_size = {sum(fractions):g} leaves no training record")
+        return self
+
+    def carved(self) -> dict[str, int | float]:
+        """{split: size} of the splits carved from the training records."""
+        sizes = {"validation": self.validation_size, "test": self.test_size}
+        return {split: size for split, size in sizes.items() if size is not None}
+
+    def has_split(self, split: str) -> bool:
+        return split in self.carved() or any(s.split == split for s in self.sources)
 
     @model_validator(mode="after")
     def _readers_fit_kind(self) -> Data:

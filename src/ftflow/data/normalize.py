@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ftflow import integrity, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Data, Source, StageConfig
+from ftflow.data import carve
 from ftflow.data.formats import (
     FileFormatError,
     Item,
@@ -458,9 +459,50 @@ def normalize(cfg: StageConfig, root: Path = Path(".")) -> dict:
         digest = writers[split].close()
         stats["splits"][split] = split_stats(runs, writers[split].rows, digest)
         log.info("Wrote %d %s records to %s/%s.parquet", writers[split].rows, data.kind, out_dir, split)
+    if data.carved():
+        carve_splits(out_dir, data, stats["splits"])
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg.sections, out_dir)
     return stats
+
+
+def carve_splits(out_dir: Path, data: Data, splits: dict) -> None:
+    """Move the carved splits' records out of train.parquet into their own files (data/carve.py
+    decides which), rewriting all three; `splits` (stats.json's) says how each was made."""
+    sizes, train = data.carved(), out_dir / "train.parquet"
+    keys = carve.file_keys(train)
+    ranges = carve.cut_points(keys, sizes)
+    names = ["train", *ranges]
+    writers = [SplitWriter(out_dir / f"{name}.parquet", data.kind) for name in names]
+    try:
+        where, start, f = carve.assign(keys, ranges), 0, pq.ParquetFile(train)
+        for i in range(f.num_row_groups):
+            table = f.read_row_group(i)
+            part = where[start : start + table.num_rows]
+            start += table.num_rows
+            for index, writer in enumerate(writers):
+                writer.write(table.filter(pa.array(part == index)))
+        for name, writer in zip(names, writers):
+            if not writer.rows:
+                raise NormalizeError(empty_carve(name, sizes.get(name), len(keys)))
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for name, writer in zip(names, writers):
+        splits[name]["sha256"], splits[name]["rows"] = writer.close(), writer.rows
+    for name, size in sizes.items():
+        splits[name]["carved"] = {"from": "train", f"data.{name}_size": size, "how": carve.HOW}
+        log.info("Carved %d %s records from train (data.%s_size=%s)", splits[name]["rows"], name, name, size)
+    splits["train"]["carved_out"] = {name: splits[name]["rows"] for name in sizes}
+
+
+def empty_carve(split: str, size: int | float | None, records: int) -> str:
+    if split == "train":
+        return f"carving the validation/test splits left no training record of {records}"
+    return (f"data.{split}_size={size} carved no record from {records} training records (with a fraction each "
+            "record's hash decides, so a small fraction of a few records can come out empty): raise it or give "
+            "a count")  # fmt: skip
 
 
 def split_stats(runs: list[SourceRun], rows: int, digest: str) -> dict:
