@@ -12,6 +12,7 @@ import yaml
 
 from ftflow import runner
 from ftflow.evaluate import flat_scores, task_config
+from ftflow.holdout import METRICS as HOLDOUT_METRICS
 from ftflow.workflow.inputs import task_data_files
 
 from helpers import REPO, ftflow
@@ -85,7 +86,7 @@ def test_base_with_a_smaller_vocabulary_is_resized_like_train_does(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from ftflow.evaluate import load_for_eval
+    from ftflow.evaluate import load_model
 
     vocab = {f"w{i}": i for i in range(40)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="w0")), unk_token="w0")
@@ -93,8 +94,8 @@ def test_base_with_a_smaller_vocabulary_is_resized_like_train_does(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    lm = load_for_eval(tmp_path / "base", tmp_path / "tok", batch_size=4)
-    assert lm.model.get_input_embeddings().num_embeddings == len(tok) == 42
+    _, model = load_model(tmp_path / "base", tmp_path / "tok")
+    assert model.get_input_embeddings().num_embeddings == len(tok) == 42
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error():
@@ -144,13 +145,13 @@ def test_base_is_evaluated_with_its_own_tokenizer_when_it_has_one(tmp_path):
 def test_a_base_without_a_chat_template_is_scored_on_plain_prompts(tmp_path, caplog):
     """lm-eval fails on apply_chat_template with a tokenizer that has no template (a
     pretrained-only base, now evaluated with its own tokenizer)."""
-    from ftflow.evaluate import load_for_eval, uses_chat_template
+    from ftflow.evaluate import load_model, uses_chat_template
 
     small_model(tmp_path / "plain", tokenizer=True)
     small_model(
         tmp_path / "chat", tokenizer=True, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
-    plain, chat = (load_for_eval(tmp_path / name, tmp_path / name, batch_size=4) for name in ("plain", "chat"))
+    plain, chat = (load_model(tmp_path / name, tmp_path / name)[0] for name in ("plain", "chat"))
     assert uses_chat_template(chat, "tuned", True) and not uses_chat_template(chat, "tuned", False)
     assert not uses_chat_template(plain, "base", True)
     assert "The base model's tokenizer has no chat template: evaluating it on plain prompts" in caplog.text
@@ -170,11 +171,12 @@ FILTER_PATTERNS = {"strict-match": (r"^\s*(\w+)\s*$", 0), "flexible-extract": (r
 @pytest.fixture(scope="module")
 def filtered_eval(finished, tmp_path_factory) -> Path:
     """evaluate on the finished smoke run's base and tuned models with the filtered task (and
-    demo_words, unfiltered), in a tree of its own: the finished run's outputs stay as they were."""
+    demo_words, unfiltered, and the holdout task on the same test records), in a tree of its own:
+    the finished run's outputs stay as they were."""
     from ftflow.config.params import compose, stage_params
 
     root = tmp_path_factory.mktemp("filtered") / "repo"
-    for part in ("results/train", "results/pack", "results/consolidate", "examples"):
+    for part in ("results/train", "results/pack", "results/consolidate", "results/normalize", "examples"):
         (root / part).parent.mkdir(parents=True, exist_ok=True)
         (root / part).symlink_to(finished / part)
     task = {
@@ -189,7 +191,10 @@ def filtered_eval(finished, tmp_path_factory) -> Path:
     ):
         (root / f"conf/eval/tasks/{name}.yaml").write_text(text)
     cfg = stage_params(
-        compose(["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract]", "eval.limit=4"], finished / "conf"),
+        compose(
+            ["experiment=smoke", "eval.tasks=[demo_words,demo_words_extract,holdout]", "eval.limit=4"],
+            finished / "conf",
+        ),  # fmt: skip
         "evaluate",
     )
     runner.run("evaluate", cfg, root)
@@ -206,6 +211,7 @@ def test_every_filter_of_a_task_is_a_score_everywhere(filtered_eval):
         "demo_words_extract/exact_match,strict-match",
         "demo_words_extract/exact_match,flexible-extract",
     ]
+    scores += [f"holdout/{metric}" for metric in HOLDOUT_METRICS]
     assert set(metrics) == {f"{m}/{s}" for m in ("base", "tuned", "delta") for s in scores}
     for label in ("base", "tuned"):  # each filter's own score, as lm-eval computed it
         results = json.loads((filtered_eval / label / "results.json").read_text())["results"]
@@ -224,6 +230,51 @@ def test_every_filter_of_a_task_is_a_score_everywhere(filtered_eval):
     assert {(r["score"], r["model"]) for r in comparison} == {(s, m) for s in scores for m in ("base", "tuned")}
     shown = {(task, metric) for task, metric, *_ in eval_table(comparison).rows}  # the report's eval section
     assert shown == {tuple(s.split("/")) for s in scores}
+
+
+@pytest.mark.slow
+def test_the_holdout_task_answers_the_test_split_and_scores_it_like_lm_eval(filtered_eval):
+    """The holdout task on the demo's test records, beside lm-eval's demo_words on the same
+    records: the same greedy answers through the same chat template, so the same exact match;
+    each answer beside its reference; the reference loss equal to the model's own loss on it."""
+    import torch
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metrics = json.loads((filtered_eval / "metrics.json").read_text())
+    raw = [json.loads(line) for line in (REPO / "examples/demo/test.jsonl").read_text().splitlines()[:4]]
+    for label in ("base", "tuned"):
+        lines = [json.loads(line) for line in (filtered_eval / label / "holdout.jsonl").read_text().splitlines()]
+        assert [line["reference"] for line in lines] == [r["output"] for r in raw]
+        assert all(r["instruction"] in line["prompt"][-1]["content"] and r["input"] in line["prompt"][-1]["content"]
+                   for line, r in zip(lines, raw))  # fmt: skip
+        answers, refs = [line["answer"] for line in lines], [line["reference"] for line in lines]
+        assert metrics[f"{label}/holdout/exact_match"] == sum(a == r for a, r in zip(answers, refs)) / 4
+        assert metrics[f"{label}/holdout/exact_match"] == metrics[f"{label}/demo_words/exact_match"]
+        rouge = rouge_scorer.RougeScorer(["rougeL"])
+        assert metrics[f"{label}/holdout/rougeL"] == pytest.approx(
+            sum(rouge.score(r, a)["rougeL"].fmeasure for a, r in zip(answers, refs)) / 4)  # fmt: skip
+        assert metrics[f"{label}/holdout/chrf"] == pytest.approx(CHRF().corpus_score(answers, [refs]).score)
+    assert metrics["tuned/holdout/loss"] < metrics["base/holdout/loss"]  # trained on the same task
+
+    # the tuned model's loss on the reference turns, computed here with the model's own loss
+    model_dir = filtered_eval.parents[1] / "results/consolidate/model"
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    total = count = 0
+    tuned = [json.loads(line) for line in (filtered_eval / "tuned/holdout.jsonl").read_text().splitlines()]
+    for r, line in zip(raw, tuned):
+        prompt = line["prompt"]
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": r["output"]}], return_dict=True)
+        full = full["input_ids"]
+        end = full.index(tok.convert_tokens_to_ids("<|im_end|>"), len(p)) + 1
+        labels = torch.tensor([[-100] * len(p) + full[len(p) : end]])
+        with torch.no_grad():
+            n = end - len(p)
+            total += model(torch.tensor([full[:end]]), labels=labels).loss.item() * n
+            count += n
+    assert metrics["tuned/holdout/loss"] == pytest.approx(total / count, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def repo(tmp_path_factory) -> Path:
         for i in range(30):
             a, b = fruit[i % 6], fruit[(i * 5 + 1) % 6]
             f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"Which fruit comes first: {a} or {b}?"},
+                {"role": "user", "content": f"Which fruit comes first: {a} or {b}? ({i})"},
                 {"role": "assistant", "content": min(a, b)}]}) + "\n")  # fmt: skip
     (root / "conf" / "data" / "mine.yaml").write_text(
         "kind: conversation\nsources:\n  - name: mine\n    path: mydata/chats.jsonl\n    reader: messages\n"
@@ -49,6 +49,12 @@ def test_a_short_run_on_the_users_own_data_ends_with_a_report(repo):
     assert {"normalize", "pack", "train", "consolidate", "evaluate", "report"} <= job_stats(proc.stderr).keys()
     summary = (repo / "results/report/summary.yaml").read_text()
     assert "train records kept: 30 of 30" in summary
+    # no test split: no evaluation, said before the run and in the report (not the demo's tasks on this data)
+    assert (
+        "eval: the default eval=demo scores examples/demo/test.jsonl, which is not your data; not evaluating"
+        in proc.stderr
+    )
+    assert "evaluation: none (eval=none)" in summary
     assert "training loss: " in summary and "(logged at step 3 of 3)" in summary, summary
     assert (repo / "results/report.html").exists()
 
@@ -129,3 +135,29 @@ def test_the_ctrl_c_hint_never_repeats_train_resume_false():
     assert hint.startswith("`ftflow run data=mine train.max_steps=150` goes on from where it stopped")
     assert "with train.resume=false it would start afresh and remove that checkpoint" in hint
     assert how_to_go_on(["run", "data=mine"]).startswith("`ftflow run data=mine` goes on from where it stopped")
+
+
+@pytest.mark.slow
+def test_splits_carved_from_the_users_data_and_the_holdout_evaluation(repo):
+    """data.validation_size/test_size carve the splits; eval=holdout answers the test split with
+    both models and scores it; normalize again gives the same files."""
+    from ftflow.holdout import METRICS
+
+    carve = ["data.validation_size=0.1", "data.test_size=0.1"]
+    ftflow("run", *MINE, *carve, "eval=holdout", "train.max_steps=3", cwd=repo)
+    stats = json.loads((repo / "results/normalize/stats.json").read_text())["splits"]
+    rows = {split: stats[split]["rows"] for split in ("train", "validation", "test")}
+    assert sum(rows.values()) == 30 and rows["test"] > 0 and rows["validation"] > 0, rows
+    metrics = json.loads((repo / "results/eval/metrics.json").read_text())
+    assert {f"{label}/holdout/{m}" for label in ("base", "tuned", "delta") for m in METRICS} == set(metrics)
+    for label in ("base", "tuned"):
+        lines = [json.loads(line) for line in (repo / f"results/eval/{label}/holdout.jsonl").read_text().splitlines()]
+        assert len(lines) == rows["test"] and all(line["reference"] in ("apple", "fig", "kiwi", "lime", "pear", "plum")
+                                                  and "answer" in line for line in lines)  # fmt: skip
+    summary = (repo / "results/report/summary.yaml").read_text()
+    assert f"test records: {rows['test']} records carved from train (data.test_size=0.1" in summary
+    assert "holdout/loss: " in summary
+
+    ftflow("normalize", *MINE, *carve, cwd=repo)
+    again = json.loads((repo / "results/normalize/stats.json").read_text())["splits"]
+    assert {s: again[s]["sha256"] for s in rows} == {s: stats[s]["sha256"] for s in rows}

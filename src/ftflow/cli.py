@@ -82,7 +82,10 @@ def call(cmd: list[str], **kwargs) -> int:
 
 
 def compose_and_write(overrides: list[str]) -> dict:
-    tree = params.compose(overrides)
+    notes: list[str] = []
+    tree = params.compose(overrides, notes=notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     params.write_params(tree, overrides)
     print(f"composed conf/ {' '.join(overrides) or '(no overrides)'} -> {params.PARAMS_FILE}", file=sys.stderr)
     return tree

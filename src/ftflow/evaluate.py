@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ftflow import paths
+from ftflow import holdout, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Eval, Model, StageConfig
 from ftflow.errors import StageError
@@ -86,11 +86,10 @@ def load_vllm(model_dir: Path, tokenizer_dir: Path, cfg: Eval):
                 max_gen_toks=cfg.max_gen_toks, seed=cfg.seed)  # fmt: skip
 
 
-def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
-    """lm-eval's HF wrapper around a model we load ourselves: a base model whose vocabulary
-    lacks the template's marker tokens gets its embeddings resized, exactly as train did."""
+def load_model(model_dir: Path, tokenizer_dir: Path):
+    """(tokenizer, model) as both lm-eval and the holdout task score them: a base model whose
+    vocabulary lacks the template's marker tokens gets its embeddings resized, exactly as train did."""
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -98,14 +97,21 @@ def load_for_eval(model_dir: Path, tokenizer_dir: Path, batch_size: int):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
+    return tok, model
+
+
+def lm_eval_model(tok, model, batch_size: int):
+    """lm-eval's HF wrapper around a model we loaded ourselves."""
+    from lm_eval.models.huggingface import HFLM
+
     return HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size)
 
 
-def uses_chat_template(lm, label: str, requested: bool) -> bool:
+def uses_chat_template(tok, label: str, requested: bool) -> bool:
     """eval.apply_chat_template, for a model whose tokenizer has a chat template: a base model
     evaluated with its own tokenizer may have none (a pretrained-only base), and lm-eval would
     fail on it; such a base is scored on the plain prompts, as lm-eval scores base models."""
-    if requested and not getattr(lm.tokenizer, "chat_template", None):
+    if requested and not getattr(tok, "chat_template", None):
         log.warning("The %s model's tokenizer has no chat template: evaluating it on plain prompts", label)
         return False
     return requested
@@ -144,14 +150,14 @@ def offline_hub_data(root: Path):
                 os.environ[key] = value
 
 
-def load_tasks(specs: list[dict | str], cfg: Eval, index, local_cache: Path, root: Path) -> list:
+def load_tasks(names: list[str], specs: list[dict | str], cfg: Eval, index, local_cache: Path, root: Path) -> list:
     """Every configured task built by lm-eval (its data loaded), with eval.num_fewshot's count
     when that names it; a group stays one, for its aggregate score. A built-in task whose data
     is not in data/eval/ fails here, before any model is loaded, naming the task and the fix."""
     from datasets.exceptions import DatasetNotFoundError
 
     built = []
-    for name, spec in zip(cfg.tasks, specs):
+    for name, spec in zip(names, specs):
         kwargs = (spec.get("dataset_kwargs") or {}) if isinstance(spec, dict) else {}
         if kwargs.get("data_files"):  # a task YAML on local files: prepared outside data/
             spec = {**spec, "dataset_kwargs": {**kwargs, "cache_dir": str(local_cache)}}
@@ -263,41 +269,88 @@ def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     """Run the stage on its config (model, eval)."""
     model_cfg, eval_cfg = cfg.model, cfg.eval
     out_dir = root / paths.EVALUATE
-    tasks = task_specs(eval_cfg.tasks, root)
-    backend = eval_backend(eval_cfg.backend)
+    names = [name for name in eval_cfg.tasks if name != paths.HOLDOUT]  # lm-eval's; holdout is ours
+    tasks = task_specs(names, root)
     metrics: dict[str, float] = {}
+    models = models_to_evaluate(model_cfg, eval_cfg, root) if eval_cfg.tasks else {}
     with offline_hub_data(root) as local_cache:
-        index = task_index(tasks)
-        built = load_tasks(tasks, eval_cfg, index, local_cache, root)  # missing data fails before any model loads
-        for label, (model_dir, tokenizer) in models_to_evaluate(model_cfg, eval_cfg, root).items():
+        index = task_index(tasks) if tasks else None
+        built = (
+            load_tasks(names, tasks, eval_cfg, index, local_cache, root) if tasks else None
+        )  # fails before any model loads
+        for label, (model_dir, tokenizer) in models.items():
             log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
-            if backend == "vllm":
-                lm = load_vllm(model_dir, tokenizer, eval_cfg)
-            else:
-                lm = load_for_eval(model_dir, tokenizer, eval_cfg.batch_size)
-            # lm-eval keeps a run's state in its tasks: the next model gets fresh ones
-            built = built or load_tasks(tasks, eval_cfg, index, local_cache, root)
-            chat = uses_chat_template(lm, label, eval_cfg.apply_chat_template)
-            results, built = run_lm_eval(lm, built, eval_cfg, chat, index), None
-            write_results(results, out_dir / label)
-            metrics.update(flat_scores(label, results))
+            tok, model = (
+                load_model(model_dir, tokenizer)
+                if paths.HOLDOUT in eval_cfg.tasks or not vllm(eval_cfg)
+                else (None, None)
+            )
+            if tasks:
+                # lm-eval keeps a run's state in its tasks: the next model gets fresh ones
+                built = built or load_tasks(names, tasks, eval_cfg, index, local_cache, root)
+                results, built = lm_eval_scores(tok, model, model_dir, tokenizer, built, eval_cfg, label, index), None
+                write_results(results, out_dir / label)
+                metrics.update(flat_scores(label, results))
+            if paths.HOLDOUT in eval_cfg.tasks:
+                chat = uses_chat_template(tok, label, eval_cfg.apply_chat_template)
+                ends = end_tokens(tok, model)
+                scores = holdout.run(model, tok, chat, ends, root / paths.HOLDOUT_DATA, eval_cfg, out_dir / label)
+                metrics.update({f"{label}/{paths.HOLDOUT}/{k}": v for k, v in scores.items()})
+    for label in ("base", "tuned"):  # the rule's outputs, also when nothing is evaluated
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
     for key in [k for k in metrics if k.startswith("tuned/")]:
         base_key = "base/" + key.removeprefix("tuned/")
         if base_key in metrics:
             metrics["delta/" + key.removeprefix("tuned/")] = metrics[key] - metrics[base_key]
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (out_dir / "comparison.json").write_text(json.dumps(comparison(metrics), indent=2))
-    table = comparison_table(metrics)
+    table = comparison_table(metrics) if metrics else NOT_EVALUATED
     (out_dir / "comparison.md").write_text(table)
     # the model card to publish: consolidate's provenance card + these results (consolidate runs
     # before evaluate, so its own card cannot hold them)
     card = root / paths.CONSOLIDATE / "model" / "README.md"
     head = card.read_text() if card.exists() and not eval_cfg.models else "# Evaluation\n"
-    (out_dir / "model_card.md").write_text(head + "\n## Evaluation (lm-eval)\n\n" + table)
-    (out_dir / "tasks.yaml").write_text(yaml.safe_dump(tasks, sort_keys=False))
+    (out_dir / "model_card.md").write_text(head + "\n## Evaluation\n\n" + table)
+    (out_dir / "tasks.yaml").write_text(yaml.safe_dump([*tasks, *holdout_spec(eval_cfg)], sort_keys=False))
     write_stage_config(cfg.sections, out_dir)
     log.info("Scores:\n%s", table)
     return metrics
+
+
+NOT_EVALUATED = "Not evaluated: eval.tasks is empty (eval=none).\n"
+
+
+def vllm(eval_cfg: Eval) -> bool:
+    return eval_backend(eval_cfg.backend) == "vllm"
+
+
+def lm_eval_scores(
+    tok, model, model_dir: Path, tokenizer: Path, built: list, eval_cfg: Eval, label: str, index
+) -> dict:
+    """lm-eval's results for one model, on the HF model already loaded or on vLLM."""
+    if vllm(eval_cfg):
+        lm = load_vllm(model_dir, tokenizer, eval_cfg)
+        chat = uses_chat_template(lm.tokenizer, label, eval_cfg.apply_chat_template)
+    else:
+        lm = lm_eval_model(tok, model, eval_cfg.batch_size)
+        chat = uses_chat_template(tok, label, eval_cfg.apply_chat_template)
+    return run_lm_eval(lm, built, eval_cfg, chat, index)
+
+
+def end_tokens(tok, model) -> set[int]:
+    """Where an answer ends: the model's generation-config eos ids (consolidate sets the
+    template's end-of-turn token there) and its tokenizer's eos."""
+    from ftflow.chat import end_tokens as generation_ends
+
+    return generation_ends(model) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+def holdout_spec(eval_cfg: Eval) -> list[dict]:
+    """tasks.yaml's entry for the holdout task: what it read and how it scored."""
+    if paths.HOLDOUT not in eval_cfg.tasks:
+        return []
+    return [{"task": paths.HOLDOUT, "data": paths.HOLDOUT_DATA, "metrics": list(holdout.METRICS),
+             "max_gen_toks": eval_cfg.max_gen_toks, "limit": eval_cfg.limit, "generation": "greedy"}]  # fmt: skip
 
 
 def write_results(results: dict, out: Path) -> None:

@@ -38,9 +38,11 @@ RECORDING = {"normalize": NORMALIZE, "pack": PACK, "train": TRAIN, "consolidate"
 READERS = "conf/data"  # data.sources[].reader: "file.py:function"
 REWARDS = "conf/train"  # train.grpo.rewards[].name: "file.py:function"
 TASKS = "conf/eval/tasks"  # eval.tasks: <name>.yaml, lm-eval task configs
+HOLDOUT = "holdout"  # eval.tasks' name for ftflow's own task: the test split, scored by evaluate's holdout.py
 
 SPLITS = ("train", "validation", "test")  # normalize's splits (results/normalize/<split>.parquet)
 PACKED_SPLITS = ("train", "validation")  # pack's (results/pack/<split>/): test is for evaluate only
+HOLDOUT_DATA = f"{NORMALIZE}/test.parquet"  # what the holdout task scores
 
 
 def base_model_dir(model: dict) -> str:

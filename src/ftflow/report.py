@@ -210,7 +210,11 @@ def eval_table(comparison: list[dict]) -> Table:
         table.rows.append(
             [task, metric, "" if base is None else score(base), "" if tuned is None else score(tuned), delta]
         )
-    table.note = "lm-eval on the held-out data; base: the model before training, tuned: the consolidated model."
+    table.note = ("Scores on held-out data (lm-eval's tasks; holdout: the test split answered with each model's "
+                  "chat template, results/eval/<model>/holdout.jsonl); base: the model before training, tuned: "
+                  "the consolidated model. holdout loss/perplexity: per token of the reference turns, lower is better.")  # fmt: skip
+    if not comparison:
+        table.note = "Not evaluated (eval=none, or eval.tasks is empty)."
     return table
 
 
@@ -298,6 +302,8 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
         out["validation loss"] = f"{figures['validation_loss']:.4g} at step {count(figures['validation_step'])}"
     for task, metric, base, tuned, delta in evaluation.rows:
         out[f"{task}/{metric}"] = f"{base} → {tuned} ({delta})"
+    if not evaluation.rows:
+        out["evaluation"] = "none (eval=none)"
     out["git commit"] = (prov.get("git") or {}).get("commit") or "(not a git checkout)"
     return out
 

@@ -183,8 +183,20 @@ STAGES = (
         "evaluate",
         "ftflow.evaluate:evaluate",
         ("model", "eval"),
-        ("config", "config.locations", "config.params", "config.schema", "errors", "evaluate", "paths"),
-    ),
+        (
+            "chat",
+            "config",
+            "config.locations",
+            "config.params",
+            "config.schema",
+            "errors",
+            "evaluate",
+            "holdout",
+            "pack",
+            "pack.io",
+            "paths",
+        ),
+    ),  # fmt: skip
     # the report reads the stages' outputs (and the config.yaml each wrote, which must be what
     # params.yaml gives each stage: freshness), no config of its own
     Stage(

@@ -417,3 +417,69 @@ def test_a_task_yamls_data_files_must_exist(tmp_path):
     with pytest.raises(ConfigError) as err:
         compose([], conf)
     assert f"eval.tasks ('demo_words'): {task} reads examples/demo/gone.jsonl, which does not exist" in str(err.value)
+
+
+@pytest.fixture
+def own_data(tmp_path, monkeypatch):
+    """A copy of conf/ beside a user's conversations (conf/data/mine.yaml, no test split), and
+    conf/data/sms_spam.yaml's data (a test source of its own) with its files."""
+    shutil.copytree(CONF, tmp_path / "conf")
+    (tmp_path / "mine.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                         '{"role": "assistant", "content": "hello"}]}\n')  # fmt: skip
+    (tmp_path / "conf/data/mine.yaml").write_text(
+        "sources:\n  - name: mine\n    path: mine.jsonl\n    reader: messages\n"
+    )
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)  # data paths are relative to the repository root
+    return tmp_path / "conf"
+
+
+def test_the_default_evaluation_never_scores_the_demo_tasks_on_other_data(own_data):
+    """eval=demo's word tasks read examples/demo/test.jsonl: on data from elsewhere the default
+    becomes the test split's holdout task, or no evaluation without a test split, with a line
+    saying so; a person's own choice, and the demo's data in any of its forms, keep it."""
+
+    def fitted(*overrides):
+        notes = []
+        return compose(list(overrides), own_data, notes=notes)["eval"]["tasks"], " ".join(notes)
+
+    tasks, note = fitted("data=sms_spam")
+    assert tasks == ["holdout"]
+    assert note == ("eval: the default eval=demo scores examples/demo/test.jsonl, which is not your data; evaluating "
+                    "your test split instead (eval=holdout; choose another with eval=...)")  # fmt: skip
+    tasks, note = fitted("data=mine")
+    assert tasks == [] and "not evaluating (eval=none). Carve a test split with data.test_size=0.1" in note
+    assert fitted("data=mine", "data.test_size=0.2", "eval.limit=5") == (["holdout"], note.replace(
+        "not evaluating (eval=none). Carve a test split with data.test_size=0.1 to score your own held-out "
+        "conversations (eval=holdout), or choose eval=...",
+        "evaluating your test split instead (eval=holdout; choose another with eval=...)"))  # fmt: skip
+    assert compose(["data=mine", "data.test_size=0.2", "eval.limit=5"], own_data)["eval"]["limit"] == 5
+    for chosen in (["data=sms_spam", "eval=demo"], ["data=mine", "eval.tasks=[demo_words]"],
+                   ["experiment=sms_spam"], [], ["train=dpo"], ["train=grpo"], ["data=alpaca_en_demo"]):  # fmt: skip
+        tasks, note = fitted(*chosen)
+        assert note == "" and tasks != ["holdout"], chosen
+
+
+def test_the_holdout_task_needs_a_test_split_of_conversations(own_data):
+    with pytest.raises(ConfigError, match=r"eval task 'holdout' scores your test split, and your data has none: "
+                                          r"carve one from the training records with data.test_size=0.1"):  # fmt: skip
+        compose(["data=mine", "eval=holdout"], own_data)
+    with pytest.raises(ConfigError, match=r"eval task 'holdout' answers conversations .* data.kind is preference"):
+        compose(["train=dpo", "eval=holdout"], own_data)
+    assert compose(["data=mine", "eval=none"], own_data)["eval"]["tasks"] == []
+
+
+def test_a_params_yaml_composed_by_dvc_with_the_demo_tasks_on_other_data_is_refused(own_data):
+    """DVC's Hydra integration writes what conf/ composes to, the default eval included: the
+    check refuses it on other data and names the -S that fixes it."""
+    params = own_data.parent / "params.yaml"
+    tree, _ = config._composed(["data=mine"], own_data)  # as DVC composes: no fitting
+    tree.pop("experiment", None)
+    params.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"the default eval=demo scores examples/demo/test.jsonl, which is not your "
+                                          r"data: choose the evaluation with -S eval=none"):  # fmt: skip
+        config.load_checked(params, own_data)
+    tree, _ = config._composed(["data=mine", "eval=none"], own_data)
+    tree.pop("experiment", None)
+    params.write_text(yaml.safe_dump(tree))
+    assert config.load_checked(params, own_data).params["eval"]["tasks"] == []

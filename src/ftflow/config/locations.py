@@ -108,19 +108,27 @@ def damaged(config: Path, weights: list[Path]) -> str | None:
 
 
 def task_problems(task: str, conf_dir: Path) -> list[str]:
-    """The local data files a task YAML of conf/eval/tasks/ reads (dataset_kwargs.data_files,
-    relative to the repository root) that do not exist. A name without a YAML is an lm-eval
-    built-in task, whose data evaluate checks before any model loads."""
+    """The local data files a task YAML of conf/eval/tasks/ reads that do not exist. A name
+    without a YAML is an lm-eval built-in task, whose data evaluate checks before any model loads."""
+    import yaml
+
+    path = Path(conf_dir) / "eval" / "tasks" / f"{task}.yaml"
+    try:
+        named = task_data_files(task, conf_dir)
+    except yaml.YAMLError as err:
+        return [f"{path} is not valid YAML ({' '.join(str(err).split())[:200]})"]
+    return [f"{path} reads {f}, which does not exist" for f in named if not local_files(f)]
+
+
+def task_data_files(task: str, conf_dir: Path) -> list[str]:
+    """The data files a task YAML of conf/eval/tasks/ names (dataset_kwargs.data_files, relative
+    to the repository root); [] for a name without a YAML (an lm-eval built-in task)."""
     import yaml
 
     path = Path(conf_dir) / "eval" / "tasks" / f"{task}.yaml"
     if not path.is_file():
         return []
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        return [f"{path} is not valid YAML ({' '.join(str(err).split())[:200]})"]
+    spec = yaml.safe_load(path.read_text()) or {}
     files = ((spec.get("dataset_kwargs") or {}) if isinstance(spec, dict) else {}).get("data_files") or {}
-    named = [v for value in (files.values() if isinstance(files, dict) else [files])
-             for v in ([value] if isinstance(value, str) else value)]  # fmt: skip
-    return [f"{path} reads {f}, which does not exist" for f in named if not local_files(f)]
+    return [v for value in (files.values() if isinstance(files, dict) else [files])
+            for v in ([value] if isinstance(value, str) else value)]  # fmt: skip

@@ -53,18 +53,41 @@ def register_resolvers(conf_dir: Path = CONF_DIR) -> None:
     OmegaConf.register_new_resolver("ftflow_conf_digest", lambda: conf_digest(conf_dir), replace=True)
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_DIR) -> dict:
-    """Compose conf/ with Hydra overrides, resolve interpolations, and validate."""
+def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_DIR, notes: list | None = None) -> dict:
+    """Compose conf/ with Hydra overrides, resolve interpolations, and validate. When the
+    default evaluation does not fit the data, the one that does replaces it, and `notes` gets a
+    line saying so (see fitted_eval)."""
+    tree, choices = _composed(overrides, conf_dir)
+    fitted = fitted_eval(tree, choices, overrides, Path(conf_dir))
+    if fitted:
+        option, why = fitted
+        tree, _ = _composed([*overrides, f"eval={option}"], conf_dir)
+        if notes is not None:
+            notes.append(why)
+    tree.pop("experiment", None)  # the experiment group only overrides other groups
+    from ftflow.config.schema import validate
+
+    config = validate(tree)
+    check_user_code(config, Path(conf_dir))
+    locations.check(config, Path(conf_dir))
+    return tree
+
+
+def _composed(overrides, conf_dir: Path) -> tuple[dict, dict]:
+    """(the composed tree, resolved; the option Hydra took for each config group)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     register_resolvers(conf_dir)
     try:
         with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
         tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
@@ -76,13 +99,51 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
             composition_error(msg, conf_dir, overrides)
             or f"cannot compose conf/ with overrides {list(overrides)}: {msg}"
         ) from None
-    tree.pop("experiment", None)  # the experiment group only overrides other groups
-    from ftflow.config.schema import validate
+    return tree, choices
 
-    config = validate(tree)
-    check_user_code(config, Path(conf_dir))
-    locations.check(config, Path(conf_dir))
-    return tree
+
+def fitted_eval(tree: dict, choices: dict, overrides, conf_dir: Path) -> tuple[str, str] | None:
+    """(eval option, the line that says why) when the default evaluation was left in place but
+    does not fit the data: its tasks read local files (the demo's word tasks read the demo's
+    test file) and none of them lies in the folder of one of the data's sources (the demo's
+    conversation, preference and prompt data all live beside it), so its scores would measure
+    nothing about this data. The test split's holdout task replaces it; without a test split,
+    no evaluation. An evaluation a person chose (eval=..., eval.tasks=..., an experiment's) stays."""
+    default = default_option("eval", conf_dir)
+    chosen = {o.lstrip("+~").partition("=")[0] for o in overrides} & {"eval", "eval.tasks"}
+    if chosen or choices.get("eval") != default:
+        return None
+    task_files = {(conf_dir.parent / f).resolve() for t in tree["eval"]["tasks"]
+                  for f in locations.task_data_files(t, conf_dir)}  # fmt: skip
+    data = {(conf_dir.parent / s["path"]).resolve().parent for s in tree["data"]["sources"] if s.get("path")}
+    if not task_files or {f.parent for f in task_files} & data:
+        return None
+    reads = ", ".join(sorted(str(f.relative_to(conf_dir.parent.resolve())) for f in task_files))
+    head = f"eval: the default eval={default} scores {reads}, which is not your data;"
+    splits = {s.get("split", "train") for s in tree["data"]["sources"]}
+    has_test = "test" in splits or tree["data"].get("test_size") is not None
+    if has_test and tree["data"].get("kind", "conversation") == "conversation":
+        return "holdout", f"{head} evaluating your test split instead (eval=holdout; choose another with eval=...)"
+    return "none", (f"{head} not evaluating (eval=none). Carve a test split with data.test_size=0.1 to score "
+                    "your own held-out conversations (eval=holdout), or choose eval=...")  # fmt: skip
+
+
+def refuse_unfitted_eval(tree: dict, conf_dir: Path) -> None:
+    """A params.yaml that DVC's Hydra integration composed gets no fitted evaluation (DVC writes
+    what conf/ composes to): refuse the default one on data it does not fit, naming the choice."""
+    default = default_option("eval", conf_dir)
+    default_tasks = yaml.safe_load((Path(conf_dir) / "eval" / f"{default}.yaml").read_text()).get("tasks")
+    fitted = tree["eval"]["tasks"] == default_tasks and fitted_eval(tree, {"eval": default}, (), Path(conf_dir))
+    if fitted:
+        option, why = fitted
+        raise ConfigError(f"{why.partition(';')[0]}: choose the evaluation with -S eval={option} "
+                          f"(or -S eval=holdout with -S data.test_size=0.1, or another eval=)")  # fmt: skip
+
+
+def default_option(group: str, conf_dir: Path) -> str | None:
+    """The option conf/config.yaml's defaults list picks for a group."""
+    defaults = yaml.safe_load((Path(conf_dir) / "config.yaml").read_text()).get("defaults", [])
+    return next((d[group] for d in defaults if isinstance(d, dict) and group in d), None)
 
 
 def composition_error(msg: str, conf_dir: Path, overrides=()) -> str | None:
@@ -239,6 +300,8 @@ def _check(path: Path, conf_dir: Path) -> Checked:
             f"{tree.get('conf_digest')} != {conf_digest(conf_dir)}). Recompose with "
             "`ftflow compose [overrides]` or `dvc exp run -S [overrides]`."
         )
+    if overrides is None:
+        refuse_unfitted_eval(tree, conf_dir)
     return Checked(tree, valid)
 
 

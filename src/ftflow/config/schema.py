@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ftflow import stages
 from ftflow.errors import ConfigError
+from ftflow.paths import HOLDOUT
 
 
 class Section(BaseModel):
@@ -486,8 +487,10 @@ class EvalDataset(Section):
 
 class Eval(Section):
     tasks: list[str] = Field(
-        min_length=1,
-        description="task names: a YAML of conf/eval/tasks/, else one of lm-eval's built-in tasks or groups",
+        description=(
+            "task names: holdout (your test split, answered and scored; eval=holdout), a YAML of conf/eval/tasks/, "
+            "else one of lm-eval's built-in tasks or groups; [] evaluates nothing (eval=none)"
+        ),
     )
     limit: int | None = Field(default=None, ge=1, description="evaluate the first N examples of each task (null: all)")
     num_fewshot: Annotated[int, Field(ge=0)] | dict[str, Annotated[int, Field(ge=0)]] | None = Field(
@@ -605,6 +608,8 @@ class Config(Section):
             raise ValueError("model.source=scratch has no tokenizer of its own: use tokenizer=train")
         if self.template.name == "model" and self.tokenizer.source == "train":
             raise ValueError("a trained tokenizer has no chat template of its own: use template=chatml")
+        if HOLDOUT in self.eval.tasks:
+            self._holdout_data()
         kinds = TRAINER_KIND[self.train.method]
         if self.data.kind not in kinds:
             raise ValueError(
@@ -612,6 +617,16 @@ class Config(Section):
                 f"{self.data.kind} (train={self.train.method} selects its demo data; pick data= to match)"
             )
         return self
+
+    def _holdout_data(self) -> None:
+        """The holdout task answers conversations of the test split: there must be one."""
+        if self.data.kind != "conversation":
+            raise ValueError(f"eval task {HOLDOUT!r} answers conversations and scores the last assistant turn, but "
+                             f"data.kind is {self.data.kind}: choose eval= tasks of your own (or eval=none)")  # fmt: skip
+        if not self.data.has_split("test"):
+            raise ValueError(f"eval task {HOLDOUT!r} scores your test split, and your data has none: carve one "
+                             "from the training records with data.test_size=0.1 (or a count), or add a source "
+                             "with split: test")  # fmt: skip
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

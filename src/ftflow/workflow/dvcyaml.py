@@ -53,9 +53,10 @@ COARSE_DEPS = (paths.RAW, paths.MODELS, f"{paths.MANIFESTS}/sources", paths.MANI
 # Coarse deps that a stage has whatever the config, so that dvc.yaml keeps one shape: user
 # reader files live in conf/data/ (beside the data configs), user GRPO rewards in conf/train/,
 # and only some configs name one.
-# evaluate: its task YAMLs (a suite of lm-eval built-in tasks has none) and the download
-# manifests (the eval datasets' among them, in data/manifests/eval/)
-FIXED_DEPS = {"normalize": ["conf/data"], "train": ["conf/train"], "evaluate": ["conf/eval/tasks", paths.MANIFESTS]}
+# evaluate: its task YAMLs (a suite of lm-eval built-in tasks has none), the download manifests
+# (the eval datasets' among them, in data/manifests/eval/) and the test split (eval=holdout's)
+FIXED_DEPS = {"normalize": ["conf/data"], "train": ["conf/train"],
+              "evaluate": ["conf/eval/tasks", paths.MANIFESTS, paths.HOLDOUT_DATA]}  # fmt: skip
 # DVC sets this while it runs a stage; the Snakefile then checks dvc.yaml against its DAG
 STAGE_ENV = "FTFLOW_DVC_STAGE"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ftflow import paths
 from ftflow.config.locations import PKG, local_files, package_file  # noqa: F401 (the rules' input functions)
+from ftflow.config.locations import task_data_files as task_data_files_of
 from ftflow.config.params import load_yaml
 
 
@@ -42,14 +43,11 @@ def task_files(names: list[str], root: Path = Path(".")) -> list[str]:
 
 
 def task_data_files(names: list[str], root: Path = Path(".")) -> list[str]:
-    """The local data files the tasks read (the evaluate rule's inputs), repository-relative."""
-    out = []
+    """The local data files the tasks read (the evaluate rule's inputs), repository-relative:
+    the holdout task's is normalize's test split."""
+    out = [paths.HOLDOUT_DATA] if paths.HOLDOUT in names else []
     for name in names:
-        path = root / paths.TASKS / f"{name}.yaml"
-        task = load_yaml(path.read_text()) if path.exists() else {}
-        files = (task.get("dataset_kwargs") or {}).get("data_files") or {}
-        for value in files.values() if isinstance(files, dict) else [files]:
-            out += [v for v in ([value] if isinstance(value, str) else value) if not Path(v).is_absolute()]
+        out += [f for f in task_data_files_of(name, root / "conf") if not Path(f).is_absolute()]
     return sorted(set(out))
 
 
