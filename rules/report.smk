@@ -17,6 +17,7 @@ rule report:
         model=f"{paths.TRAIN}/model",  # its provenance.json
         consolidate=f"{paths.CONSOLIDATE}/summary.json",
         evaluate=f"{paths.EVALUATE}/comparison.json",
+        contamination=f"{paths.EVALUATE}/contamination.json",
         manifest=paths.MANIFEST,
         configs=[f"{folder}/config.yaml" for folder in paths.RECORDING.values()],  # each stage's, checked and shown
         code=code("report"),

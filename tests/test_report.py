@@ -133,13 +133,18 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
 
     # evaluate: base, tuned and their difference per task and metric
     metrics = stage_output(finished, "results/eval/metrics.json")
-    (table,) = Tables(content(results["results/report/eval.html"])).tables
+    table, found = Tables(content(results["results/report/eval.html"])).tables
     shown = {f"{r['task']}/{r['metric']}": r for r in records(table)}
     scores = {k.split("/", 1)[1] for k in metrics}
     assert set(shown) == scores and len(scores) == 3
     for name, r in shown.items():
         base, tuned = metrics[f"base/{name}"], metrics[f"tuned/{name}"]
         assert (r["base"], r["tuned"], r["delta"]) == (f"{base:.4f}", f"{tuned:.4f}", f"{tuned - base:+.4f}")
+    # and the contamination check of each task: the demo's splits share nothing
+    checked = stage_output(finished, "results/eval/contamination.json")
+    assert [(r["task"], r["examples"], r["whole text"], r["13-word run"], r["flagged"]) for r in records(found)] == [
+        (task, str(t["examples"]), "0", "0", "") for task, t in checked["tasks"].items()]  # fmt: skip
+    assert set(checked["tasks"]) == {"demo_words", "demo_words_choice"}
 
     # provenance: commit and config fingerprint, data hashes, every stage's config
     prov = json.loads((finished / "results/train/model/provenance.json").read_text())
@@ -166,6 +171,7 @@ def test_report_has_every_section_with_the_stage_figures(finished, report):
     tuned = metrics["tuned/demo_words/exact_match"]
     assert f"{metrics['base/demo_words/exact_match']:.4f} → {tuned:.4f}" in headline["demo_words/exact_match"]
     assert headline["validation loss"] == f"{final:.4g} at step {step}"
+    assert headline["contamination"].startswith("none found (2 task(s) checked against ")
     for label, text in headline.items():
         assert f"<strong>{label}</strong>: {text}" in desc
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from ftflow import holdout, paths
+from ftflow import contamination, holdout, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Eval, Model, StageConfig
 from ftflow.errors import StageError
@@ -150,10 +150,12 @@ def offline_hub_data(root: Path):
                 os.environ[key] = value
 
 
-def load_tasks(names: list[str], specs: list[dict | str], cfg: Eval, index, local_cache: Path, root: Path) -> list:
+def load_tasks(names: list[str], specs: list[dict | str], cfg: Eval, index, local_cache: Path, root: Path,
+               leaves: dict | None = None) -> list:  # fmt: skip
     """Every configured task built by lm-eval (its data loaded), with eval.num_fewshot's count
     when that names it; a group stays one, for its aggregate score. A built-in task whose data
-    is not in data/eval/ fails here, before any model is loaded, naming the task and the fix."""
+    is not in data/eval/ fails here, before any model is loaded, naming the task and the fix.
+    `leaves` gets every single task by name (a group's members too)."""
     from datasets.exceptions import DatasetNotFoundError
 
     built = []
@@ -175,6 +177,8 @@ def load_tasks(names: list[str], specs: list[dict | str], cfg: Eval, index, loca
             for task in loaded["tasks"].values():
                 task.set_config(key="num_fewshot", value=cfg.num_fewshot[name])
         built += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+        if leaves is not None:
+            leaves.update(loaded["tasks"])
     return built
 
 
@@ -274,10 +278,10 @@ def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
     metrics: dict[str, float] = {}
     models = models_to_evaluate(model_cfg, eval_cfg, root) if eval_cfg.tasks else {}
     with offline_hub_data(root) as local_cache:
-        index = task_index(tasks) if tasks else None
-        built = (
-            load_tasks(names, tasks, eval_cfg, index, local_cache, root) if tasks else None
-        )  # fails before any model loads
+        index, leaves = task_index(tasks) if tasks else None, {}
+        # a task without its data fails here, before any model loads
+        built = load_tasks(names, tasks, eval_cfg, index, local_cache, root, leaves) if tasks else None
+        check_contamination(eval_cfg, leaves, root, out_dir)
         for label, (model_dir, tokenizer) in models.items():
             log.info("Evaluating the %s model <%s> (tokenizer <%s>) on %s", label, model_dir, tokenizer, eval_cfg.tasks)
             tok, model = (
@@ -318,6 +322,45 @@ def evaluate(cfg: StageConfig, root: Path = Path(".")) -> dict:
 
 
 NOT_EVALUATED = "Not evaluated: eval.tasks is empty (eval=none).\n"
+
+
+def check_contamination(eval_cfg: Eval, leaves: dict, root: Path, out_dir: Path) -> None:
+    """contamination.json (per task: examples, how many occur in the training split) and
+    contamination.jsonl (each such example with the training records it occurs in)."""
+    c, train = eval_cfg.contamination, root / paths.NORMALIZE / "train.parquet"
+    texts = example_texts(eval_cfg, leaves, root) if c.check and train.exists() else {}
+    summary, lines = contamination.check(texts, train, c.ngram, c.flag_above)
+    summary["checked"] = bool(texts)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "contamination.json").write_text(json.dumps(summary, indent=2))
+    with (out_dir / "contamination.jsonl").open("w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    for task, t in summary["tasks"].items():
+        if t["flagged"]:
+            log.warning("contamination: %d of %d %s examples also occur in the training data (%d whole); see "
+                        "%s/contamination.jsonl", t["ngram"], t["examples"], task, t["exact"], paths.EVALUATE)  # fmt: skip
+
+
+def example_texts(eval_cfg: Eval, leaves: dict, root: Path) -> dict[str, list[str]]:
+    """Each task's examples as text, as many as it scores (eval.limit): the holdout task's whole
+    conversations, an lm-eval task's prompt and answer."""
+    out = {}
+    if paths.HOLDOUT in eval_cfg.tasks:
+        out[paths.HOLDOUT] = [" ".join([*(m.get("content") or "" for m in ex.prompt), ex.reference])
+                              for ex in holdout.examples(root / paths.HOLDOUT_DATA, eval_cfg.limit)]  # fmt: skip
+    for name, task in leaves.items():
+        docs = list(task.eval_docs)[: eval_cfg.limit]
+        out[name] = [f"{task.doc_to_text(doc)} {answer_text(task, doc)}" for doc in docs]
+    return out
+
+
+def answer_text(task, doc) -> str:
+    """A document's answer as text (a multiple-choice target is an index into its choices)."""
+    target = task.doc_to_target(doc)
+    if isinstance(target, int) and task.config.doc_to_choice is not None:
+        choices = task.doc_to_choice(doc)
+        return str(choices[target]) if 0 <= target < len(choices) else ""
+    return " ".join(map(str, target)) if isinstance(target, list) else str(target)
 
 
 def vllm(eval_cfg: Eval) -> bool:

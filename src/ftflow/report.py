@@ -218,6 +218,33 @@ def eval_table(comparison: list[dict]) -> Table:
     return table
 
 
+def contamination_table(found: dict) -> Table:
+    """contamination.json: per task, its examples that also occur in the training data."""
+    table = Table("Contamination: evaluation examples also in the training data",
+                  ["task", "examples", "whole text", f"{found['ngram']}-word run", "share", "flagged"])  # fmt: skip
+    for task, t in found["tasks"].items():
+        table.rows.append([task, count(t["examples"]), count(t["exact"]), count(t["ngram"]), share(t["share"]),
+                           "FLAGGED" if t["flagged"] else ""])  # fmt: skip
+    table.note = (f"An example counts when its whole text occurs in a training record, or when it shares a run of "
+                  f"{found['ngram']} words with one (lowercased, punctuation ignored); its score then measures memory. "
+                  f"Flagged: more than {share(found['flag_above'])} of a task's examples. The examples and the "
+                  "training record ids: results/eval/contamination.jsonl.")  # fmt: skip
+    if not found.get("checked"):
+        table.note = "Not checked (eval.contamination.check=false, or nothing evaluated)."
+    return table
+
+
+def contamination_line(found: dict) -> str:
+    """The report's first page: "none found in 2 tasks" or the tasks with overlap."""
+    hit = {task: t for task, t in found["tasks"].items() if t["ngram"]}
+    if not found.get("checked"):
+        return "not checked"
+    if not hit:
+        return f"none found ({len(found['tasks'])} task(s) checked against {count(found['train_records'])} records)"
+    return "; ".join(f"{task}: {count(t['ngram'])} of {count(t['examples'])} examples"
+                     + (" (FLAGGED)" if t["flagged"] else "") for task, t in hit.items())  # fmt: skip
+
+
 def provenance_tables(prov: dict, train_summary: dict, consolidated: dict, manifest: dict,
                       normalized: dict, stage_configs: dict[str, str]) -> list[Table]:  # fmt: skip
     """What produced the model: code, config, data."""
@@ -277,7 +304,8 @@ def verification(v: dict) -> str:
     return f"{state}: max |log p difference| {v['max_abs_logprob_diff']:.3g} (tolerance {v['tolerance']:g}) over {v['positions']} positions"
 
 
-def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, evaluation: Table, prov: dict) -> dict:
+def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, evaluation: Table, prov: dict,
+            found: dict) -> dict:  # fmt: skip
     """The headline figures of the report's first page: {label: text}."""
     out = {}
     for split, s in normalized["splits"].items():
@@ -304,6 +332,7 @@ def summary(normalized: dict, packed: dict, figures: dict, train_summary: dict, 
         out[f"{task}/{metric}"] = f"{base} → {tuned} ({delta})"
     if not evaluation.rows:
         out["evaluation"] = "none (eval=none)"
+    out["contamination"] = contamination_line(found)
     out["git commit"] = (prov.get("git") or {}).get("commit") or "(not a git checkout)"
     return out
 
@@ -325,19 +354,20 @@ def report(cfg: dict, root: Path = Path(".")) -> dict:
     packed = read_json(root / paths.PACK / "stats.json")
     prov = read_json(root / paths.TRAIN / "model" / "provenance.json")
     evaluation = eval_table(read_json(root / paths.EVALUATE / "comparison.json"))
+    found = read_json(root / paths.EVALUATE / "contamination.json")
     stage_configs = {stage: (root / folder / "config.yaml").read_text()
                      for stage, folder in freshness.FOLDERS.items() if (root / folder / "config.yaml").exists()}  # fmt: skip
 
     out["normalize"].write_text(page("normalize: records per source", [normalize_table(normalized)]))
     out["pack"].write_text(page("pack: tokens and packing", [pack_table(packed)]))
     figures = loss_figure(curve.read(root / paths.TRAIN / "loss.csv"), out["loss"])
-    out["evaluate"].write_text(page("evaluate: base vs tuned", [evaluation]))
+    out["evaluate"].write_text(page("evaluate: base vs tuned", [evaluation, contamination_table(found)]))
     train_summary = read_json(root / paths.TRAIN / "summary.json")
     tables = provenance_tables(prov, train_summary,
                                read_json(root / paths.CONSOLIDATE / "summary.json"),
                                read_json(root / paths.MANIFEST), normalized, stage_configs)  # fmt: skip
     out["provenance"].write_text(page("provenance of the model", tables))
-    headline = summary(normalized, packed, figures, train_summary, evaluation, prov)
+    headline = summary(normalized, packed, figures, train_summary, evaluation, prov, found)
     out["summary"].write_text(yaml.safe_dump(headline, sort_keys=False, allow_unicode=True))
     log.info("Report files in %s: %s", paths.REPORT, ", ".join(paths.REPORT_FILES.values()))
     return headline

@@ -185,6 +185,7 @@ STAGES = (
         ("model", "eval"),
         (
             "chat",
+            "contamination",
             "config",
             "config.locations",
             "config.params",

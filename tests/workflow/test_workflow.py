@@ -27,9 +27,7 @@ def test_dag_runs_to_metrics_for_base_and_tuned(finished):
     assert len(samples) == 16  # eval.limit of the smoke experiment, for each of the two tasks
     assert "| demo_words_choice/acc |" in (finished / "results/eval/comparison.md").read_text()
     card = (finished / "results/eval/model_card.md").read_text()
-    assert (
-        "verified: max |log p|" in card and "## Evaluation" in card and "| demo_words/exact_match |" in card
-    )
+    assert "verified: max |log p|" in card and "## Evaluation" in card and "| demo_words/exact_match |" in card
     assert json.loads((finished / "data/manifest.json").read_text())["sources"]["demo_train"]["files"]
     # the training process computes on every core it got, not on the one thread Snakemake's
     # environment gives a rule (MKL_NUM_THREADS=1 would win over OMP_NUM_THREADS)

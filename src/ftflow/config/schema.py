@@ -485,6 +485,18 @@ class EvalDataset(Section):
     revision: str | None = Field(None, description="tag, branch or commit; the manifest records the commit taken")
 
 
+class Contamination(Section):
+    """Which evaluation examples also occur in the training data (ftflow.contamination)."""
+
+    check: bool = Field(True, description="count them (results/eval/contamination.json); false: skip the check")
+    ngram: int = Field(
+        13, ge=1, description="words in a shared run that counts as overlap (an example shorter than that: all of it)"
+    )
+    flag_above: float = Field(
+        0.0, ge=0, lt=1, description="flag a task when more than this share of its examples overlap (0: any)"
+    )
+
+
 class Eval(Section):
     tasks: list[str] = Field(
         description=(
@@ -509,6 +521,9 @@ class Eval(Section):
     )
     seed: int = Field(0, description="lm-eval's random, numpy and torch seeds (few-shot sampling)")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM when installed and a GPU is there")
+    contamination: Contamination = Field(
+        Contamination(), description="eval examples that also occur in the training data (see contamination.*)"
+    )
     models: dict[str, str] | None = Field(
         None,
         description=(
