@@ -59,9 +59,9 @@ def test_planted_copies_and_a_shared_13_word_run_are_found_with_their_training_r
     assert found["train_records"] == 55 and found["checked"]
     lines = [json.loads(line) for line in (out / "contamination.jsonl").read_text().splitlines()]
     ids = {line["example"]: (line["exact_ids"], line["ngram_ids"]) for line in lines}
-    record = "mine/mine.jsonl:{}".format  # normalize's ids: source/file:line
-    assert ids == {0: ([record(51)], [record(51)]), 1: ([record(52)], [record(52)]),
-                   2: ([record(53)], [record(53)]), 3: ([], [record(54)])}  # fmt: skip
+    record, example = "mine/mine.jsonl:{}".format, "held/held.jsonl:{}".format  # normalize's ids: source/file:line
+    assert ids == {example(1): ([record(51)], [record(51)]), example(2): ([record(52)], [record(52)]),
+                   example(3): ([record(53)], [record(53)]), example(4): ([], [record(54)])}  # fmt: skip
 
     check_contamination(Eval(tasks=["holdout"], contamination={"ngram": 12, "flag_above": 0.5}), {}, tmp_path, out)
     found = json.loads((out / "contamination.json").read_text())["tasks"]["holdout"]

@@ -156,8 +156,10 @@ def contains(text: np.ndarray, part: np.ndarray) -> bool:
     return at >= 0
 
 
-def check(texts: dict[str, list[str]], train: Path, ngram: int, flag_above: float) -> tuple[dict, list[dict]]:
-    """({summary per task}, [one line per example found in the training data])."""
+def check(texts: dict[str, list[str]], train: Path, ngram: int, flag_above: float,
+          ids: dict[str, list] | None = None) -> tuple[dict, list[dict]]:  # fmt: skip
+    """({summary per task}, [one line per example found in the training data]); `ids`: each
+    task's example ids (the holdout task's record ids, an lm-eval task's doc ids), for the lines."""
     texts = {task: items for task, items in texts.items() if items}
     summary = {"ngram": ngram, "flag_above": flag_above, "train": str(train), "tasks": {}}
     if not texts:
@@ -172,7 +174,8 @@ def check(texts: dict[str, list[str]], train: Path, ngram: int, flag_above: floa
         summary["tasks"][task] = {"examples": len(items), "exact": sum(bool(found.exact.get(e)) for e in index),
                                   "ngram": len(hit), "share": share, "flagged": share > flag_above}  # fmt: skip
         for e in hit:
-            lines.append({"task": task, "example": e - start, "exact": len(found.exact.get(e, [])),
+            example = (ids or {}).get(task, range(len(items)))[e - start]
+            lines.append({"task": task, "example": example, "exact": len(found.exact.get(e, [])),
                           "ngram": len(found.ngram[e]), "exact_ids": found.exact.get(e, [])[:MAX_IDS],
                           "ngram_ids": found.ngram[e][:MAX_IDS]})  # fmt: skip
         start += len(items)

@@ -328,29 +328,34 @@ def check_contamination(eval_cfg: Eval, leaves: dict, root: Path, out_dir: Path)
     """contamination.json (per task: examples, how many occur in the training split) and
     contamination.jsonl (each such example with the training records it occurs in)."""
     c, train = eval_cfg.contamination, root / paths.NORMALIZE / "train.parquet"
-    texts = example_texts(eval_cfg, leaves, root) if c.check and train.exists() else {}
-    summary, lines = contamination.check(texts, train, c.ngram, c.flag_above)
+    examples = example_texts(eval_cfg, leaves, root) if c.check and train.exists() else {}
+    texts = {task: [text for _, text in items] for task, items in examples.items()}
+    ids = {task: [i for i, _ in items] for task, items in examples.items()}
+    summary, lines = contamination.check(texts, train, c.ngram, c.flag_above, ids)
     summary["checked"] = bool(texts)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "contamination.json").write_text(json.dumps(summary, indent=2))
     with (out_dir / "contamination.jsonl").open("w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     for task, t in summary["tasks"].items():
+        log.info("contamination: %s: %d of %d examples occur in the training data (%d whole)", task, t["ngram"],
+                 t["examples"], t["exact"])  # fmt: skip
         if t["flagged"]:
             log.warning("contamination: %d of %d %s examples also occur in the training data (%d whole); see "
                         "%s/contamination.jsonl", t["ngram"], t["examples"], task, t["exact"], paths.EVALUATE)  # fmt: skip
 
 
-def example_texts(eval_cfg: Eval, leaves: dict, root: Path) -> dict[str, list[str]]:
-    """Each task's examples as text, as many as it scores (eval.limit): the holdout task's whole
-    conversations, an lm-eval task's prompt and answer."""
+def example_texts(eval_cfg: Eval, leaves: dict, root: Path) -> dict[str, list[tuple]]:
+    """Each task's examples as (id, text), as many as it scores (eval.limit): the holdout task's
+    whole conversations (by record id), an lm-eval task's prompt and answer (by doc id, as in
+    samples.jsonl)."""
     out = {}
     if paths.HOLDOUT in eval_cfg.tasks:
-        out[paths.HOLDOUT] = [" ".join([*(m.get("content") or "" for m in ex.prompt), ex.reference])
+        out[paths.HOLDOUT] = [(ex.id, " ".join([*(m.get("content") or "" for m in ex.prompt), ex.reference]))
                               for ex in holdout.examples(root / paths.HOLDOUT_DATA, eval_cfg.limit)]  # fmt: skip
     for name, task in leaves.items():
         docs = list(task.eval_docs)[: eval_cfg.limit]
-        out[name] = [f"{task.doc_to_text(doc)} {answer_text(task, doc)}" for doc in docs]
+        out[name] = [(i, f"{task.doc_to_text(doc)} {answer_text(task, doc)}") for i, doc in enumerate(docs)]
     return out
 
 

@@ -9,7 +9,8 @@ sampling: a score must not depend on luck); the answer is scored against the ref
 
 - exact_match: equal after trimming and collapsing whitespace
 - rougeL: ROUGE-L F1 (Google's rouge-score; its tokenizer keeps Latin letters and digits only)
-- chrf: chrF (sacrebleu, 0-100): character n-grams, meaningful for any script
+- chrf: chrF (sacrebleu, 0-100): character n-grams, meaningful for any script; the task's score
+  is sacrebleu's corpus chrF (statistics summed over all answers), not the mean of the answers
 - loss / perplexity: the mean negative log-likelihood per token of the reference turn itself,
   end-of-turn token included (teacher-forced, so it does not depend on the generation)
 
@@ -155,7 +156,7 @@ def text_scores(answer: str, reference: str, rouge) -> dict[str, float]:
 
     return {
         "exact_match": float(squashed(answer) == squashed(reference)),
-        "rougeL": rouge.score(reference, answer)["rougeL"].fmeasure,
+        "rougeL": float(rouge.score(reference, answer)["rougeL"].fmeasure),
         "chrf": CHRF().sentence_score(answer, [reference]).score,
     }
 

@@ -113,6 +113,8 @@ def normalize_table(stats: dict) -> Table:
     for split, s in splits.items():
         if "carved" in s:
             table.note += " " + carved_note(split, s)
+        if "carved_out" in s:
+            table.note += f" {split}: {count(s['rows'])} records left after carving."
     return table
 
 
@@ -241,7 +243,7 @@ def contamination_line(found: dict) -> str:
         return "not checked"
     if not hit:
         return f"none found ({len(found['tasks'])} task(s) checked against {count(found['train_records'])} records)"
-    return "; ".join(f"{task}: {count(t['ngram'])} of {count(t['examples'])} examples"
+    return "; ".join(f"{task} {count(t['ngram'])} of {count(t['examples'])} examples"
                      + (" (FLAGGED)" if t["flagged"] else "") for task, t in hit.items())  # fmt: skip
 
 

@@ -454,10 +454,14 @@ def test_the_default_evaluation_never_scores_the_demo_tasks_on_other_data(own_da
         "conversations (eval=holdout), or choose eval=...",
         "evaluating your test split instead (eval=holdout; choose another with eval=...)"))  # fmt: skip
     assert compose(["data=mine", "data.test_size=0.2", "eval.limit=5"], own_data)["eval"]["limit"] == 5
-    for chosen in (["data=sms_spam", "eval=demo"], ["data=mine", "eval.tasks=[demo_words]"],
-                   ["experiment=sms_spam"], [], ["train=dpo"], ["train=grpo"], ["data=alpaca_en_demo"]):  # fmt: skip
+    for chosen in (["experiment=sms_spam"], [], ["train=dpo"], ["train=grpo"], ["data=alpaca_en_demo"]):
         tasks, note = fitted(*chosen)
         assert note == "" and tasks != ["holdout"], chosen
+    for chosen in (["data=sms_spam", "eval=demo"], ["data=mine", "eval.tasks=[demo_words]"]):
+        tasks, note = fitted(*chosen)  # kept, and said
+        assert tasks[0] == "demo_words" and note == (
+            "eval: the evaluation you chose scores examples/demo/test.jsonl, which is not your data: its scores say "
+            "nothing about it (eval=holdout scores your test split)")  # fmt: skip
 
 
 def test_the_holdout_task_needs_a_test_split_of_conversations(own_data):

@@ -83,3 +83,28 @@ def test_a_carved_split_with_its_own_source_is_refused():
         validate({"data": {**base, "test_size": 0.1}})
     with pytest.raises(ConfigError, match="leaves no training record"):
         validate({"data": {"sources": base["sources"][:1], "validation_size": 0.5, "test_size": 0.5}})
+
+
+def test_each_split_is_the_same_whether_or_not_the_other_is_carved(tmp_path):
+    """test takes the lowest hashes, validation the highest: switching one on or off never moves
+    records in or out of the other (validation losses stay comparable across such runs)."""
+    carve(tmp_path / "both", conversations(300), validation_size=0.1, test_size=0.2)
+    both = split_of(tmp_path / "both")
+    carve(tmp_path / "val", conversations(300), validation_size=0.1)
+    carve(tmp_path / "test", conversations(300), test_size=0.2)
+    alone = {**split_of(tmp_path / "val"), **{t: s for t, s in split_of(tmp_path / "test").items() if s == "test"}}
+    assert {t for t, s in both.items() if s == "validation"} == {t for t, s in alone.items() if s == "validation"}
+    assert {t for t, s in both.items() if s == "test"} == {t for t, s in alone.items() if s == "test"}
+    for size in (5, 12):  # counts too
+        carve(tmp_path / f"c{size}", conversations(300), validation_size=size, test_size=7)
+        carve(tmp_path / f"v{size}", conversations(300), validation_size=size)
+        pick = {t for t, s in split_of(tmp_path / f"c{size}").items() if s == "validation"}
+        assert (
+            pick == {t for t, s in split_of(tmp_path / f"v{size}").items() if s == "validation"} and len(pick) == size
+        )
+
+
+def test_splits_that_take_every_record_name_the_sizes(tmp_path):
+    with pytest.raises(NormalizeError, match=r"data.validation_size=30 and data.test_size=20 took all 40 training "
+                                             r"records: none is left to train on"):  # fmt: skip
+        carve(tmp_path, conversations(40), validation_size=30, test_size=20)

@@ -61,7 +61,8 @@ def compose(overrides: list[str] | tuple[str, ...] = (), conf_dir: Path = CONF_D
     fitted = fitted_eval(tree, choices, overrides, Path(conf_dir))
     if fitted:
         option, why = fitted
-        tree, _ = _composed([*overrides, f"eval={option}"], conf_dir)
+        if option:
+            tree, _ = _composed([*overrides, f"eval={option}"], conf_dir)
         if notes is not None:
             notes.append(why)
     tree.pop("experiment", None)  # the experiment group only overrides other groups
@@ -102,23 +103,25 @@ def _composed(overrides, conf_dir: Path) -> tuple[dict, dict]:
     return tree, choices
 
 
-def fitted_eval(tree: dict, choices: dict, overrides, conf_dir: Path) -> tuple[str, str] | None:
-    """(eval option, the line that says why) when the default evaluation was left in place but
-    does not fit the data: its tasks read local files (the demo's word tasks read the demo's
-    test file) and none of them lies in the folder of one of the data's sources (the demo's
-    conversation, preference and prompt data all live beside it), so its scores would measure
-    nothing about this data. The test split's holdout task replaces it; without a test split,
-    no evaluation. An evaluation a person chose (eval=..., eval.tasks=..., an experiment's) stays."""
-    default = default_option("eval", conf_dir)
-    chosen = {o.lstrip("+~").partition("=")[0] for o in overrides} & {"eval", "eval.tasks"}
-    if chosen or choices.get("eval") != default:
-        return None
+def fitted_eval(tree: dict, choices: dict, overrides, conf_dir: Path) -> tuple[str | None, str] | None:
+    """(eval option, the line that says why) when the evaluation does not fit the data: its
+    tasks read local files (the demo's word tasks read the demo's test file) and none of them
+    lies in the folder of one of the data's sources (the demo's conversation, preference and
+    prompt data all live beside it), so its scores would measure nothing about this data. The
+    default evaluation is replaced: by the test split's holdout task, or without a test split by
+    none. An evaluation a person chose (eval=..., eval.tasks=..., an experiment's) stays (option
+    None), with the line saying what it scores."""
     task_files = {(conf_dir.parent / f).resolve() for t in tree["eval"]["tasks"]
                   for f in locations.task_data_files(t, conf_dir)}  # fmt: skip
     data = {(conf_dir.parent / s["path"]).resolve().parent for s in tree["data"]["sources"] if s.get("path")}
     if not task_files or {f.parent for f in task_files} & data:
         return None
     reads = ", ".join(sorted(str(f.relative_to(conf_dir.parent.resolve())) for f in task_files))
+    default = default_option("eval", conf_dir)
+    chosen = {o.lstrip("+~").partition("=")[0] for o in overrides} & {"eval", "eval.tasks"}
+    if chosen or choices.get("eval") != default:
+        return None, (f"eval: the evaluation you chose scores {reads}, which is not your data: its scores say "
+                      "nothing about it (eval=holdout scores your test split)")  # fmt: skip
     head = f"eval: the default eval={default} scores {reads}, which is not your data;"
     splits = {s.get("split", "train") for s in tree["data"]["sources"]}
     has_test = "test" in splits or tree["data"].get("test_size") is not None
@@ -134,7 +137,7 @@ def refuse_unfitted_eval(tree: dict, conf_dir: Path) -> None:
     default = default_option("eval", conf_dir)
     default_tasks = yaml.safe_load((Path(conf_dir) / "eval" / f"{default}.yaml").read_text()).get("tasks")
     fitted = tree["eval"]["tasks"] == default_tasks and fitted_eval(tree, {"eval": default}, (), Path(conf_dir))
-    if fitted:
+    if fitted and fitted[0]:
         option, why = fitted
         raise ConfigError(f"{why.partition(';')[0]}: choose the evaluation with -S eval={option} "
                           f"(or -S eval=holdout with -S data.test_size=0.1, or another eval=)")  # fmt: skip

@@ -16,7 +16,16 @@ import types
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from ftflow import stages
 from ftflow.errors import ConfigError
@@ -78,8 +87,28 @@ class Source(Section):
         return self
 
 
-# data.validation_size / data.test_size: a fraction of the training records (0.1) or a count (200)
-SplitSize = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, lt=1)]
+def _split_size(value: Any) -> Any:
+    """A fraction of the training records (0.1) or a count (200), one message for anything else
+    (a union type would report each of its members' complaints)."""
+    if value is None or isinstance(value, bool):
+        return value if value is None else _bad_size(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        _bad_size(value)
+    if 0 < number < 1:
+        return number
+    if number >= 1 and number.is_integer():
+        return int(number)
+    _bad_size(value)
+
+
+def _bad_size(value: Any):
+    raise ValueError("a fraction between 0 and 1 (0.1) or a count of records (200)")
+
+
+# data.validation_size / data.test_size
+SplitSize = Annotated[int | float | None, BeforeValidator(_split_size)]
 
 
 class Data(Section):
@@ -96,14 +125,14 @@ class Data(Section):
     on_error: Literal["raise", "skip"] = Field("raise", description="skip: drop bad records, count per reason")
     max_record_mb: float = Field(default=8.0, gt=0, description="a bigger record is an error, not data")
     num_proc: int | None = Field(default=None, ge=1, description="worker processes (default: the usable cores)")
-    validation_size: SplitSize | None = Field(
+    validation_size: SplitSize = Field(
         None,
         description=(
             "carve the validation split from the training records: a fraction (0.1) or a count (200); by a hash "
             "of each normalized record, so a record keeps its split when others are added (with a fraction)"
         ),
     )
-    test_size: SplitSize | None = Field(
+    test_size: SplitSize = Field(
         None, description="carve the test split (what eval=holdout scores) the same way; see validation_size"
     )
 
@@ -698,12 +727,12 @@ def _validated(model: type[BaseModel], tree: dict[str, Any], what: str):
             what_is_wrong = what_is_wrong.removeprefix("Value error, ")  # pydantic's, before our own reason
             if e["type"] == "missing":
                 what_is_wrong = "missing required value"
-            path = _dotted(e["loc"]) or "<root>"
+            path = _dotted(e["loc"])
             # a section's own check (kind vs trainer, ...) gets the whole section as its input: the
             # reason names the keys, a dump of the section would bury it
             quiet = e["type"] in ("extra_forbidden", "missing") or isinstance(e["input"], (dict, list))
             got = "" if quiet else f" (got {e['input']!r})"
-            lines.append(f"  {path}: {what_is_wrong}{got}")
+            lines.append(f"  {path + ': ' if path else ''}{what_is_wrong}{got}")
         raise ConfigError(f"{what}:\n" + "\n".join(lines)) from None
 
 

@@ -1,11 +1,12 @@
 """Validation and test splits carved from the training records (data.validation_size, test_size).
 
 A record's place is decided by a hash of its normalized content (its id and source left out), read
-as a number u in [0, 1): the test split takes the lowest u, validation the next, train the rest.
-So exact duplicates always land together (the same conversation is never in two splits), the
-result does not depend on the order or the number of workers, and with fractions a record keeps
-its split when others are added (its u and the cut points stay where they are). A count takes the
-N lowest distinct hashes: a new record can then push an older one back into train.
+as a number u in [0, 1): the test split takes the lowest u, validation the highest, train the
+rest. So exact duplicates always land together (the same conversation is never in two splits),
+the result does not depend on the order or the number of workers, each split does not depend on
+whether the other is carved, and with fractions a record keeps its split when others are added
+(its u and the cut points stay where they are). A count takes the N lowest (test) or highest
+(validation) distinct hashes: a new record can then push an older one back into train.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ORDER = ("test", "validation")  # which split takes the lowest hashes first
 HOW = "by a blake2b hash of each normalized record (duplicates kept together)"
 _NOT_CONTENT = ("id", "source")  # a row's bookkeeping columns: not part of what it says
 _SPAN = float(2**64)
+_END = 2**64  # one past the largest hash
 
 
 def row_keys(table: pa.Table) -> np.ndarray:
@@ -40,27 +41,32 @@ def file_keys(path: Path) -> np.ndarray:
 
 
 def cut_points(keys: np.ndarray, sizes: dict[str, int | float]) -> dict[str, tuple[int, int]]:
-    """{split: [low, high)} ranges of hash values each carved split takes, in ORDER from 0. A
-    fraction f takes the next f of the hash range (with fractions only the cuts are fixed, so a
-    record's split never moves when others are added); a count N the next N distinct hashes."""
+    """{split: [low, high)} ranges of hash values: test from the bottom of the hash range,
+    validation from the top. A fraction f takes that share of the range (fixed cuts: a record's
+    split never moves when others are added); a count N the N distinct hashes nearest its end."""
     distinct = np.unique(keys)  # sorted
-    ranges, low = {}, 0
-    for split in ORDER:
-        if split not in sizes:
-            continue
-        size = sizes[split]
+    ranges = {}
+    if "test" in sizes:
+        size = sizes["test"]
+        high = int(size * _SPAN) if isinstance(size, float) else int(distinct[size]) if size < len(distinct) else _END
+        ranges["test"] = (0, high)
+    if "validation" in sizes:
+        size = sizes["validation"]
         if isinstance(size, float):
-            high = min(low + int(size * _SPAN), 2**64)
+            low = _END - int(size * _SPAN)
         else:
-            above = distinct[distinct >= np.uint64(low)] if low < 2**64 else distinct[:0]
-            high = int(above[size]) if size < len(above) else 2**64
-        ranges[split], low = (low, high), high
+            low = int(distinct[-size]) if size <= len(distinct) else 0
+        ranges["validation"] = (low, _END)
     return ranges
 
 
 def assign(keys: np.ndarray, ranges: dict[str, tuple[int, int]]) -> np.ndarray:
-    """Each row's split as an index: 0 train, then 1 + the position of its split in ranges."""
+    """Each row's split as an index: 0 train, then 1 + the position of its split in ranges
+    (test first: where both claim a row, a count larger than the data, the test split has it)."""
     out = np.zeros(len(keys), np.int8)
-    for i, (low, high) in enumerate(ranges.values(), start=1):
-        out[(keys >= np.uint64(low)) & ((keys < np.uint64(high)) if high < 2**64 else True)] = i
+    for i, (low, high) in reversed(list(enumerate(ranges.values(), start=1))):
+        inside = keys >= np.uint64(low) if low > 0 else np.ones(len(keys), bool)
+        if high < _END:
+            inside &= keys < np.uint64(high)
+        out[inside] = i
     return out

@@ -456,11 +456,11 @@ def normalize(cfg: StageConfig, root: Path = Path(".")) -> dict:
         raise
     stats: dict = {"kind": data.kind, "splits": {}}
     for split, runs in by_split.items():
-        digest = writers[split].close()
-        stats["splits"][split] = split_stats(runs, writers[split].rows, digest)
-        log.info("Wrote %d %s records to %s/%s.parquet", writers[split].rows, data.kind, out_dir, split)
+        stats["splits"][split] = split_stats(runs, writers[split].rows, writers[split].close())
     if data.carved():
         carve_splits(out_dir, data, stats["splits"])
+    for split, s in stats["splits"].items():
+        log.info("Wrote %d %s records to %s/%s.parquet", s["rows"], data.kind, out_dir, split)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg.sections, out_dir)
     return stats
@@ -484,7 +484,7 @@ def carve_splits(out_dir: Path, data: Data, splits: dict) -> None:
                 writer.write(table.filter(pa.array(part == index)))
         for name, writer in zip(names, writers):
             if not writer.rows:
-                raise NormalizeError(empty_carve(name, sizes.get(name), len(keys)))
+                raise NormalizeError(empty_carve(name, sizes, len(keys)))
     except BaseException:
         for writer in writers:
             writer.abort()
@@ -497,9 +497,11 @@ def carve_splits(out_dir: Path, data: Data, splits: dict) -> None:
     splits["train"]["carved_out"] = {name: splits[name]["rows"] for name in sizes}
 
 
-def empty_carve(split: str, size: int | float | None, records: int) -> str:
+def empty_carve(split: str, sizes: dict, records: int) -> str:
     if split == "train":
-        return f"carving the validation/test splits left no training record of {records}"
+        asked = " and ".join(f"data.{name}_size={size}" for name, size in sizes.items())
+        return f"{asked} took all {records} training records: none is left to train on; lower them"
+    size = sizes.get(split)
     return (f"data.{split}_size={size} carved no record from {records} training records (with a fraction each "
             "record's hash decides, so a small fraction of a few records can come out empty): raise it or give "
             "a count")  # fmt: skip
