@@ -4,7 +4,7 @@
 It reads what the stages wrote and recomputes nothing, so every figure in the report is the
 figure on disk. results/report/ holds:
 
-    normalize.html   records per source and split: read, kept, dropped per reason
+    normalize.html   records per source and split: read, kept, dropped per reason; columns not read
     pack.html        per split: conversations, sequences, rows, tokens, packing efficiency,
                      sequences over max_length (truncated or dropped), no trained token
     loss.svg         training and validation loss per step (log scale), learning rate, gradient norm
@@ -115,7 +115,18 @@ def normalize_table(stats: dict) -> Table:
             table.note += " " + carved_note(split, s)
         if "carved_out" in s:
             table.note += f" {split}: {count(s['rows'])} records left after carving."
+        for name, src in s["sources"].items():
+            table.note += unread_note(name, src)
     return table
+
+
+def unread_note(name: str, src: dict) -> str:
+    """The columns a source's reader did not read, with the records that had content in them."""
+    unread = src.get("unread_columns")
+    if not unread:
+        return ""
+    listed = ", ".join(f"{column} ({count(n)} of {count(src['records_in'])})" for column, n in unread.items())
+    return f" Not read by {src['reader']} in source {name} (not trained on): {listed}."
 
 
 def carved_note(split: str, s: dict) -> str:

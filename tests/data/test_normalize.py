@@ -19,6 +19,7 @@ from ftflow import paths
 from ftflow.data.messages import RecordError, validate
 from ftflow.data.normalize import NormalizeError
 from ftflow.data.readers import reader_kind
+from ftflow.report import normalize_table
 
 from helpers import REPO
 from helpers.normalized import FORMATS, fixture, place, roles, rows, stage
@@ -432,6 +433,56 @@ def test_a_mapped_column_the_record_lacks_is_named(tmp_path):
         stage(tmp_path, [source])
     stats = stage(tmp_path, [source], on_error="skip")["splits"]["train"]
     assert (stats["records_out"], stats["dropped"]) == (1, {"missing_column": 1})
+
+
+# xLAM function-calling-60k's layout: query, and tools / answers as JSON text
+XLAM = {"id": 0, "query": "Where can I find live giveaways for beta access?",
+        "answers": json.dumps([{"name": "live_giveaways_by_type", "arguments": {"type": "beta"}}]),
+        "tools": json.dumps([{"name": "live_giveaways_by_type", "description": "Retrieve live giveaways by type.",
+                              "parameters": {"type": {"description": "beta, game or loot", "type": "str"}}}])}  # fmt: skip
+
+
+def test_tools_a_reader_has_no_place_for_are_refused_not_trained_as_text(tmp_path):
+    """Read with prompt_completion (columns: prompt <- query, completion <- answers), xLAM's calls
+    would be trained as plain assistant text with the tools they call dropped: refused, named."""
+    (tmp_path / paths.RAW / "x").mkdir(parents=True)
+    plain = {"query": "What is 2 + 2?", "answers": "4", "tools": ""}  # an empty tools column loses nothing
+    (tmp_path / paths.RAW / "x" / "data.jsonl").write_text(json.dumps(plain) + "\n" + json.dumps(XLAM) + "\n")
+    source = {"name": "x", "reader": "prompt_completion", "columns": {"prompt": "query", "completion": "answers"}}
+    with pytest.raises(NormalizeError, match=r"record data.jsonl:2 \(reader 'prompt_completion'\): tools_not_read: the "
+                                             r"record has 'tools' \(tool schemas\) and reader 'prompt_completion' has no "
+                                             r"place for them.*use a reader that keeps them \(messages, "):  # fmt: skip
+        stage(tmp_path, [source])
+    stats = stage(tmp_path, [source], on_error="skip")["splits"]["train"]
+    assert (stats["records_out"], stats["dropped"]) == (1, {"tools_not_read": 1})
+
+
+def test_columns_no_reader_reads_are_counted_and_said(tmp_path, caplog):
+    """Dolly (instruction, context, response, category) with only `output` mapped: its context and
+    category are not trained on; stats.json counts the records with content in each, and the
+    columns with content in most records are warned about. A mapped column is read; `id` too is
+    counted (nothing is exempt)."""
+    dolly = [{"instruction": "When was Tomoaki Komorida born?", "context": "Komorida was born on 10 July 1981.",
+              "response": "10 July 1981", "category": "closed_qa", "id": 1},
+             {"instruction": "Name a primary color.", "context": "", "response": "Red", "category": "open_qa", "id": 2},
+             {"instruction": "Which is a fish?", "context": None, "response": "Tope", "category": "classification",
+              "id": 3}]  # fmt: skip
+    (tmp_path / paths.RAW / "d").mkdir(parents=True)
+    (tmp_path / paths.RAW / "d" / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dolly))
+    source = {"name": "d", "reader": "alpaca", "columns": {"output": "response"}}
+    with caplog.at_level("WARNING"):
+        stats = stage(tmp_path, [source])["splits"]["train"]
+    assert stats["sources"]["d"]["unread_columns"] == {"category": 3, "context": 1, "id": 3}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(" has content")[0] for w in warned] == ["Source <d>: column 'category'", "Source <d>: column 'id'"]
+    assert "in 3 of 3 records and reader 'alpaca' does not read it" in warned[0]
+    note = normalize_table(json.loads((tmp_path / paths.NORMALIZE / "stats.json").read_text())).note
+    assert "Not read by alpaca in source d (not trained on): category (3 of 3), context (1 of 3), id (3 of 3)." in note
+    # mapped, the context is read: no longer counted
+    source["columns"]["input"] = "context"
+    stats = stage(tmp_path, [source])["splits"]["train"]
+    assert stats["sources"]["d"]["unread_columns"] == {"category": 3, "id": 3}
+    assert [r["messages"][0]["content"] for r in rows(tmp_path)][0].endswith("Komorida was born on 10 July 1981.")
 
 
 @pytest.mark.parametrize("media", [{"images": ["cat.png"]}, {"videos": ["a.mp4"]}, {"audios": ["a.wav"]}])

@@ -20,7 +20,7 @@ from ftflow.config.schema import Tokenizer
 from ftflow.errors import PackError
 from ftflow.pack.encode import IGNORE_INDEX, encode
 from ftflow.pack.io import template_message
-from ftflow.pack.spans import TemplateError, end_tokens, renderer
+from ftflow.pack.spans import TemplateError, renderer, stop_tokens
 from ftflow.pack.templates import template_text
 from ftflow.pack.tokenizer import render, train_tokenizer
 
@@ -104,7 +104,7 @@ def check_family(tok, convs) -> tuple[str, str]:
     render (apply_chat_template fails too: tools, roles it does not know), and the reason of a
     refusal. Asserts exactness for every conversation it accepts."""
     r = renderer(tok)
-    ends = set(end_tokens(tok))
+    ends = set(stop_tokens(tok))
     exact, cannot, refused = 0, 0, []
     for k, (conv, tools) in enumerate(convs):
         try:

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from itertools import chain, islice
 from pathlib import Path
@@ -52,7 +52,7 @@ from ftflow.data.formats import (
     saved_dataset_records,
 )
 from ftflow.data.messages import MESSAGE_FIELDS, RecordError, canonical, content_chars, schemas, to_table, validate
-from ftflow.data.readers import READERS, READERS_DIR, check_media, get_reader
+from ftflow.data.readers import READERS, READERS_DIR, check_media, check_tools, get_reader, read_columns
 from ftflow.errors import StageError
 from ftflow.hashing import file_sha256
 from ftflow.parallel import ordered_map
@@ -95,6 +95,7 @@ class Batch:
     dropped: Counter
     read: int
     error: tuple[str, RecordError] | None  # on_error=raise: the first bad record
+    unread: Counter = field(default_factory=Counter)  # {column the reader does not read: records with content}
 
 
 class RecordMaker:
@@ -107,7 +108,9 @@ class RecordMaker:
         self.source, self.kind, self.on_error = source, data.kind, data.on_error
         self.max_chars = int(data.max_record_mb * 1e6)
         self.readers_dir = root / READERS_DIR
-        self.builtin = source.reader in READERS  # a user reader decides about media itself
+        self.builtin = source.reader in READERS  # a user reader decides about media and tools itself
+        self.read_columns = read_columns(source.reader, source.columns)
+        self.unread: Counter = Counter()
         try:
             self.reader = get_reader(source.reader, self.readers_dir)
         except ValueError as err:
@@ -127,10 +130,13 @@ class RecordMaker:
         raw = parse_json_line(payload) if isinstance(payload, bytes) else payload
         if not isinstance(raw, dict):
             raise RecordError("not_an_object", f"record is a {type(raw).__name__}, not an object")
+        if self.read_columns is not None:
+            self.unread.update(k for k, v in raw.items() if k not in self.read_columns and v not in EMPTY_VALUES)
         if self.source.columns:  # reader field <- source column
             raw = mapped_columns(raw, self.source.columns)
         if self.builtin:
             check_media(raw)
+            check_tools(raw, self.source.reader)
         try:
             out = self.reader(raw)
         except RecordError:
@@ -150,8 +156,11 @@ class RecordMaker:
         return record, chars
 
     def process(self, task: list[Item] | Span) -> Batch:
+        self.unread = Counter()  # counted per batch, as the batch's own (workers send it back)
         with gc_paused():
-            return self._process(task.items(self.max_chars) if isinstance(task, Span) else task)
+            batch = self._process(task.items(self.max_chars) if isinstance(task, Span) else task)
+        batch.unread = self.unread
+        return batch
 
     def _process(self, items: list[Item]) -> Batch:
         s, kind, records, ids, keys, dropped = self.source, self.kind, [], [], [], Counter()
@@ -223,6 +232,7 @@ class SourceRun:
         self.maker = RecordMaker(source, data, root)
         self.num_proc = data.num_proc or len(os.sched_getaffinity(0))
         self.dropped: Counter = Counter()
+        self.unread: Counter = Counter()
         self.read = self.rows = self.empty_files = self.repeats = 0
         self._seen: set[bytes] = set()
 
@@ -293,6 +303,7 @@ class SourceRun:
                 )
             self.read += batch.read
             self.dropped.update(batch.dropped)
+            self.unread.update(batch.unread)
             table = self.without_duplicates(batch)
             self.rows += table.num_rows
             if self.source.weight == 1:
@@ -339,6 +350,8 @@ class SourceRun:
             out["repeats"] = self.repeats  # extra copies from weight > 1, not counted in records_out
         if self.empty_files:
             out["empty_files"] = self.empty_files
+        if self.unread:
+            out["unread_columns"] = dict(sorted(self.unread.items()))
         assert out["records_in"] == out["records_out"] + sum(self.dropped.values())
         return out
 
@@ -392,11 +405,11 @@ class SplitWriter:
 def mapped_columns(raw: dict, columns: dict[str, str]) -> dict:
     """The record with each reader field taken from its mapped column; a mapped column the
     record does not have is an error naming it (the field would silently come out empty)."""
-    for field, column in columns.items():
+    for name, column in columns.items():
         if column not in raw:
-            raise RecordError("missing_column", f"no column {column!r} (columns maps it to the reader's {field!r}; "
+            raise RecordError("missing_column", f"no column {column!r} (columns maps it to the reader's {name!r}; "
                               f"the record has {sorted(raw)[:12]})")  # fmt: skip
-    return {**raw, **{field: raw[column] for field, column in columns.items()}}
+    return {**raw, **{name: raw[column] for name, column in columns.items()}}
 
 
 def nothing_left(runs: list[SourceRun]) -> str:
@@ -409,6 +422,19 @@ def nothing_left(runs: list[SourceRun]) -> str:
         empty = f", {st['empty_files']} empty file(s)" if st.get("empty_files") else ""
         parts.append(f"source {run.source.name!r} read {st['records_in']} record(s) ({dropped}{empty})")
     return "; ".join(parts)
+
+
+EMPTY_VALUES = (None, "", [], {})  # a column holding one of these in a record has nothing to lose there
+
+
+def warn_unread(run: SourceRun) -> None:
+    """Say which columns the reader leaves out while most records have content in them (stats.json
+    lists every unread column with its count): a Dolly `context`, xLAM's `tools`."""
+    for column, n in run.unread.items():
+        if n * 2 > run.read:
+            log.warning("Source <%s>: column %r has content in %d of %d records and reader %r does not read it: it is "
+                        "not trained on (map it to a reader field with `columns:`, or use a reader that reads it)",
+                        run.source.name, column, n, run.read, run.source.reader)  # fmt: skip
 
 
 def downloaded_files(source: Source, root: Path) -> dict[Path, str]:
@@ -446,6 +472,7 @@ def normalize(cfg: StageConfig, root: Path = Path(".")) -> dict:
             log.info("Normalizing source <%s> (reader=%s, split=%s)", source.name, source.reader, source.split)
             run = normalize_source(source, data, root, writers[source.split])
             log.info("Source <%s>: %s", source.name, json.dumps(run.stats()))
+            warn_unread(run)
             by_split[source.split].append(run)
         for split, runs in by_split.items():
             if runs and not writers[split].rows:

@@ -361,10 +361,36 @@ READER_FIELDS: dict[str, tuple[str, ...]] = {
 MEDIA_FIELDS = ("images", "videos", "audios")
 
 
+# Fields that carry tool schemas: a reader with no place for them (READER_FIELDS without "tools")
+# would train the calls as plain text with the tools they call dropped.
+TOOL_FIELDS = ("tools", "functions")
+
+
 def check_media(record: dict) -> None:
     for key in MEDIA_FIELDS:
         if record.get(key):
             raise RecordError("unsupported_content", f"the record has {key!r}; ftflow trains on text only")
+
+
+def check_tools(record: dict, reader: str) -> None:
+    """A built-in reader without a place for tool schemas refuses a record that has some."""
+    if "tools" in READER_FIELDS[reader]:
+        return
+    for key in TOOL_FIELDS:
+        if record.get(key):
+            keeps = sorted(r for r, fields in READER_FIELDS.items() if "tools" in fields)
+            raise RecordError("tools_not_read", f"the record has {key!r} (tool schemas) and reader {reader!r} has "
+                              f"no place for them: its calls would be trained as plain text without the tools; use "
+                              f"a reader that keeps them ({', '.join(keeps)})")  # fmt: skip
+
+
+def read_columns(reader: str, columns: dict[str, str] | None) -> frozenset[str] | None:
+    """The raw columns a built-in reader reads: its fields, each taken from the column `columns`
+    maps to it. None for a user reader (its code decides)."""
+    if reader not in READER_FIELDS:
+        return None
+    columns = columns or {}
+    return frozenset(columns.get(field, field) for field in READER_FIELDS[reader])
 
 
 def reader_kind(spec: str) -> str | None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ftflow.errors import PackError
 from ftflow.pack.io import parquet_file, piece_table, read_piece
-from ftflow.pack.spans import Renderer, Span, end_tokens, renderer, trained_messages
+from ftflow.pack.spans import Renderer, Span, renderer, stop_tokens, trained_messages
 from ftflow.pack.templates import template_text
 
 IGNORE_INDEX = -100  # label value that the loss skips
@@ -169,20 +169,22 @@ def overlap_mask(offsets: np.ndarray, texts: list[str], spans: list[list]) -> np
 def mask_audit(offsets: np.ndarray, texts: list[str], spans: list[list[Span]], ids: np.ndarray, tok, first: int,
                name: str) -> Counter:  # fmt: skip
     """Counts for pack's masking audit: trained tokens per role, trained turns, and those whose
-    last trained token is an end-of-turn (special) token. A trained turn that does not end on
-    one would teach the model never to stop: that fails the stage, naming the conversation."""
+    last trained token is an end-of-turn token, one the model stops on (spans.stop_tokens), ending
+    exactly where the span ends. A trained turn that does not end on one would teach the model
+    never to stop (or to start the next turn): that fails the stage, naming the conversation."""
     audit = Counter()
     for role in {s.role for conv in spans for s in conv}:
         only = [[(s.start, s.end) for s in conv if s.role == role] for conv in spans]
         audit[f"trained_tokens/{role}"] += int(overlap_mask(offsets, texts, only).sum())
-    special = special_ids(tok)
+    stops = stop_ids(tok)
     token_ends = offsets[:, 1]
     for k, (start, conv) in enumerate(zip(text_starts(texts), spans)):
         for s in conv:
             last = int(np.searchsorted(token_ends, start + s.end, side="left"))
-            if last == len(ids) or token_ends[last] != start + s.end or int(ids[last]) not in special:
+            if last == len(ids) or token_ends[last] != start + s.end or int(ids[last]) not in stops:
                 raise PackError(f"conversation {first + k} of {name}: the trained {s.role} turn "
-                                f"{texts[k][s.start:s.end][-60:]!r} does not end on an end-of-turn token")  # fmt: skip
+                                f"{texts[k][s.start:s.end][-60:]!r} does not end on an end-of-turn token (one of "
+                                f"{', '.join(stop_tokens(tok))}, the tokens the model stops on)")  # fmt: skip
             audit["trained_turns"] += 1
             audit[f"trained_turns/{s.role}"] += 1
     audit["conversations_without_trained_token"] += sum(not conv for conv in spans)
@@ -207,5 +209,5 @@ def audit_figures(audit: Counter) -> dict:
     }
 
 
-def special_ids(tok) -> frozenset:
-    return frozenset(tok.convert_tokens_to_ids(list(end_tokens(tok))))
+def stop_ids(tok) -> frozenset:
+    return frozenset(tok.convert_tokens_to_ids(list(stop_tokens(tok))))

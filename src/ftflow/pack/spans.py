@@ -15,8 +15,11 @@ spans are found differs. For a tokenizer's own template (template=model), in thi
            and F a prefix of the whole conversation's text (the template is prefix-preserving
            for this conversation); otherwise the conversation is refused, with the reason.
 
-Every span is checked on every conversation: it ends with an end-of-turn token (a special
-token of the tokenizer, trailing whitespace aside) and holds its message's content. The first
+Every span is checked on every conversation: it ends with an end-of-turn token and holds its
+message's content. An end-of-turn token is one the model stops generating on (stop_tokens: the
+tokenizer's eos and its generation config's eos ids), never just any special token: Command R7B
+closes a turn with <|END_RESPONSE|><|END_OF_TURN_TOKEN|> and opens the next with the special
+<|START_OF_TURN_TOKEN|>, which a span must not take. The first
 conversation of every chunk is also derived from prefixes and must give the same spans, so a
 twin or a marker block that strays into a prompt fails loudly. Nothing ever falls back to an
 all-zero or all-one mask.
@@ -24,7 +27,9 @@ all-zero or all-one mask.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from ftflow.errors import StageError
 
@@ -55,7 +60,8 @@ class Renderer:
     method: str  # ftflow | markers | twin | derived
     source: str  # where the template came from (the tokenizer's path), for messages
     tokens: dict  # the special tokens the template sees (bos_token, eos_token, ...)
-    end_tokens: tuple[str, ...]  # strings that can end a turn: the tokenizer's special tokens
+    end_tokens: tuple[str, ...]  # the tokens that end a turn: what the model stops on (stop_tokens)
+    special: tuple[str, ...]  # every special token of the tokenizer (the next turn's header among them)
     twin: str | None = None
 
     def text(self, conv: list[dict], tools, add_generation_prompt: bool = False, template: str | None = None,
@@ -141,7 +147,8 @@ class Renderer:
                 end = self.last_end(upto, len(before)) if text.startswith(upto) else None
             if end is None and self.last_end(upto, len(before)) is None:
                 raise TemplateError(f"{self.source}: {where}: message {i} ({role}) is not closed by an end-of-turn "
-                                    f"token ({upto[len(before):][-60:]!r}): the model would never learn to stop")  # fmt: skip
+                                    f"token ({upto[len(before):][-60:]!r}; {self.stops_said}): the model would never "
+                                    "learn to stop")  # fmt: skip
             if end is None:
                 at = next((k for k, (x, y) in enumerate(zip(upto, text)) if x != y), min(len(upto), len(text)))
                 raise TemplateError(
@@ -198,13 +205,15 @@ class Renderer:
 
     def last_end(self, text: str, start: int) -> int | None:
         """The end of the last end-of-turn token in text[start:], when all that follows it is
-        whitespace or the start of another special token (where `closed` cut the text)."""
+        whitespace or the next turn's header: a special token, or the start of one where `closed`
+        cut the text inside it (Command R7B's `<|START_OF_TURN_TOKEN|><|`)."""
         ends = [text.rfind(t, start) + len(t) for t in self.end_tokens if text.rfind(t, start) >= 0]
         if not ends:
             return None
         end = max(ends)
         rest = text[end:].strip()
-        return end if not rest or any(t.startswith(rest) for t in self.end_tokens) else None
+        opens_header = any(rest.startswith(t) or t.startswith(rest) for t in self.special)
+        return end if not rest or opens_header else None
 
     def after_prompt(self, text: str, start: int) -> int:
         prompt = self.generation_prompt
@@ -212,6 +221,12 @@ class Renderer:
             if prompt and text[:p].endswith(prompt):
                 return p
         return start
+
+    @property
+    def stops_said(self) -> str:
+        """The end-of-turn tokens, as errors name them (with where they come from)."""
+        return (f"the model stops on {', '.join(self.end_tokens) or 'nothing'}: the tokenizer's eos and the eos ids "
+                "of the generation_config.json beside it")  # fmt: skip
 
     @property
     def generation_prompt(self) -> str:
@@ -228,7 +243,8 @@ class Renderer:
         body = text[s.start : s.end]
         if self.turn_end(text, s.start, s.end) != s.end:
             raise TemplateError(f"{self.source}: {where}: the trained span of message {i} ({s.role}) does not end "
-                                f"with an end-of-turn token ({body[-60:]!r}): the model would never learn to stop")  # fmt: skip
+                                f"with an end-of-turn token ({body[-60:]!r}; {self.stops_said}): the model would never "
+                                "learn to stop")  # fmt: skip
         content = message.get("content")
         if isinstance(content, str) and content.strip() and content.strip() not in body:
             raise TemplateError(f"{self.source}: {where}: the template does not render message {i}'s content inside "
@@ -264,12 +280,27 @@ def training_twin(tok) -> str | None:
         return None
 
 
-def end_tokens(tok) -> tuple[str, ...]:
-    """Strings that can end a turn: the tokenizer's special tokens (added tokens marked special,
-    eos among them), longest first so that one token is not taken for a shorter one it ends with."""
+def special_tokens(tok) -> tuple[str, ...]:
+    """The tokenizer's special tokens (added tokens marked special, eos among them), longest
+    first so that one token is not taken for a shorter one it ends with."""
     special = set(tok.all_special_tokens)
     special |= {t.content for t in tok.added_tokens_decoder.values() if t.special}
     return tuple(sorted((t for t in special if t), key=len, reverse=True))
+
+
+def stop_tokens(tok) -> tuple[str, ...]:
+    """The tokens that end a trained turn: those the model stops generating on, as consolidate
+    writes them into the tuned model's generation config and evaluate stops on them. The
+    tokenizer's eos, and the eos ids of the generation config in the folder the tokenizer was
+    loaded from (the base model's: Gemma's <end_of_turn>, Llama 3's <|eot_id|> and <|eom_id|>,
+    Phi-3's <|end|> are there and not the tokenizer's eos). Longest first."""
+    stops = {tok.eos_token} if tok.eos_token else set()
+    config = Path(str(getattr(tok, "name_or_path", "") or "")) / "generation_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        stops |= {t for t in tok.convert_ids_to_tokens(ids) if t}
+    return tuple(sorted(stops, key=len, reverse=True))
 
 
 def renderer(tok, method: str | None = None) -> Renderer:
@@ -287,4 +318,4 @@ def renderer(tok, method: str | None = None) -> Renderer:
         else:
             twin = training_twin(tok)
             method = "twin" if twin else "derived"
-    return Renderer(template, method, source, dict(tok.special_tokens_map), end_tokens(tok), twin)
+    return Renderer(template, method, source, dict(tok.special_tokens_map), stop_tokens(tok), special_tokens(tok), twin)
