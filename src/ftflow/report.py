@@ -161,10 +161,21 @@ def pack_table(stats: dict) -> Table:
         table.note = (
             f"loss masks: {masks['method']} (train_on {masks['train_on']}, template of {masks['template_of']}). "
         )
+        for split, s in stats["splits"].items():
+            table.note += turn_modes_note(split, s.get("mask_audit") or {})
     table.note += ("packing efficiency: the share of the packed rows' token slots that hold tokens (not "
                   "padding). over max_length: sequences longer than max_length, truncated, dropped or split as pack.overflow "
                   "says (tokens cut off: by truncate or drop; split keeps them). no trained token: sequences dropped because nothing in them is trained on.")  # fmt: skip
     return table
+
+
+def turn_modes_note(split: str, audit: dict) -> str:
+    """pack.train_on auto / each_turn: conversations trained whole and one sequence per turn."""
+    modes = audit.get("conversations_by_mode")
+    if not modes:
+        return ""
+    return (f"{split}: {count(modes['whole'])} conversations trained whole, {count(modes['each_turn'])} one "
+            f"sequence per turn ({count(audit['each_turn_sequences'])} sequences). ")  # fmt: skip
 
 
 def loss_figure(rows: list[dict], out: Path) -> dict:

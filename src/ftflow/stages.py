@@ -109,6 +109,7 @@ STAGES = (
             "integrity",
             "pack",
             "pack.encode",
+            "pack.inspect",
             "pack.io",
             "pack.packing",
             "pack.pairs",

@@ -100,12 +100,12 @@ def trained_turns(conv: list[dict]) -> list[dict]:
 
 
 def check_family(tok, convs) -> tuple[str, str]:
-    """(method, outcome): how many conversations are exact, how many the template itself cannot
-    render (apply_chat_template fails too: tools, roles it does not know), and the reason of a
-    refusal. Asserts exactness for every conversation it accepts."""
+    """(method, outcome): how many conversations are exact as a whole, how many exact one sequence
+    per turn (train_on=each_turn) where the whole is refused, how many the template itself cannot
+    render (apply_chat_template fails too: tools, roles it does not know), and the reasons of the
+    refusals. Asserts exactness for every conversation it accepts."""
     r = renderer(tok)
-    ends = set(stop_tokens(tok))
-    exact, cannot, refused = 0, 0, []
+    exact, per_turn, cannot, refused = 0, 0, 0, []
     for k, (conv, tools) in enumerate(convs):
         try:
             want = tok.apply_chat_template(conv, tools=tools, tokenize=True, return_dict=True)["input_ids"]
@@ -115,8 +115,12 @@ def check_family(tok, convs) -> tuple[str, str]:
         try:
             enc = encode([conv], [tools], tok)
             r.render(conv, tools, "assistant", f"conversation {k}", check=True)  # derived agrees, every time
-        except (TemplateError, PackError) as err:
-            refused.append(str(err).split(": ", 2)[-1].split(";")[0][:70])
+        except (TemplateError, PackError) as whole:
+            try:
+                check_each_turn(tok, conv, tools)
+                per_turn += 1
+            except (TemplateError, PackError):
+                refused.append(str(whole).split(": ", 2)[-1].split(";")[0][:70])
             continue
         assert enc.ids.tolist() == want, (k, tok.name_or_path)
         turns = trained_turns(conv)
@@ -127,16 +131,42 @@ def check_family(tok, convs) -> tuple[str, str]:
         ]
         for (a, b), turn in zip(spans, turns):
             text = tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            assert any(text.rstrip().endswith(e) for e in ends), text[-40:]
+            assert text.rstrip().endswith(tokens_of(tok.name_or_path.split("/")[-1])[1]), text[-40:]
             assert turn["content"].strip() in text
             assert not any(u in text for u in users)  # no prompt token trained
         exact += 1
-    outcome = f"{exact} exact" + (f", {cannot} not renderable by the template" if cannot else "")
+    outcome = f"{exact} exact" + (f", {per_turn} exact per turn" if per_turn else "")
+    outcome += f", {cannot} not renderable by the template" if cannot else ""
     kinds = Counter(TOOL_CALLS_DROPPED if "tool call" in reason else re.sub(r"message \d+", "a message", reason).split(" (")[0]
                     for reason in refused)  # fmt: skip
     for kind, n in kinds.items():
         outcome += f", {n} refused: {kind}"
     return r.method, outcome
+
+
+def check_each_turn(tok, conv: list[dict], tools) -> None:
+    """train_on=each_turn, checked against apply_chat_template itself: sequence j is the ids of
+    conversation[:i] with the generation prompt (i: the j-th trained turn), then the turn, whose
+    trained tokens decode to the text the template renders for conversation[:i + 1] after that
+    prompt, ending with the family's end-of-turn string, holding the message's content."""
+    enc = encode([conv], [tools], tok, train_on="each_turn")
+    eot = tokens_of(tok.name_or_path.split("/")[-1])[1]
+    wanted = [i for i, m in enumerate(conv) if (m["role"] == "assistant" if m.get("train") is None else m["train"])]
+    assert len(enc.lengths) == len(wanted) and enc.records == 1
+    start = 0
+    for i, n in zip(wanted, enc.lengths.tolist()):
+        ids, labels = enc.ids[start : start + n].tolist(), enc.labels[start : start + n]
+        prompt = tok.apply_chat_template(conv[:i], tools=tools, add_generation_prompt=conv[i]["role"] == "assistant",
+                                         tokenize=True, return_dict=True)["input_ids"]  # fmt: skip
+        ((a, b),) = spans_of(labels)
+        assert ids[:a] == prompt and b == n
+        turn = tok.decode(ids[a:b], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        final = tok.apply_chat_template(conv[: i + 1], tools=tools, tokenize=False)
+        prompt_text = tok.apply_chat_template(conv[:i], tools=tools, add_generation_prompt=conv[i]["role"] == "assistant",
+                                              tokenize=False)  # fmt: skip
+        assert final.startswith(prompt_text + turn) and turn.endswith(eot), (turn[-40:], eot)
+        assert conv[i]["content"].strip() in turn
+        start += n
 
 
 TOOL_CALLS_DROPPED = "tool calls not rendered"  # a template without tool support (SmolLM2's, Phi-3's)
@@ -160,6 +190,45 @@ def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_toke
     no_tools = {f for f, _, o in table if o.endswith(f"{tool_calling} refused: {TOOL_CALLS_DROPPED}")}
     assert {"smollm2", "phi3_5", "llama3"} <= no_tools and f"{len(fixture_convs) - tool_calling} exact" in dict(
         (f, o) for f, _, o in table)["smollm2"]  # fmt: skip
+
+
+CORPUS = Path(__file__).parent / "templates"  # official templates beyond TRL's folder (SOURCES.json)
+
+
+def test_a_turn_ends_on_the_token_the_model_stops_on_not_on_the_next_turns_header(base_tokenizer):
+    """Command R7B closes an answer with <|END_RESPONSE|><|END_OF_TURN_TOKEN|> and opens the next
+    turn with <|START_OF_TURN_TOKEN|>, a special token too. Each span ends on the end-of-turn token
+    the model stops on; the old rule (any special token ends a turn) also trained the next turn's
+    first token, and its audit passed it. The new audit refuses such a span."""
+    from dataclasses import replace
+
+    from ftflow.pack.encode import Rendered, mask_audit, text_starts, token_offsets
+    from ftflow.pack.spans import special_tokens
+
+    template = (CORPUS / "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja").read_text()
+    tok = family_tokenizer(base_tokenizer, "cohere_command_r7b", template)
+    assert stop_tokens(tok) == ("<|END_OF_TURN_TOKEN|>",)
+    conv = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "second question"}, {"role": "assistant", "content": "second answer"}]  # fmt: skip
+    enc = encode([conv], [None], tok)
+    assert enc.ids.tolist() == tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    decoded = [tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(enc.labels)]
+    assert decoded == [
+        f"<|START_RESPONSE|>{a}<|END_RESPONSE|><|END_OF_TURN_TOKEN|>" for a in ("first answer", "second answer")
+    ]
+
+    old = replace(renderer(tok), end_tokens=special_tokens(tok))  # any special token ends a turn
+    text, spans = old.render(conv, None, "assistant", "conversation 0")
+    assert [text[s.start : s.end] for s in spans] == [
+        f"<|START_RESPONSE|>{a}<|END_RESPONSE|><|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>" for a in ("first answer", "second answer")
+    ]  # fmt: skip
+    encodings = tok.backend_tokenizer.encode_batch([text], add_special_tokens=False)
+    lengths = np.array([len(encodings[0].ids)])
+    offsets = token_offsets(encodings, [text], lengths)
+    assert text_starts([text]).tolist() == [0]
+    with pytest.raises(PackError, match=r"conversation 0 of R7B: the trained assistant turn .*<\|START_OF_TURN_TOKEN\|>' "
+                                        r"does not end on an end-of-turn token \(one of <\|END_OF_TURN_TOKEN\|>"):  # fmt: skip
+        mask_audit(offsets, Rendered([text], [spans], [0], [0]), np.array(encodings[0].ids), tok, 0, "R7B")
 
 
 def test_train_on_last_assistant_takes_a_template_that_rewrites_earlier_turns(base_tokenizer):
@@ -216,7 +285,9 @@ def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_no
                   {"role": "assistant", "content": "84", "reasoning": "42 * 2 = 84."}]  # fmt: skip
     conv = [template_message(m) for m in normalized]
     qwen3 = family_tokenizer(base_tokenizer, "qwen3", (TRL_TEMPLATES / "qwen3.jinja").read_text())
-    with pytest.raises(TemplateError, match="not prefix-preserving"):
+    with pytest.raises(
+        TemplateError, match="not prefix-preserving.*; pack.train_on=each_turn \\(or auto\\) trains it exactly"
+    ):
         encode([conv], [None], qwen3)
     enc = encode([conv], [None], qwen3, train_on="last_assistant")
     trained = [qwen3.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(enc.labels)]
@@ -226,6 +297,46 @@ def test_reasoning_is_trained_where_the_template_renders_it_and_counted_where_no
     chatml = family_tokenizer(base_tokenizer, "ftflow_chatml", template_text("chatml"))
     enc = encode([conv], [None], chatml)
     assert (enc.audit["reasoning/messages"], enc.audit["reasoning/not_rendered"]) == (2, 2)
+
+
+def test_auto_trains_whole_conversations_where_exact_and_per_turn_where_not(base_tokenizer):
+    """Qwen3's template drops an earlier turn's thinking once a later user turn follows: auto trains
+    that conversation one sequence per turn, each turn with its own thinking as the model writes
+    it, and a single-turn conversation whole; the audit counts both modes, and no reasoning is
+    left out any more."""
+    from ftflow.pack.encode import audit_figures
+
+    two_turns = [{"role": "user", "content": "What is 17 + 25?"},
+                 {"role": "assistant", "content": "42", "reasoning_content": "17 + 25 = 42."},
+                 {"role": "user", "content": "And doubled?"},
+                 {"role": "assistant", "content": "84", "reasoning_content": "42 * 2 = 84."}]  # fmt: skip
+    one_turn = two_turns[:2]
+    qwen3 = family_tokenizer(base_tokenizer, "qwen3", (TRL_TEMPLATES / "qwen3.jinja").read_text())
+    enc = encode([two_turns, one_turn], [None, None], qwen3, train_on="auto")
+    assert (enc.records, len(enc.lengths)) == (2, 3)
+    trained = [qwen3.decode(enc.ids[a:b].tolist(), skip_special_tokens=False) for a, b in spans_of(enc.labels)]
+    assert trained == ["<think>\n17 + 25 = 42.\n</think>\n\n42<|im_end|>", "<think>\n42 * 2 = 84.\n</think>\n\n84<|im_end|>",
+                       "<think>\n17 + 25 = 42.\n</think>\n\n42<|im_end|>"]  # fmt: skip
+    figures = audit_figures(enc.audit)
+    assert figures["conversations_by_mode"] == {"whole": 1, "each_turn": 1} and figures["each_turn_sequences"] == 2
+    assert figures["reasoning_not_in_rendered_text"] == 0 and figures["messages_with_reasoning"] == 3
+    assert figures["turns_ending_on_end_of_turn"] == 3
+    # the second sequence repeats the first turn's prompt and answer, as rendered before the second turn
+    prompt = qwen3.apply_chat_template(two_turns[:3], add_generation_prompt=True, tokenize=False)
+    assert figures["each_turn_repeated_prompt_chars"] == len(prompt)
+
+
+def test_a_refusal_suggests_only_what_works_on_that_conversation(base_tokenizer):
+    """SmolLM2's template has no place for tool calls: neither per turn nor the last turn alone
+    would train the call, so neither is suggested."""
+    conv = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}]  # fmt: skip
+    tok = family_tokenizer(base_tokenizer, "smollm2", SMOLLM2)
+    for train_on in ("assistant", "auto", "each_turn"):
+        with pytest.raises(TemplateError, match="tool call 'get_weather'") as err:
+            encode([conv], [None], tok, train_on=train_on)
+        assert "train_on=" not in str(err.value) and str(err.value).endswith("use template=chatml or template=llama3 "
+                                                                             "(ftflow's templates, with exact spans)")  # fmt: skip
 
 
 # --- the published formats (examples/formats/), packed with a model's own template -----------

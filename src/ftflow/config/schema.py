@@ -261,7 +261,13 @@ class Pack(Section):
             "short), truncate conversations (keep the start)"
         ),
     )
-    train_on: Literal["assistant", "last_assistant", "all"] = Field("assistant", description="which tokens carry loss")
+    train_on: Literal["auto", "assistant", "each_turn", "last_assistant", "all"] = Field(
+        "auto",
+        description=(
+            "which tokens carry loss; auto: assistant turns, in the whole conversation where the template renders "
+            "it exactly, else one sequence per turn (each_turn)"
+        ),
+    )
     num_proc: int | None = Field(default=None, ge=1, description="worker processes (default: the usable cores)")
 
 

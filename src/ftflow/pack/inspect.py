@@ -62,8 +62,20 @@ def masks_line(stats: dict, s: dict) -> str:
     return (
         f"\nmasks: {masks['method']} (train_on {masks['train_on']}); trained tokens by role: {shares}; "
         f"{audit['turns_ending_on_end_of_turn']:,} trained turns, each ending on its end-of-turn token; "
-        f"{audit['conversations_without_trained_token']:,} conversations with no trained token" + reasoning_note(audit)
+        f"{audit['conversations_without_trained_token']:,} conversations with no trained token"
+        + reasoning_note(audit)
+        + modes_note(audit)
     )
+
+
+def modes_note(audit: dict) -> str:
+    """train_on auto / each_turn: how many conversations were trained whole and how many per turn."""
+    modes = audit.get("conversations_by_mode")
+    if not modes:
+        return ""
+    return (f"; {modes['whole']:,} conversations trained whole, {modes['each_turn']:,} one sequence per turn "
+            f"({audit['each_turn_sequences']:,} sequences repeating {audit['each_turn_repeated_prompt_chars']:,} "
+            "characters of prompt)")  # fmt: skip
 
 
 def reasoning_note(audit: dict) -> str:

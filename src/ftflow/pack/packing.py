@@ -161,7 +161,7 @@ def pack_split(parquet: Path, tok, cfg: Pack, out: Path) -> dict:
         with tqdm(total=total, desc=f"pack {parquet.stem}", unit="conversations") as bar:
             for enc in encoded_chunks(parquet, kind, tok, cfg, num_proc):
                 shards.add(enc, fit(enc, cfg, counts), cfg.strategy)
-                bar.update(len(enc.lengths))
+                bar.update(enc.records)
         return shards.close(cfg.strategy, counts)
 
 
@@ -184,7 +184,7 @@ class ShardWriter:
         self.stats = {"conversations": 0, "sequences": 0, "rows": 0, "tokens": 0, "trained_tokens": 0}
 
     def add(self, enc: Encoded, seqs: Sequences, strategy: str) -> None:
-        self.stats["conversations"] += len(enc.lengths)
+        self.stats["conversations"] += enc.records
         self.audit.update(enc.audit)
         self.pending.append((enc, seqs))
         if sum(len(e.ids) for e, _ in self.pending) >= SHARD_TOKENS:

@@ -40,9 +40,7 @@ class TemplateError(StageError):
     """A template whose trained spans cannot be found exactly, with the reason and the choices."""
 
 
-CHOICES = ("use template=chatml or template=llama3 (ftflow's templates, with exact spans), train only the "
-           "last assistant turn (pack.train_on=last_assistant), or split such conversations into one per "
-           "assistant turn")  # fmt: skip
+CHOICES = "or use template=chatml or template=llama3 (ftflow's templates, with exact spans)"
 
 
 @dataclass
@@ -76,14 +74,52 @@ class Renderer:
 
     def render(self, conv: list[dict], tools, train_on: str, where: str, check: bool = False) -> tuple[str, list[Span]]:
         """The conversation's text and its trained spans (train_on: assistant | last_assistant | all).
-        `where` names the conversation in errors; `check` also derives it from prefixes."""
+        `where` names the conversation in errors; `check` also derives it from prefixes. A refusal
+        names the train_on choices that were tried on this conversation and work."""
         try:
-            return self._render(conv, tools, train_on, where, check)
+            return self.guarded(where, self._render, conv, tools, train_on, where, check)
+        except TemplateError as err:
+            raise TemplateError(f"{err}; {self.choices(conv, tools, train_on, where)}") from None
+
+    def whole(self, conv: list[dict], tools, where: str, check: bool) -> tuple[str, list[Span]]:
+        """render(train_on=assistant) without the choices a refusal names (auto tries per turn next)."""
+        return self._render(conv, tools, "assistant", where, check)
+
+    def render_turns(self, conv: list[dict], tools, where: str) -> list[tuple[str, str, str]]:
+        """(prompt, turn, role) per trained message: pack.train_on=each_turn (see each_turn)."""
+        try:
+            return self.guarded(where, self.each_turn, conv, tools, trained_messages(conv, "assistant"), where)
+        except TemplateError as err:
+            raise TemplateError(f"{err}; {self.choices(conv, tools, 'each_turn', where)}") from None
+
+    def guarded(self, where: str, fn, *args):
+        """fn(*args), where the template's own failure is a TemplateError naming the conversation."""
+        try:
+            return fn(*args)
         except TemplateError:
             raise
         except Exception as err:  # the template itself fails (raise_exception, a role it does not know, ...)
             raise TemplateError(f"{self.source}: {where}: the chat template cannot render this conversation: "
                                 f"{type(err).__name__}: {err}") from None  # fmt: skip
+
+    def choices(self, conv, tools, train_on: str, where: str) -> str:
+        """What trains this conversation instead, each checked on it: one sequence per turn, the
+        last turn only; or ftflow's templates."""
+        works = []
+        if train_on != "each_turn":
+            try:
+                self.guarded(where, self.each_turn, conv, tools, trained_messages(conv, "assistant"), where)
+                works.append("pack.train_on=each_turn (or auto) trains it exactly, one sequence per turn, each as "
+                             "the model sees it at inference")  # fmt: skip
+            except TemplateError:
+                pass
+        if train_on not in ("last_assistant", "all") and not works:
+            try:
+                self.guarded(where, self._render, conv, tools, "last_assistant", where, False)
+                works.append("pack.train_on=last_assistant trains its last turn exactly")
+            except TemplateError:
+                pass
+        return "; ".join(works + [CHOICES if works else CHOICES.removeprefix("or ")])
 
     def _render(self, conv, tools, train_on, where, check):
         # a template with markers gives its text and its spans in one rendering
@@ -120,7 +156,7 @@ class Renderer:
         if len(text_spans) != len(assistants):
             raise TemplateError(
                 f"{self.source}: {where}: the template marks {len(text_spans)} {{% generation %}} blocks for "
-                f"{len(assistants)} assistant messages; {CHOICES}"
+                f"{len(assistants)} assistant messages"
             )
         out = {}
         for i, (a, b) in zip(assistants, text_spans):
@@ -132,32 +168,62 @@ class Renderer:
         out = {}
         for i in sorted(wanted):
             role = conv[i]["role"]
-            before = self.before(conv, tools, i)
-            upto = self.text(conv[: i + 1], tools)
-            if not upto.startswith(before):
-                what = "the generation prompt" if role == ASSISTANT else "the conversation before it"
-                raise TemplateError(f"{self.source}: {where}: message {i} ({role}) does not start with {what} "
-                                    f"({before[-40:]!r} is not a prefix of {upto[-80:]!r}); {CHOICES}")  # fmt: skip
-            # the turn as the template closes it when the conversation goes on: some templates add
-            # a suffix after the conversation's last message (Phi-3's eos), which is not the turn's
-            closed = self.closed(conv[: i + 1], tools, upto)
-            end = self.last_end(closed, len(before))
-            if end is None or not text.startswith(closed[:end]):
-                # the turn as this conversation renders it (its last message, which nothing rewrites)
-                end = self.last_end(upto, len(before)) if text.startswith(upto) else None
-            if end is None and self.last_end(upto, len(before)) is None:
-                raise TemplateError(f"{self.source}: {where}: message {i} ({role}) is not closed by an end-of-turn "
-                                    f"token ({upto[len(before):][-60:]!r}; {self.stops_said}): the model would never "
-                                    "learn to stop")  # fmt: skip
+            before, upto, end, end_alone = self.turn(conv, tools, i, where)
+            # the turn as the template closes it when the conversation goes on; else as this
+            # conversation renders it (its last message, which nothing rewrites)
+            if end is None or not text.startswith(upto[:end]):
+                end = end_alone if text.startswith(upto) else None
+            if end is None and end_alone is None:
+                raise self.not_closed(upto[len(before) :], i, role, where)
             if end is None:
                 at = next((k for k, (x, y) in enumerate(zip(upto, text)) if x != y), min(len(upto), len(text)))
                 raise TemplateError(
                     f"{self.source}: {where}: the template is not prefix-preserving here: message {i} ({role}) "
                     f"renders differently once later messages follow ({upto[max(0, at - 30) : at + 30]!r} alone, "
-                    f"{text[max(0, at - 30) : at + 30]!r} in the whole conversation); {CHOICES}"
+                    f"{text[max(0, at - 30) : at + 30]!r} in the whole conversation)"
                 )
             out[i] = Span(len(before), end, role)
         return out
+
+    def each_turn(self, conv: list[dict], tools, wanted: set[int], where: str) -> list[tuple[str, str, str]]:
+        """(prompt, turn, role) for each trained message i, one training sequence each, exactly as
+        inference sees it: the prompt is conversation[:i] rendered with the generation prompt (what
+        the model is given), the turn is message i as the template renders it when it is the
+        conversation's last (reasoning included where the template renders it there), up to and
+        including its end-of-turn token (what the model generates before it stops). Needs no prefix
+        preservation across turns: Qwen3's, QwQ's or Mistral's templates, which render a turn
+        differently once later messages follow, train each turn as it is generated."""
+        out = []
+        for i in sorted(wanted):
+            role = conv[i]["role"]
+            before, upto, end, end_alone = self.turn(conv, tools, i, where)
+            end = end if end is not None else end_alone
+            if end is None:
+                raise self.not_closed(upto[len(before) :], i, role, where)
+            self.check_span(upto, Span(len(before), end, role), conv[i], i, where)
+            out.append((before, upto[len(before) : end], role))
+        return out
+
+    def turn(self, conv: list[dict], tools, i: int, where: str) -> tuple[str, str, int | None, int | None]:
+        """Message i as the conversation's last: the text before it (an assistant's with the
+        generation prompt), the text up to and including it, and where its end-of-turn token ends
+        in that text: as the template closes the turn when a user message follows, and as it
+        stands (None where there is none)."""
+        role = conv[i]["role"]
+        before = self.before(conv, tools, i)
+        upto = self.text(conv[: i + 1], tools)
+        if not upto.startswith(before):
+            what = "the generation prompt" if role == ASSISTANT else "the conversation before it"
+            raise TemplateError(f"{self.source}: {where}: message {i} ({role}) does not start with {what} "
+                                f"({before[-40:]!r} is not a prefix of {upto[-80:]!r})")  # fmt: skip
+        # some templates add a suffix after the conversation's last message (Phi-3's eos), which
+        # is not the turn's: `closed` cuts it
+        closed = self.closed(conv[: i + 1], tools, upto)
+        return before, upto, self.last_end(closed, len(before)), self.last_end(upto, len(before))
+
+    def not_closed(self, turn: str, i: int, role: str, where: str) -> TemplateError:
+        return TemplateError(f"{self.source}: {where}: message {i} ({role}) is not closed by an end-of-turn token "
+                             f"({turn[-60:]!r}; {self.stops_said}): the model would never learn to stop")  # fmt: skip
 
     def closed(self, conv: list[dict], tools, upto: str) -> str:
         """The text of `conv` up to where it and the same conversation followed by a user turn

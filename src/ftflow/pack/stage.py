@@ -33,6 +33,7 @@ from ftflow import integrity, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import StageConfig
 from ftflow.pack.encode import span_method
+from ftflow.pack.inspect import modes_note
 from ftflow.pack.packing import pack_split
 from ftflow.pack.tokenizer import build_tokenizer
 from ftflow.paths import PACKED_SPLITS
@@ -59,6 +60,12 @@ def warn_unrendered_reasoning(split: str, audit: dict, template: str) -> None:
         log.warning("%s: the chat template (%s) leaves out the reasoning of %d of the %d messages that carry "
                     "some: it is not trained (stats.json mask_audit; template=model for a model whose template "
                     "renders reasoning)", split, template, left_out, audit["messages_with_reasoning"])  # fmt: skip
+
+
+def say_turn_modes(split: str, audit: dict) -> None:
+    if (audit.get("conversations_by_mode") or {}).get("each_turn"):
+        log.info("%s: %s (the chat template renders their turns differently once later messages follow)", split,
+                 modes_note(audit).removeprefix("; "))  # fmt: skip
 
 
 def normalized_files(in_dir: Path) -> dict[Path, str]:
@@ -88,6 +95,7 @@ def pack(cfg: StageConfig, root: Path = Path(".")) -> dict:
             stats["splits"][split] = split_stats
             log.info("Packed %s: %s", split, json.dumps(split_stats))
             warn_unrendered_reasoning(split, split_stats.get("mask_audit") or {}, masks["template_of"])
+            say_turn_modes(split, split_stats.get("mask_audit") or {})
             warn_lost_tokens(split, split_stats, pack_cfg.max_length)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     write_stage_config(cfg.sections, out_dir)
