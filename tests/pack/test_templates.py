@@ -222,12 +222,12 @@ def check_family(tok, convs) -> tuple[str, str]:
         try:
             enc = encode([conv], [tools], tok)
             r.render(conv, tools, "assistant", f"conversation {k}", check=True)  # derived agrees, every time
-        except (TemplateError, PackError) as whole:
+        except (TemplateError, PackError):
             try:
                 check_each_turn(tok, conv, tools)
                 per_turn += 1
-            except (TemplateError, PackError):
-                refused.append(str(whole).split(": ", 2)[-1].split(";")[0][:70])
+            except (TemplateError, PackError) as err:  # auto's reason: whole and per turn both fail
+                refused.append(str(err).split(": ", 2)[-1].split(";")[0][:90])
             continue
         assert enc.ids.tolist() == want, (k, tok.name_or_path)
         turns = trained_turns(conv)
@@ -244,7 +244,7 @@ def check_family(tok, convs) -> tuple[str, str]:
         exact += 1
     outcome = f"{exact} exact" + (f", {per_turn} exact per turn" if per_turn else "")
     outcome += f", {cannot} not renderable by the template" if cannot else ""
-    kinds = Counter(TOOL_CALLS_DROPPED if "tool call" in reason else re.sub(r"message \d+", "a message", reason).split(" (")[0]
+    kinds = Counter(TOOL_CALLS_DROPPED if "tool call" in reason else re.sub(r"message \d+( \(\w+\))?", "a message", reason).split(" (")[0]
                     for reason in refused)  # fmt: skip
     for kind, n in kinds.items():
         outcome += f", {n} refused: {kind}"
