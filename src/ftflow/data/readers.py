@@ -198,6 +198,108 @@ def prompt_completion(record: dict) -> dict:
     return {"messages": prompt + _turns(record.get("completion"), "completion", "assistant")}
 
 
+# --- function calling, as published ---------------------------------------------------------
+
+
+def _json_text(record: dict, key: str) -> Any:
+    """A field that holds JSON text (xLAM's tools and answers); a list or dict given parsed is taken as is."""
+    value = record.get(key)
+    if value is None:
+        raise RecordError("missing_field", f"no {key!r} field (keys: {sorted(record)})")
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RecordError("bad_field", f"{key!r} is not JSON ({err.msg})") from None
+
+
+def _wrapped(functions: Any, key: str) -> list[dict]:
+    """Function schemas in the {"type": "function", "function": ...} wrapper that `tools` has
+    (chat templates read that form), each schema as published."""
+    if not isinstance(functions, list) or not all(isinstance(f, dict) for f in functions):
+        raise RecordError("bad_tools", f"{key!r} must be a list of function schemas (JSON objects)")
+    return [f if f.get("type") == "function" else {"type": "function", "function": f} for f in functions]
+
+
+def xlam(record: dict) -> dict:
+    """Salesforce's xLAM function-calling-60k (APIGen): "query", and "tools" and "answers" as JSON
+    text. The query is the user's turn; the answers, a list of {"name", "arguments"}, are one
+    assistant turn of tool calls; the tools become the record's tools. An optional "system"."""
+    query = _str(record, "query")
+    calls = _json_text(record, "answers")
+    if not isinstance(calls, list):
+        raise RecordError("bad_tool_call", f"'answers' must be a list of calls (got {type(calls).__name__})")
+    tools = _wrapped(_json_text(record, "tools"), "tools")
+    messages = _system(record) + [
+        {"role": "user", "content": query},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+    ]
+    return {"messages": messages, "tools": tools}
+
+
+_GLAIVE_TURN = re.compile(r"^(USER|ASSISTANT|FUNCTION RESPONSE): ?", re.MULTILINE)
+_GLAIVE_ROLES = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
+_GLAIVE_END = "<|endoftext|>"
+# a call as glaive writes it: {"name": "...", "arguments": '{...}'} (the arguments in single quotes)
+_GLAIVE_CALL = re.compile(
+    r'\{\s*"name"\s*:\s*"(?P<name>[^"]+)"\s*,\s*"arguments"\s*:\s*\'(?P<arguments>.*)\'\s*\}\s*$', re.DOTALL
+)
+
+
+def glaive(record: dict) -> dict:
+    """glaive-function-calling-v2: "system" ("SYSTEM: <prose> -" then the function schemas as JSON
+    objects, or no functions) and "chat", a transcript of "USER: ", "ASSISTANT: " and "FUNCTION
+    RESPONSE: " turns; an assistant turn ends with <|endoftext|>, and "<functioncall> {...}" in it
+    is a tool call (its arguments as JSON text in single quotes). The schemas become the record's
+    tools and the prose its system message; a function response is a tool result."""
+    system, tools = _glaive_system(_str(record, "system", required=False))
+    chat = _str(record, "chat")
+    parts = _GLAIVE_TURN.split(chat)
+    if parts[0].strip():
+        raise RecordError("bad_message", f"'chat' starts with {parts[0][:40]!r}, not a 'USER: ' turn")
+    messages = [{"role": "system", "content": system}] if system else []
+    for label, text in zip(parts[1::2], parts[2::2]):
+        role, text = _GLAIVE_ROLES[label], text.strip()
+        if role == "assistant":
+            messages.append(_glaive_assistant(text.removesuffix(_GLAIVE_END).strip(), len(messages)))
+        else:
+            messages.append({"role": role, "content": text})
+    return {"messages": messages, "tools": tools or None}
+
+
+def _glaive_system(text: str) -> tuple[str, list[dict]]:
+    """The system prose and the function schemas that follow it."""
+    text = text.removeprefix("SYSTEM:").strip()
+    start = text.find("{")
+    if start < 0:
+        return text, []
+    prose, rest, functions = text[:start].strip(), text[start:], []
+    decoder = json.JSONDecoder()
+    while rest.strip():
+        try:
+            schema, end = decoder.raw_decode(rest.strip())
+        except json.JSONDecodeError as err:
+            raise RecordError("bad_tools", f"'system' holds a function schema that is not JSON ({err.msg})") from None
+        functions.append(schema)
+        rest = rest.strip()[end:]
+    return prose, _wrapped(functions, "system")
+
+
+def _glaive_assistant(text: str, i: int) -> dict:
+    if "<functioncall>" not in text:
+        return {"role": "assistant", "content": text}
+    content, call = (part.strip() for part in text.split("<functioncall>", 1))
+    match = _GLAIVE_CALL.match(call)
+    try:
+        parsed = {"name": match["name"], "arguments": match["arguments"]} if match else json.loads(call)
+    except json.JSONDecodeError as err:
+        raise RecordError(
+            "bad_tool_call", f"messages[{i}]: <functioncall> is not a call ({err.msg}): {call[:60]!r}"
+        ) from None
+    return {"role": "assistant", "content": content, "tool_calls": [parsed]}
+
+
 # --- preference pairs -----------------------------------------------------------------------
 
 
@@ -334,6 +436,8 @@ READERS: dict[str, tuple[Reader, str]] = {
     "sharegpt": (sharegpt, "conversation"),
     "messages": (openai_messages, "conversation"),
     "prompt_completion": (prompt_completion, "conversation"),
+    "xlam": (xlam, "conversation"),
+    "glaive": (glaive, "conversation"),
     "sharegpt_preference": (sharegpt_preference, "preference"),
     "messages_preference": (messages_preference, "preference"),
     "prompt_preference": (prompt_preference, "preference"),
@@ -349,6 +453,8 @@ READER_FIELDS: dict[str, tuple[str, ...]] = {
     "sharegpt": ("conversations", "system", "tools"),
     "messages": ("messages", "tools", "functions"),
     "prompt_completion": ("prompt", "completion", "system"),
+    "xlam": ("query", "tools", "answers", "system"),
+    "glaive": ("system", "chat"),
     "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "tools"),
     "messages_preference": ("chosen", "rejected", "chosen_messages", "rejected_messages", "prompt", "tools"),
     "prompt_preference": ("prompt", "chosen", "rejected", "system"),
