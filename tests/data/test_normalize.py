@@ -152,6 +152,63 @@ def hh_transcript(msgs: list[dict]) -> str:
     return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in msgs)
 
 
+def test_glaive_function_calling_v2_fixture(tmp_path):
+    """glaive-function-calling-v2 as published: the system prose and the schemas after it, the
+    transcript's turns in order, each <functioncall> a tool call with its arguments (JSON text in
+    single quotes) parsed, each FUNCTION RESPONSE a tool result."""
+    raw, out, stats = fixture(tmp_path, "glaive_function_calling_v2.json", "glaive")
+    assert stats["records_in"] == len(raw) == len(out) == 5 and stats["dropped"] == {}
+    roles_of = {"USER": "user", "ASSISTANT": "assistant", "FUNCTION RESPONSE": "tool"}
+    calls_seen = 0
+    for rec, row in zip(raw, out):
+        system, chat = rec["system"], rec["chat"]
+        msgs = row["messages"]
+        assert (
+            msgs[0]["role"] == "system" and msgs[0]["content"] == system.removeprefix("SYSTEM:").split("{")[0].strip()
+        )
+        labels = re.findall(r"^(USER|ASSISTANT|FUNCTION RESPONSE): ", chat, re.M)
+        assert roles(msgs[1:]) == [roles_of[label] for label in labels]
+        schemas = [json.loads(t) for t in re.findall(r"^\{\n.*?^\}", system, re.M | re.S)]
+        assert [t["function"] for t in json.loads(row["tools"])] == schemas and schemas
+        calls = re.findall(r"<functioncall> (.*?) <\|endoftext\|>", chat, re.S)
+        made = [c for m in msgs if m["tool_calls"] for c in m["tool_calls"]]
+        assert len(made) == len(calls)
+        for call, c in zip(calls, made):
+            assert c["name"] == re.match(r'\{"name": "([^"]+)"', call)[1]
+            assert json.loads(c["arguments"]) == json.loads(call.split("'")[1])
+        results = re.findall(r"^FUNCTION RESPONSE: (.*?)\n\n\n", chat, re.M | re.S)
+        assert [m["content"] for m in msgs if m["role"] == "tool"] == [r.strip() for r in results]
+        for m in msgs:
+            if m["role"] in ("user", "assistant") and m["content"]:
+                assert m["content"] in chat and "<|endoftext|>" not in m["content"]
+        calls_seen += len(calls)
+    assert calls_seen == 5
+
+
+def test_xlam_records_in_their_published_layout(tmp_path):
+    """xLAM function-calling-60k's layout (the dataset is gated; these records are typed in it):
+    the query is the user turn, the answers one assistant turn of calls, the tools the schemas as
+    given, each in the {"type": "function"} wrapper."""
+    second = {"id": 1, "query": "What is 5 factorial, and the weather in Paris?",
+              "answers": json.dumps([{"name": "factorial", "arguments": {"n": 5}},
+                                     {"name": "weather", "arguments": {"city": "Paris"}}]),
+              "tools": json.dumps([{"name": "factorial", "description": "n!", "parameters": {"n": {"type": "int"}}},
+                                   {"name": "weather", "description": "Now.", "parameters": {"city": {"type": "str"}}}])}  # fmt: skip
+    (tmp_path / paths.RAW / "x").mkdir(parents=True)
+    (tmp_path / paths.RAW / "x" / "xlam.json").write_text(json.dumps([XLAM, second]))
+    stats = stage(tmp_path, [{"name": "x", "reader": "xlam"}])["splits"]["train"]
+    assert stats["sources"]["x"]["unread_columns"] == {"id": 2}  # an id of 0 is content too
+    for rec, row in zip([XLAM, second], rows(tmp_path)):
+        user, assistant = row["messages"]
+        assert (user["role"], user["content"]) == ("user", rec["query"])
+        assert assistant["role"] == "assistant" and not assistant["content"]
+        answers = json.loads(rec["answers"])
+        assert [(c["name"], json.loads(c["arguments"])) for c in assistant["tool_calls"]] == [
+            (a["name"], a["arguments"]) for a in answers
+        ]
+        assert json.loads(row["tools"]) == [{"type": "function", "function": t} for t in json.loads(rec["tools"])]
+
+
 def test_anthropic_hh_fixture(tmp_path):
     """hh-rlhf as published (gzipped transcript strings): the prompt and each completion, joined
     back, are the raw string byte for byte; the one transcript whose "Human:" lost its blank line
