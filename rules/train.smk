@@ -10,7 +10,7 @@ rule train:
         rewards=reward_files(PARAMS["train"]),
     output:
         model=directory(f"{paths.TRAIN}/model"),
-        init=[directory(base_model())] if SCRATCH else [],
+        init=directory(paths.TRAIN_INIT),  # always: dvc.yaml's outputs do not depend on the model
         curve=f"{paths.TRAIN}/loss.csv",
         summary=f"{paths.TRAIN}/summary.json",
         config=f"{paths.TRAIN}/config.yaml",  # what made them (ftflow.freshness): DVC versions it with them

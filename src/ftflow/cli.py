@@ -174,7 +174,7 @@ def record_in_dvc(extra: list[str]) -> int:
 
     workspace.release_dvc()  # dvc commit takes DVC's lock itself
     start, times = time.monotonic(), output_times()
-    rc = call(["dvc", "commit", "--force", "--quiet", "dvc.yaml"])
+    rc = call(["dvc", "commit", "--force", "dvc.yaml"])  # not --quiet: it hides DVC's error too
     for path, ns in times.items():  # as Snakemake saw them (output_times says why)
         if path.exists():
             os.utime(path, ns=(ns, ns), follow_symlinks=False)

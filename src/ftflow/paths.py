@@ -15,6 +15,7 @@ EVAL_DATA = "data/eval"
 NORMALIZE = "results/normalize"  # <split>.parquet + stats.json
 PACK = "results/pack"  # train/ (Arrow), tokenizer/, stats.json
 TRAIN = "results/train"  # model/, init/ (scratch), checkpoints/, loss.csv, summary.json
+TRAIN_INIT = f"{TRAIN}/init"  # a scratch model's initial weights; for a pretrained one a note (always written)
 CHECKPOINTS = f"{TRAIN}/checkpoints"  # <config fingerprint>/checkpoint-<step>/: resume points
 WORKERS = f"{TRAIN}/workers"  # <rank>.pid, <rank>.json: each training process and how it ended
 CONSOLIDATE = "results/consolidate"  # model/ (one plain HF model directory)
@@ -48,7 +49,7 @@ HOLDOUT_DATA = f"{NORMALIZE}/test.parquet"  # what the holdout task scores
 def base_model_dir(model: dict) -> str:
     """The starting weights: downloaded for hub/local, initialised by train for scratch."""
     if model["source"] == "scratch":
-        return f"{TRAIN}/init"
+        return TRAIN_INIT
     return f"{MODELS}/{model['name']}"
 
 

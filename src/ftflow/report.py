@@ -174,6 +174,8 @@ def turn_modes_note(split: str, audit: dict) -> str:
     modes = audit.get("conversations_by_mode")
     if not modes:
         return ""
+    if not modes["each_turn"]:
+        return f"{split}: all {count(modes['whole'])} conversations trained whole. "
     return (f"{split}: {count(modes['whole'])} conversations trained whole, {count(modes['each_turn'])} one "
             f"sequence per turn ({count(audit['each_turn_sequences'])} sequences). ")  # fmt: skip
 

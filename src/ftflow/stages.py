@@ -87,6 +87,7 @@ STAGES = (
             "data.messages",
             "data.normalize",
             "data.readers",
+            "data.trees",
             "errors",
             "hashing",
             "integrity",

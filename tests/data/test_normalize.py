@@ -22,7 +22,7 @@ from ftflow.data.readers import reader_kind
 from ftflow.report import normalize_table
 
 from helpers import REPO
-from helpers.normalized import FORMATS, fixture, place, roles, rows, stage
+from helpers.normalized import FORMATS, fixture, place, raw_records, roles, rows, stage
 
 BAD = REPO / "tests" / "bad_inputs"
 
@@ -183,6 +183,55 @@ def test_glaive_function_calling_v2_fixture(tmp_path):
                 assert m["content"] in chat and "<|endoftext|>" not in m["content"]
         calls_seen += len(calls)
     assert calls_seen == 5
+
+
+def test_oasst_message_trees_become_their_threads(tmp_path):
+    """oasst1 rows as published (three whole trees): `oasst` takes each tree's top-ranked thread
+    (from the prompt, always the reply of rank 0), `oasst_threads` every thread to a leaf; the
+    same threads when the rows of a tree are spread over the file; a deleted reply is left out
+    with its subtree, and counted."""
+    raw = raw_records("oasst1_trees.jsonl")
+    kids = {}
+    for r in raw:
+        kids.setdefault(r["parent_id"], []).append(r)
+    prompts = kids[None]
+
+    def best(row):
+        path = [row]
+        while kids.get(path[-1]["message_id"]):
+            path.append(min(kids[path[-1]["message_id"]], key=lambda r: r["rank"]))
+        return path
+
+    def texts(path):
+        return [("user" if r["role"] == "prompter" else "assistant", r["text"]) for r in path]
+
+    place(tmp_path, "t", FORMATS / "oasst1_trees.jsonl")
+    stats = stage(tmp_path, [{"name": "t", "reader": "oasst"}])["splits"]["train"]
+    assert [[(m["role"], m["content"]) for m in row["messages"]] for row in rows(tmp_path)] == [
+        texts(best(p)) for p in prompts
+    ]
+    assert stats["sources"]["t"]["trees"] == {"tree_rows": 21} and stats["records_in"] == len(prompts) == 3
+    assert len(best(prompts[0])) == 4  # prompt, best reply, its best follow-up, the best answer to it
+
+    leaves = [r for r in raw if r["message_id"] not in kids]
+    stats = stage(tmp_path, [{"name": "t", "reader": "oasst_threads"}])["splits"]["train"]
+    out = rows(tmp_path)
+    assert stats["records_in"] == len(out) == len(leaves) and len(leaves) > 10
+    assert {row["messages"][-1]["content"] for row in out} == {r["text"] for r in leaves}
+    assert all(row["messages"][0]["content"] in {p["text"] for p in prompts} for row in out)
+
+    # the rows of a tree spread over the file, and a deleted reply (the best one of the first tree)
+    spread = list(reversed(raw))
+    deleted = best(prompts[0])[1]
+    spread = [{**r, "deleted": True} if r["message_id"] == deleted["message_id"] else r for r in spread]
+    (tmp_path / paths.RAW / "t" / "oasst1_trees.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spread))
+    stats = stage(tmp_path, [{"name": "t", "reader": "oasst"}])["splits"]["train"]
+    below = sum(1 for r in raw if r["parent_id"] == deleted["message_id"])
+    assert stats["sources"]["t"]["trees"]["tree_rows_deleted"] > below >= 1
+    first = rows(tmp_path)[[p["message_id"] for p in reversed(prompts)].index(prompts[0]["message_id"])]
+    assert first["messages"][1]["content"] != deleted["text"]
+    assert first["messages"][1]["content"] == min((r for r in kids[prompts[0]["message_id"]] if r is not deleted),
+                                                 key=lambda r: r["rank"])["text"]  # fmt: skip
 
 
 def test_xlam_records_in_their_published_layout(tmp_path):

@@ -498,8 +498,9 @@ def test_after_any_ftflow_runs_a_dvc_experiment_reruns_only_what_its_change_reac
         json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}) + "\n"
         for w in ["red", "green", "blue", "plum", "fig", "sea"] * 5))  # fmt: skip
     own_data = ["data.sources.0.name=mine", "data.sources.0.path=mydata/chats.jsonl", "+data.sources.0.reader=messages"]
-    for overrides in (own_data, ["model.architecture.hidden_size=64"],  # another (scratch) model
-                      ["pack.max_length=96", "train.learning_rate=2e-3"], ["tracking=none"], []):  # fmt: skip
+    # a pretrained model too: train's outputs (its init/ among them) are the same for every model
+    pretrained = ["model=smollm2", "tokenizer=model", "template=model", "train.max_steps=1", "eval.limit=2"]
+    for overrides in (own_data, pretrained, ["pack.max_length=96", "train.learning_rate=2e-3"], ["tracking=none"], []):
         proc = ftflow("run", *overrides, cwd=root)
         assert "dvc: the run recorded in dvc.lock" in proc.stderr, proc.stderr[-2000:]
     kept = checkpoints(root)

@@ -657,7 +657,10 @@ class Config(Section):
         if self.model.source == "scratch" and self.tokenizer.source == "model":
             raise ValueError("model.source=scratch has no tokenizer of its own: use tokenizer=train")
         if self.template.name == "model" and self.tokenizer.source == "train":
-            raise ValueError("a trained tokenizer has no chat template of its own: use template=chatml")
+            raise ValueError(
+                "a trained tokenizer has no chat template of its own: for the model's own template add "
+                "tokenizer=model (its tokenizer, with the template), or use template=chatml"
+            )
         if HOLDOUT in self.eval.tasks:
             self._holdout_data()
         kinds = TRAINER_KIND[self.train.method]

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ftflow import integrity, paths
 from ftflow.config.params import write_stage_config
 from ftflow.config.schema import Data, Source, StageConfig
-from ftflow.data import carve
+from ftflow.data import carve, trees
 from ftflow.data.formats import (
     FileFormatError,
     Item,
@@ -233,11 +233,17 @@ class SourceRun:
         self.num_proc = data.num_proc or len(os.sched_getaffinity(0))
         self.dropped: Counter = Counter()
         self.unread: Counter = Counter()
+        self.tree_counts: Counter = Counter()  # message-tree readers: rows read, rows left out
         self.read = self.rows = self.empty_files = self.repeats = 0
         self._seen: set[bytes] = set()
 
     def units(self, raw: Path) -> Iterator[Item | Span]:
-        """The source's records, or Spans of them where workers can read the file themselves."""
+        """The source's records, or Spans of them where workers can read the file themselves;
+        for a message-tree reader, the threads of the whole source's rows (data/trees.py)."""
+        if self.source.reader in trees.TREE_READERS:
+            rows = chain.from_iterable(part for _, _, part in source_parts(self.source, raw, self.maker.max_chars))
+            yield from trees.threads(rows, self.source.reader == "oasst_threads", self.tree_counts)
+            return
         spans_ok = not (self.source.shuffle or self.source.limit)  # both need the records here
         for label, path, part in source_parts(self.source, raw, self.maker.max_chars):
             if spans_ok and path is not None and path.suffix == ".jsonl":
@@ -352,6 +358,8 @@ class SourceRun:
             out["empty_files"] = self.empty_files
         if self.unread:
             out["unread_columns"] = dict(sorted(self.unread.items()))
+        if self.tree_counts:  # records_in counts threads; these, the rows they were made of
+            out["trees"] = dict(sorted(self.tree_counts.items()))
         assert out["records_in"] == out["records_out"] + sum(self.dropped.values())
         return out
 

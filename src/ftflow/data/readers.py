@@ -300,6 +300,22 @@ def _glaive_assistant(text: str, i: int) -> dict:
     return {"role": "assistant", "content": content, "tool_calls": [parsed]}
 
 
+_OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def oasst(record: dict) -> dict:
+    """A thread of OpenAssistant message rows ({"messages": [row, ...]}, as data/trees.py makes
+    them from the trees): prompter rows are user turns, assistant rows assistant turns, each its
+    `text`."""
+    messages = []
+    for i, row in enumerate(record.get("messages") or []):
+        role = _OASST_ROLES.get(row.get("role"))
+        if role is None:
+            raise RecordError("bad_role", f"messages[{i}] has role={row.get('role')!r} (prompter or assistant)")
+        messages.append({"role": role, "content": row.get("text")})
+    return {"messages": messages}
+
+
 # --- preference pairs -----------------------------------------------------------------------
 
 
@@ -438,6 +454,8 @@ READERS: dict[str, tuple[Reader, str]] = {
     "prompt_completion": (prompt_completion, "conversation"),
     "xlam": (xlam, "conversation"),
     "glaive": (glaive, "conversation"),
+    "oasst": (oasst, "conversation"),  # a thread that data/trees.py assembled from the rows
+    "oasst_threads": (oasst, "conversation"),
     "sharegpt_preference": (sharegpt_preference, "preference"),
     "messages_preference": (messages_preference, "preference"),
     "prompt_preference": (prompt_preference, "preference"),
@@ -455,6 +473,8 @@ READER_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion", "system"),
     "xlam": ("query", "tools", "answers", "system"),
     "glaive": ("system", "chat"),
+    "oasst": ("messages",),
+    "oasst_threads": ("messages",),
     "sharegpt_preference": ("conversations", "chosen", "rejected", "system", "tools"),
     "messages_preference": ("chosen", "rejected", "chosen_messages", "rejected_messages", "prompt", "tools"),
     "prompt_preference": ("prompt", "chosen", "rejected", "system"),

@@ -64,7 +64,9 @@ def encode(convs: list[list[dict]], tools: list, tok, train_on: str = "assistant
     r = render_turns(convs, tools, tok, train_on, first, name) if train_on in TURN_MODES else None
     if r is None:
         texts, spans = render_with_spans(convs, tools, tok, train_on, first, name)
-        r = Rendered(texts, spans, list(range(len(texts))), [0] * len(texts))
+        r = Rendered(
+            texts, spans, list(range(len(texts))), [0] * len(texts), Counter({"conversations/whole": len(texts)})
+        )
     encodings = tok.backend_tokenizer.encode_batch(r.texts, add_special_tokens=False)
     per_text = [np.array(e.ids, np.int32) for e in encodings]
     lengths = np.fromiter(map(len, per_text), np.int64, len(per_text))

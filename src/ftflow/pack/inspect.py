@@ -73,6 +73,8 @@ def modes_note(audit: dict) -> str:
     modes = audit.get("conversations_by_mode")
     if not modes:
         return ""
+    if not modes["each_turn"]:
+        return f"; all {modes['whole']:,} conversations trained whole"
     return (f"; {modes['whole']:,} conversations trained whole, {modes['each_turn']:,} one sequence per turn "
             f"({audit['each_turn_sequences']:,} sequences repeating {audit['each_turn_repeated_prompt_chars']:,} "
             "characters of prompt)")  # fmt: skip

@@ -104,7 +104,21 @@ def base_weights(cfg: StageConfig, tok, root: Path) -> Path:
     base = root / paths.base_model_dir(cfg.model.model_dump())
     if cfg.model.source == "scratch":
         init_scratch(cfg.model, tok, cfg.train.seed, base)
+    else:
+        note_pretrained(base, root)
     return base
+
+
+def note_pretrained(base: Path, root: Path) -> None:
+    """train's init output (declared for every model, so that dvc.yaml has one shape) holds a
+    note for a pretrained model: it starts from its downloaded weights, nothing is initialised."""
+    out = root / paths.TRAIN_INIT
+    out.mkdir(parents=True, exist_ok=True)
+    note = {"pretrained": str(base.relative_to(root)) if base.is_relative_to(root) else str(base),
+            "initialised": None}  # fmt: skip
+    tmp = out / f".ftflow_init.{os.getpid()}"  # every process writes the same: atomically
+    tmp.write_text(json.dumps(note))
+    os.replace(tmp, out / "ftflow_init.json")
 
 
 def init_scratch(model_cfg: Model, tok, seed: int, out: Path) -> None:
