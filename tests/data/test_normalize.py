@@ -808,6 +808,12 @@ def test_oversized_record(tmp_path):
     assert stats["records_out"] == 3  # the guard is a setting
 
 
+def test_a_source_never_downloaded_says_to_download_it(tmp_path):
+    with pytest.raises(NormalizeError, match=r"source 'nothing': .*no data files.*\(it was never downloaded: run "
+                                             r"`ftflow download`, or `ftflow run`, which downloads first\)"):  # fmt: skip
+        stage(tmp_path, [{"name": "nothing", "reader": "alpaca"}])
+
+
 def test_empty_file(tmp_path):
     place(tmp_path, "e", BAD / "empty.jsonl", BAD / "missing_fields.jsonl")
     with pytest.raises(NormalizeError, match="source 'e': file empty.jsonl holds no records"):

@@ -465,3 +465,16 @@ def test_tokenizer_training_sees_long_unbroken_runs_cut():
         iter(["hello world"] * 50 + ["x" * 5_000_000]), Tokenizer(source="train", vocab_size=300), "<|im_end|>"
     )
     assert tok.decode(tok("hello world")["input_ids"]) == "hello world"
+
+
+def test_a_base_model_never_downloaded_says_to_download_it(tmp_path):
+    """pack run by hand before download: the missing base is named with the command that brings
+    it, not a traceback from the tokenizer loader."""
+    from ftflow.config.schema import Model, Template
+    from ftflow.errors import PackError
+    from ftflow.pack.tokenizer import build_tokenizer
+
+    model = Model(name="hub_model", source="hub", hub_id="org/hub-model")
+    with pytest.raises(PackError, match=r"data/models/hub_model: the base model was never downloaded: run `ftflow "
+                                        r"download`, or `ftflow run`, which downloads first"):  # fmt: skip
+        build_tokenizer(model, Tokenizer(source="model"), Template(name="model"), tmp_path / "train.parquet", tmp_path)

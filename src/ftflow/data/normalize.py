@@ -464,7 +464,13 @@ def normalize_source(source: Source, data: Data, root: Path, writer: SplitWriter
                 writer.write(table)
                 bar.update(run.read - bar.n)
     except (FileFormatError, FileNotFoundError, integrity.DamagedInput) as err:
-        raise NormalizeError(f"source {source.name!r}: {err}") from None
+        raw = root / paths.RAW / source.name
+        empty = not raw.is_dir() or not any(raw.iterdir())  # (files put there by hand have no manifest either)
+        never = empty and not (root / paths.source_manifest(source.name)).exists()
+        hint = (
+            " (it was never downloaded: run `ftflow download`, or `ftflow run`, which downloads first)" if never else ""
+        )
+        raise NormalizeError(f"source {source.name!r}: {err}{hint}") from None
     return run
 
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ftflow import paths
 from ftflow.config.schema import Model, Template, Tokenizer
+from ftflow.errors import PackError
 from ftflow.pack.encode import span_method
 from ftflow.pack.io import data_kind, messages_of, piece_table, pieces, tools_of
 from ftflow.pack.templates import TEMPLATES, template_text
@@ -99,6 +100,9 @@ def build_tokenizer(model: Model, tok_cfg: Tokenizer, tpl: Template, parquet: Pa
         tok = train_tokenizer(texts, tok_cfg, tpl.eos_token, named.markers)
     else:
         src = root / paths.base_model_dir(model.model_dump())
+        if not src.is_dir():
+            raise PackError(f"{src}: the base model was never downloaded: run `ftflow download`, or `ftflow run`, "
+                            "which downloads first")  # fmt: skip
         log.info("Loading the tokenizer of <%s>", src)
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code)
     if named is not None:
