@@ -306,5 +306,12 @@ def turn_modes(audit: Counter) -> dict:
     }
 
 
+_STOPS: dict[int, tuple] = {}
+
+
 def stop_ids(tok) -> frozenset:
-    return frozenset(tok.convert_tokens_to_ids(list(stop_tokens(tok))))
+    """The ids of spans.stop_tokens, once per tokenizer (and process): they read the base's
+    generation_config.json, which the audit of every chunk would read again."""
+    if id(tok) not in _STOPS:
+        _STOPS[id(tok)] = (tok, frozenset(tok.convert_tokens_to_ids(list(stop_tokens(tok)))))  # the tokenizer kept
+    return _STOPS[id(tok)][1]
